@@ -1,0 +1,356 @@
+"""Fastmax in PyTorch with O(N) memory in forward and backward.
+
+Two tilings of the same function (see ``reference.py`` for its definition):
+
+* linear: the factorised form f(q.k) = phi_q(q) . phi_k(k), with
+  phi_k(k) = [1, k, sym(k (x) k)] and phi_q(q) = [a0, a1 scale q, a2 scale^2 sym(q (x) q)],
+  where sym keeps the m <= n entries of the outer product, weighted sqrt(2) off the
+  diagonal, so F = 1 + D + D(D+1)/2. Keys are folded into an fp32 state
+  S = sum_j phi_k(k_j) v_j^T (F x Dv), z = sum_j phi_k(k_j) (F), chunk by chunk;
+  under a causal mask each chunk sees the state of the chunks before it plus its
+  own masked C x C tile.
+* quadratic: tiles of C queries against every visible key, f(s) in place of exp.
+
+The linear form costs ~ F Dv per token, the quadratic one ~ Nk D; ``mode="auto"``
+takes the quadratic one while Nk <= F.
+
+Backward stores no per-chunk state. With g_i = do_i / d_i and c_i = (do_i . o_i) / d_i
+(d_i the denominator), the gradients of the loss equal those of the surrogate
+
+    L = sum_ij A_ij (g_i . v_j - c_i),   A_ij = f(s_ij) [j visible to i],
+
+with g and c held constant. A forward sweep rebuilds (S, z) and differentiates the
+query side of L chunk by chunk; a reverse sweep builds R = sum_i phi_q(q_i) g_i^T,
+r = sum_i phi_q(q_i) c_i over the queries after each key chunk and differentiates
+the key side. Local derivatives come from autograd on one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+DEFAULT_CHUNK = 128
+
+
+def feature_count(dim: int, p: int) -> int:
+    """F: the length of the symmetric feature map for head dim ``dim``."""
+    return 1 + dim + (dim * (dim + 1) // 2 if p == 2 else 0)
+
+
+def _key_features(x: torch.Tensor, p: int) -> torch.Tensor:
+    """phi_k(x) = [1, x, sym(x (x) x)] along the last dim: (..., D) -> (..., F)."""
+    parts = [torch.ones_like(x[..., :1]), x]
+    if p == 2:
+        D = x.shape[-1]
+        rows, cols = torch.triu_indices(D, D, device=x.device)
+        weight = torch.full(rows.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
+        weight[rows == cols] = 1.0
+        parts.append(x[..., rows] * x[..., cols] * weight)
+    return torch.cat(parts, dim=-1)
+
+
+def _query_weights(dim: int, p: int, a0: float, a1: float, a2: float, scale: float, like: torch.Tensor):
+    """The per-feature weights that turn phi_k into phi_q."""
+    opts = dict(dtype=like.dtype, device=like.device)
+    pieces = [torch.full((1,), a0, **opts), torch.full((dim,), a1 * scale, **opts)]
+    if p == 2:
+        pieces.append(torch.full((dim * (dim + 1) // 2,), a2 * scale * scale, **opts))
+    return torch.cat(pieces)
+
+
+def _kernel(scores: torch.Tensor, p: int, a0: float, a1: float, a2: float) -> torch.Tensor:
+    out = a0 + a1 * scores
+    if p == 2:
+        out = out + a2 * scores * scores
+    return out
+
+
+class _Problem:
+    """Inputs of one call, upcast and arranged for grouped-query broadcasting.
+
+    q: (B, Hk, G, Nq, D); k: (B, Hk, 1, Nk, D); v: (B, Hk, 1, Nk, Dv); m: (B, 1, 1, Nk) or None.
+    """
+
+    def __init__(self, q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2):
+        B, Hq, Nq, D = q.shape
+        Hk, Nk = k.shape[1], k.shape[2]
+        self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        cd = self.compute_dtype
+        self.q = q.to(cd).reshape(B, Hk, Hq // Hk, Nq, D)
+        self.k = k.to(cd).unsqueeze(2)
+        self.v = v.to(cd).unsqueeze(2)
+        self.m = None if key_padding_mask is None else key_padding_mask.to(cd)[:, None, None, :]
+        self.causal, self.scale, self.p = causal, scale, p
+        self.a = (a0, a1, a2)
+        self.Nq, self.Nk, self.D = Nq, Nk, D
+        self.offset = Nk - Nq  # query i sits at key position i + offset
+        self.wq = _query_weights(D, p, a0, a1, a2, scale, self.q)
+
+    def phi_q(self, q):
+        return _key_features(q, self.p) * self.wq
+
+    def phi_k(self, k, j0, j1):
+        feats = _key_features(k, self.p)
+        if self.m is not None:
+            feats = feats * self.m[..., j0:j1, None]
+        return feats
+
+    def tile(self, q, k, i0, j0):
+        """A = f(scale q k^T) on visible pairs, for queries from i0 and keys from j0."""
+        weights = _kernel(self.scale * (q @ k.transpose(-1, -2)), self.p, *self.a)
+        nq, nk = weights.shape[-2], weights.shape[-1]
+        if self.causal:
+            qpos = torch.arange(i0, i0 + nq, device=q.device) + self.offset
+            kpos = torch.arange(j0, j0 + nk, device=q.device)
+            weights = weights * (kpos[None, :] <= qpos[:, None]).to(weights.dtype)
+        if self.m is not None:
+            weights = weights * self.m[..., None, j0 : j0 + nk]
+        return weights
+
+    def visible_keys(self, i1):
+        """Keys [0, n) that any query before i1 can see."""
+        if not self.causal:
+            return self.Nk
+        return max(0, min(self.Nk, i1 + self.offset))
+
+    def key_chunks(self, chunk):
+        """(j0, j1, i0, i1): key chunks and the queries whose position falls inside them."""
+        for j0 in range(0, self.Nk, chunk):
+            j1 = min(j0 + chunk, self.Nk)
+            i0 = min(max(j0 - self.offset, 0), self.Nq)
+            i1 = min(max(j1 - self.offset, 0), self.Nq)
+            yield j0, j1, i0, i1
+
+
+def _forward_quadratic(P: _Problem, chunk: int):
+    out = P.q.new_zeros(P.q.shape[:-1] + (P.v.shape[-1],))
+    den = P.q.new_zeros(P.q.shape[:-1])
+    for i0 in range(0, P.Nq, chunk):
+        i1 = min(i0 + chunk, P.Nq)
+        n = P.visible_keys(i1)
+        if n == 0:
+            continue
+        A = P.tile(P.q[..., i0:i1, :], P.k[..., :n, :], i0, 0)
+        out[..., i0:i1, :] = A @ P.v[..., :n, :]
+        den[..., i0:i1] = A.sum(-1)
+    return out, den
+
+
+def _forward_linear(P: _Problem, chunk: int, return_state: bool = False):
+    out = P.q.new_zeros(P.q.shape[:-1] + (P.v.shape[-1],))
+    den = P.q.new_zeros(P.q.shape[:-1])
+    B, Hk = P.k.shape[:2]
+    F = P.wq.shape[0]
+    S = P.q.new_zeros(B, Hk, 1, F, P.v.shape[-1])
+    z = P.q.new_zeros(B, Hk, 1, F)
+    if P.causal:
+        for j0, j1, i0, i1 in P.key_chunks(chunk):
+            kc, vc = P.k[..., j0:j1, :], P.v[..., j0:j1, :]
+            if i1 > i0:
+                qc = P.q[..., i0:i1, :]
+                fq = P.phi_q(qc)
+                A = P.tile(qc, kc, i0, j0)
+                out[..., i0:i1, :] = fq @ S + A @ vc
+                den[..., i0:i1] = (fq * z.unsqueeze(-2)).sum(-1) + A.sum(-1)
+            fk = P.phi_k(kc, j0, j1)
+            S = S + fk.transpose(-1, -2) @ vc
+            z = z + fk.sum(-2)
+    else:
+        for j0 in range(0, P.Nk, chunk):
+            j1 = min(j0 + chunk, P.Nk)
+            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
+            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
+            z = z + fk.sum(-2)
+        for i0 in range(0, P.Nq, chunk):
+            i1 = min(i0 + chunk, P.Nq)
+            fq = P.phi_q(P.q[..., i0:i1, :])
+            out[..., i0:i1, :] = fq @ S
+            den[..., i0:i1] = (fq * z.unsqueeze(-2)).sum(-1)
+    if return_state:
+        return out, den, (S.squeeze(2), z.squeeze(2))
+    return out, den
+
+
+def _normalise(out, den):
+    empty = den == 0
+    safe = torch.where(empty, torch.ones_like(den), den)
+    return torch.where(empty[..., None], torch.zeros_like(out), out / safe[..., None])
+
+
+def _surrogate_terms(out, den, grad_out):
+    """g = do / d and c = (do . o) / d, zero on rows without visible keys."""
+    empty = den == 0
+    safe = torch.where(empty, torch.ones_like(den), den)
+    g = torch.where(empty[..., None], torch.zeros_like(grad_out), grad_out / safe[..., None])
+    c = (g * out).sum(-1)
+    return g, c
+
+
+def _backward_quadratic(P: _Problem, g, c, chunk):
+    dq, dk, dv = torch.zeros_like(P.q), torch.zeros_like(P.k), torch.zeros_like(P.v)
+    for i0 in range(0, P.Nq, chunk):
+        i1 = min(i0 + chunk, P.Nq)
+        n = P.visible_keys(i1)
+        if n == 0:
+            continue
+        with torch.enable_grad():
+            qc = P.q[..., i0:i1, :].detach().requires_grad_()
+            kc = P.k[..., :n, :].detach().requires_grad_()
+            vc = P.v[..., :n, :].detach().requires_grad_()
+            A = P.tile(qc, kc, i0, 0)
+            gc, cc = g[..., i0:i1, :], c[..., i0:i1]
+            L = (A * (gc @ vc.transpose(-1, -2) - cc[..., None])).sum()
+            gq, gk, gv = torch.autograd.grad(L, (qc, kc, vc))
+        dq[..., i0:i1, :] = gq
+        dk[..., :n, :] += gk
+        dv[..., :n, :] += gv
+    return dq, dk, dv
+
+
+def _backward_linear(P: _Problem, g, c, chunk):
+    dq, dk, dv = torch.zeros_like(P.q), torch.zeros_like(P.k), torch.zeros_like(P.v)
+    B, Hk = P.k.shape[:2]
+    F = P.wq.shape[0]
+    Dv = P.v.shape[-1]
+
+    # Forward sweep: query side of the surrogate (dq), plus the intra-chunk key side.
+    S = P.q.new_zeros(B, Hk, 1, F, Dv)
+    z = P.q.new_zeros(B, Hk, 1, F)
+    if not P.causal:
+        for j0 in range(0, P.Nk, chunk):
+            j1 = min(j0 + chunk, P.Nk)
+            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
+            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
+            z = z + fk.sum(-2)
+        query_chunks = [(None, None, i0, min(i0 + chunk, P.Nq)) for i0 in range(0, P.Nq, chunk)]
+    else:
+        query_chunks = list(P.key_chunks(chunk))
+    for j0, j1, i0, i1 in query_chunks:
+        if i1 > i0:
+            with torch.enable_grad():
+                qc = P.q[..., i0:i1, :].detach().requires_grad_()
+                gc, cc = g[..., i0:i1, :], c[..., i0:i1]
+                fq = P.phi_q(qc)
+                L = ((fq @ S) * gc).sum() - ((fq * z.unsqueeze(-2)).sum(-1) * cc).sum()
+                if P.causal:
+                    kc = P.k[..., j0:j1, :].detach().requires_grad_()
+                    vc = P.v[..., j0:j1, :].detach().requires_grad_()
+                    A = P.tile(qc, kc, i0, j0)
+                    L = L + (A * (gc @ vc.transpose(-1, -2) - cc[..., None])).sum()
+                    gq, gk, gv = torch.autograd.grad(L, (qc, kc, vc))
+                    dk[..., j0:j1, :] += gk
+                    dv[..., j0:j1, :] += gv
+                else:
+                    (gq,) = torch.autograd.grad(L, (qc,))
+            dq[..., i0:i1, :] = gq
+        if P.causal:
+            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
+            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
+            z = z + fk.sum(-2)
+
+    # Reverse sweep: key side from the queries of later chunks (all queries if not causal).
+    R = P.q.new_zeros(B, Hk, 1, F, Dv)
+    r = P.q.new_zeros(B, Hk, 1, F)
+    if not P.causal:
+        for i0 in range(0, P.Nq, chunk):
+            i1 = min(i0 + chunk, P.Nq)
+            fq = P.phi_q(P.q[..., i0:i1, :])
+            R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
+            r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+        key_chunks = [(j0, min(j0 + chunk, P.Nk), 0, 0) for j0 in range(0, P.Nk, chunk)]
+    else:
+        key_chunks = list(P.key_chunks(chunk))[::-1]
+    for j0, j1, i0, i1 in key_chunks:
+        with torch.enable_grad():
+            kc = P.k[..., j0:j1, :].detach().requires_grad_()
+            vc = P.v[..., j0:j1, :].detach().requires_grad_()
+            fk = P.phi_k(kc, j0, j1)
+            L = ((fk @ R) * vc).sum() - (fk * r.unsqueeze(-2)).sum()
+            gk, gv = torch.autograd.grad(L, (kc, vc))
+        dk[..., j0:j1, :] += gk
+        dv[..., j0:j1, :] += gv
+        if P.causal and i1 > i0:
+            fq = P.phi_q(P.q[..., i0:i1, :])
+            R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
+            r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+    return dq, dk, dv
+
+
+def choose_mode(len_k: int, dim: int, p: int) -> str:
+    return "quadratic" if len_k <= feature_count(dim, p) else "linear"
+
+
+class _ChunkedFastmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2, mode, chunk):
+        P = _Problem(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2)
+        forward_impl = _forward_quadratic if mode == "quadratic" else _forward_linear
+        raw, den = forward_impl(P, chunk)
+        out = _normalise(raw, den)
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, den)
+        ctx.options = (causal, scale, p, a0, a1, a2, mode, chunk)
+        B, Hq, Nq, _ = q.shape
+        return out.reshape(B, Hq, Nq, -1).to(q.dtype), den.reshape(B, Hq, Nq)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_den):
+        q, k, v, key_padding_mask, out, den = ctx.saved_tensors
+        causal, scale, p, a0, a1, a2, mode, chunk = ctx.options
+        P = _Problem(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2)
+        grad_out = grad_out.to(P.compute_dtype).reshape(out.shape)
+        g, c = _surrogate_terms(out, den, grad_out)
+        backward_impl = _backward_quadratic if mode == "quadratic" else _backward_linear
+        dq, dk, dv = backward_impl(P, g, c, chunk)
+        return (
+            dq.reshape(q.shape).to(q.dtype),
+            dk.squeeze(2).to(k.dtype),
+            dv.squeeze(2).to(v.dtype),
+        ) + (None,) * 9
+
+
+def chunked_attention(
+    q, k, v, *, causal, key_padding_mask, scale, p, a0, a1, a2, mode="auto", chunk_size=DEFAULT_CHUNK
+):
+    """Fastmax core (no normalize/dropout/rpe): returns (out in q's dtype, fp32 denominator).
+
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask bool (B, Nk) or None.
+    """
+    if mode == "auto":
+        mode = choose_mode(k.shape[2], q.shape[-1], p)
+    if mode not in ("linear", "quadratic"):
+        raise ValueError(f"`mode` must be 'auto', 'linear' or 'quadratic', got {mode!r}")
+    return _ChunkedFastmax.apply(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2, mode, chunk_size)
+
+
+@torch.no_grad()
+def chunked_state(k, v, *, key_padding_mask, p, chunk_size=DEFAULT_CHUNK):
+    """The fp32 state of a key/value sequence: S (B, Hk, F, Dv) and z (B, Hk, F)."""
+    B, Hk, Nk, D = k.shape
+    cd = torch.float64 if k.dtype == torch.float64 else torch.float32
+    S = k.new_zeros(B, Hk, feature_count(D, p), v.shape[-1], dtype=cd)
+    z = k.new_zeros(B, Hk, feature_count(D, p), dtype=cd)
+    mask = None if key_padding_mask is None else key_padding_mask.to(cd)[:, None, :, None]
+    for j0 in range(0, Nk, chunk_size):
+        j1 = min(j0 + chunk_size, Nk)
+        fk = _key_features(k[:, :, j0:j1].to(cd), p)
+        if mask is not None:
+            fk = fk * mask[:, :, j0:j1]
+        S += fk.transpose(-1, -2) @ v[:, :, j0:j1].to(cd)
+        z += fk.sum(-2)
+    return S, z
+
+
+def state_readout(q, S, z, *, scale, p, a0, a1, a2):
+    """Answer queries q (B, Hq, n, D) from a state (S, z) without masking: (num, den) in fp32."""
+    B, Hq, n, D = q.shape
+    Hk = S.shape[1]
+    cd = S.dtype
+    wq = _query_weights(D, p, a0, a1, a2, scale, S)
+    fq = _key_features(q.to(cd), p) * wq  # (B, Hq, n, F)
+    fq = fq.reshape(B, Hk, Hq // Hk, n, -1)
+    num = fq @ S.unsqueeze(2)  # (B, Hk, G, n, Dv)
+    den = (fq * z[:, :, None, None, :]).sum(-1)
+    return num.reshape(B, Hq, n, -1), den.reshape(B, Hq, n)

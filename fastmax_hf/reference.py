@@ -1,0 +1,102 @@
+"""The direct O(N^2) form of Fastmax: the definition every other path is tested against.
+
+For query i and key j,
+
+    s_ij = (q_i . (k_j + r_{t_i - j})) * scale        (r only with an rpe_matrix)
+    f(s) = a0 + a1 s + a2 s^2                          (p = 2; p = 1 drops a2)
+    o_i  = sum_j f(s_ij) v_j / sum_j f(s_ij)           over the keys visible to i
+
+where t_i = i + (Nk - Nq) is the position of query i on the key timeline
+(bottom-right alignment). Under ``causal`` key j is visible iff j <= t_i, and a
+``key_padding_mask`` (True = attend) removes keys. A row with no visible key is
+0. Everything is computed in the inputs' dtype, so float64 inputs give a float64
+ground truth; memory is O(B H Nq Nk).
+
+This module deliberately shares no code with the fast paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _norm_scale(x: torch.Tensor, lim: float, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
+    """lim / max ||x_n||: over the whole sequence, or the running maximum n <= i when causal."""
+    norms = x.norm(dim=-1)  # (B, H, N)
+    if valid is not None:
+        norms = norms * valid[:, None, :].to(norms.dtype)
+    if causal:
+        biggest = torch.cummax(norms, dim=-1).values
+    else:
+        biggest = norms.amax(dim=-1, keepdim=True)
+    return torch.where(biggest > 0, lim / biggest.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(biggest))
+
+
+def fastmax_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    p: int = 2,
+    a0: float = 1.0,
+    a1: float = 1.0,
+    a2: float = 0.5,
+    normalize: bool = False,
+    lim: float = 1.0,
+    dropout: float = 0.0,
+    drop_noise: torch.Tensor | None = None,
+    rpe_matrix: torch.Tensor | None = None,
+    return_denominator: bool = False,
+):
+    """Fastmax by its definition. q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv).
+
+    Arguments are not validated here; use ``fastmax_hf.fastmax(..., backend="reference")``.
+    """
+    B, Hq, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = D ** -0.5
+    groups = Hq // Hk
+    k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, D)
+    v = v.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, Dv)
+
+    if normalize:
+        q = q * _norm_scale(q, lim, causal, None)[..., None]
+        k = k * _norm_scale(k, lim, causal, key_padding_mask)[..., None]
+
+    scores = q @ k.transpose(-1, -2)  # (B, Hq, Nq, Nk)
+    query_pos = torch.arange(Nq, device=q.device) + (Nk - Nq)  # t_i
+    key_pos = torch.arange(Nk, device=q.device)
+    if rpe_matrix is not None:
+        centre = (rpe_matrix.shape[0] - 1) // 2
+        rows = centre - (query_pos[:, None] - key_pos[None, :])  # (Nq, Nk)
+        r = rpe_matrix.to(q.dtype)[rows]  # (Nq, Nk, D)
+        scores = scores + torch.einsum("bhid,ijd->bhij", q, r)
+    scores = scores * scale
+
+    weights = a0 + a1 * scores
+    if p == 2:
+        weights = weights + a2 * scores * scores
+
+    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = key_pos[None, :] <= query_pos[:, None]
+    visible = visible[None, None].expand(B, Hq, Nq, Nk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    weights = torch.where(visible, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
+
+    numerator = weights @ v  # (B, Hq, Nq, Dv)
+    denominator = weights.sum(dim=-1)  # (B, Hq, Nq)
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    out = torch.where((denominator == 0)[..., None], torch.zeros_like(numerator), numerator / safe[..., None])
+
+    if dropout > 0.0:
+        noise = drop_noise if drop_noise is not None else torch.randn_like(out)
+        out = out * (1.0 + dropout * noise.to(out.dtype))
+    if return_denominator:
+        return out, denominator
+    return out

@@ -1,0 +1,159 @@
+"""Argument checks shared by every entry point.
+
+Every check raises a ``ValueError`` or ``TypeError`` whose message names the
+offending argument, so that bad input never turns into a wrong answer, a hang
+or a device-side crash inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "reference", "chunked", "triton")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Sizes of a validated 4-D call: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv)."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    dim: int
+    dim_v: int
+
+    @property
+    def groups(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"`{name}` has dtype {x.dtype}; fastmax takes float16, bfloat16, float32 or float64"
+        )
+
+
+def check_qkv(q, k, v) -> Shapes:
+    """Check q, k, v as 4-D tensors (3-D inputs are reshaped before this)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(
+                f"`{name}` must have 3 dims (B*H, N, D) or 4 dims (B, H, N, D), got shape {tuple(x.shape)}"
+            )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"`q`, `k`, `v` are on different devices: {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"`q`, `k`, `v` must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, Hq, Nq, D = q.shape
+    Bk, Hk, Nk, Dk = k.shape
+    Bv, Hv, Nv, Dv = v.shape
+    if Bk != B or Bv != B:
+        raise ValueError(f"batch sizes differ: q has {B}, `k` has {Bk}, `v` has {Bv}")
+    if Hv != Hk:
+        raise ValueError(f"`k` has {Hk} heads but `v` has {Hv}")
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(
+            f"`q` has {Hq} heads, which is not a multiple of the {Hk} key/value heads of `k` (grouped-query attention)"
+        )
+    if Nv != Nk:
+        raise ValueError(f"`k` has {Nk} tokens but `v` has {Nv}")
+    if Dk != D:
+        raise ValueError(f"`q` has head dim {D} but `k` has {Dk}")
+    if D == 0 or Dv == 0:
+        raise ValueError("head dims of `q`, `k` and `v` must be positive")
+    return Shapes(B, Hq, Hk, Nq, Nk, D, Dv)
+
+
+def check_options(*, p, a0, a1, a2, dropout, lim, scale, backend) -> None:
+    if isinstance(p, bool) or p not in (1, 2):
+        raise ValueError(f"`p` must be 1 or 2, got {p!r}")
+    for name, value in (("a0", a0), ("a1", a1), ("a2", a2), ("lim", lim)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TypeError(f"`{name}` must be a finite number, got {value!r}")
+    if lim <= 0:
+        raise ValueError(f"`lim` must be positive, got {lim}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
+        raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"`scale` must be a finite number or None, got {scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_key_padding_mask(mask, shapes: Shapes, device: torch.device) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`key_padding_mask` must be a bool tensor of shape (B, Nk), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"`key_padding_mask` must have dtype torch.bool (True = attend), got {mask.dtype}"
+        )
+    if tuple(mask.shape) != (shapes.batch, shapes.len_k):
+        raise ValueError(
+            f"`key_padding_mask` must have shape (B, Nk) = ({shapes.batch}, {shapes.len_k}), got {tuple(mask.shape)}"
+        )
+    if mask.device != device:
+        raise ValueError(f"`key_padding_mask` is on {mask.device} but `q` is on {device}")
+    return mask
+
+
+def check_drop_noise(noise, out_shape, device) -> None:
+    if noise is None:
+        return
+    _check_tensor("drop_noise", noise)
+    if noise.device != device:
+        raise ValueError(f"`drop_noise` is on {noise.device} but `q` is on {device}")
+    try:
+        torch.broadcast_shapes(tuple(noise.shape), tuple(out_shape))
+    except RuntimeError:
+        raise ValueError(
+            f"`drop_noise` of shape {tuple(noise.shape)} does not broadcast to the output shape {tuple(out_shape)}"
+        ) from None
+
+
+def check_rpe_matrix(rpe, shapes: Shapes, device) -> None:
+    if rpe is None:
+        return
+    _check_tensor("rpe_matrix", rpe)
+    if rpe.device != device:
+        raise ValueError(f"`rpe_matrix` is on {rpe.device} but `q` is on {device}")
+    n_needed = max(shapes.len_q, shapes.len_k)
+    if rpe.dim() != 2 or rpe.shape[1] != shapes.dim or rpe.shape[0] % 2 != 1 or rpe.shape[0] < 2 * n_needed - 1:
+        raise ValueError(
+            f"`rpe_matrix` must have shape (2M-1, D) with M >= max(Nq, Nk) = {n_needed} and D = {shapes.dim} "
+            f"(see rpe_matrix_creator), got {tuple(rpe.shape)}"
+        )
+
+
+def kernel_can_vanish(p: int, a0: float, a1: float, a2: float, bound: float | None) -> bool:
+    """Whether f(s) = a0 + a1 s (+ a2 s^2) can be <= 0 for some reachable score s.
+
+    ``bound`` is a bound on |s| when known (``normalize=True``), else None.
+    """
+    def f(s):
+        return a0 + a1 * s + (a2 * s * s if p == 2 else 0.0)
+
+    if bound is None:
+        if p == 1 or a2 == 0:
+            return not (a1 == 0 and a0 > 0)
+        if a2 < 0:
+            return True
+        return a1 * a1 - 4.0 * a0 * a2 >= 0  # the upward parabola has a real root
+    candidates = [-bound, bound]
+    if p == 2 and a2 != 0:
+        vertex = -a1 / (2.0 * a2)
+        if -bound < vertex < bound:
+            candidates.append(vertex)
+    return min(f(s) for s in candidates) <= 0

@@ -1,0 +1,22 @@
+import pytest
+import torch
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||a - e|| / ||e|| in float64 (0 when both are 0)."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+@pytest.fixture
+def gen():
+    """A fresh random generator per test, seeded from the global RNG so runs differ."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    return g
+
+
+def randn(gen, *shape, dtype=torch.float64, requires_grad=False):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x.requires_grad_(requires_grad)
