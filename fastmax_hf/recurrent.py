@@ -1,0 +1,131 @@
+"""Causal Fastmax continued from a constant-size state: prefill and token-by-token decoding.
+
+A sequence's keys and values are summarised by
+
+    S = sum_j phi_k(k_j) v_j^T   (B, Hk, F, Dv)    z = sum_j phi_k(k_j)   (B, Hk, F)
+
+in fp32 (F = 1 + D + D(D+1)/2 for p = 2), whatever the number of tokens. New tokens
+attend causally to each other and to everything folded into the state before them,
+then are folded in. With ``normalize`` the state also carries the running maxima of
+||q|| and ||k|| (the causal normalisation of ``fastmax``), so decoding normalises
+exactly as a full causal pass would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .chunked import chunked_attention, chunked_state, feature_count, state_readout
+
+
+@dataclass
+class FastmaxState:
+    """The recurrent state of one attention layer."""
+
+    S: torch.Tensor  # (B, Hk, F, Dv) fp32
+    z: torch.Tensor  # (B, Hk, F) fp32
+    q_peak: torch.Tensor | None = None  # (B, Hq) running max ||q|| (normalize only)
+    k_peak: torch.Tensor | None = None  # (B, Hk) running max ||k|| over unpadded keys (normalize only)
+
+    @classmethod
+    def empty(cls, batch, heads_q, heads_kv, dim, dim_v, p, device, normalize=False, dtype=torch.float32):
+        """fp32 state (float64 only for float64 models, as the tests use)."""
+        F = feature_count(dim, p)
+        S = torch.zeros(batch, heads_kv, F, dim_v, dtype=dtype, device=device)
+        z = torch.zeros(batch, heads_kv, F, dtype=dtype, device=device)
+        if not normalize:
+            return cls(S, z)
+        peaks = dict(dtype=dtype, device=device)
+        return cls(S, z, torch.zeros(batch, heads_q, **peaks), torch.zeros(batch, heads_kv, **peaks))
+
+    def tensors(self):
+        return [t for t in (self.S, self.z, self.q_peak, self.k_peak) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def index_select(self, batch_index: torch.Tensor) -> "FastmaxState":
+        pick = lambda t: None if t is None else t.index_select(0, batch_index.to(t.device))  # noqa: E731
+        return FastmaxState(pick(self.S), pick(self.z), pick(self.q_peak), pick(self.k_peak))
+
+
+def _running_normalize(x, prev_peak, lim, valid=None):
+    """x (B, H, n, D) scaled by lim / max(prev_peak, running max ||x||); returns (x', new peak)."""
+    norms = torch.linalg.vector_norm(x.to(prev_peak.dtype), dim=-1)  # (B, H, n)
+    if valid is not None:
+        norms = norms.masked_fill(~valid[:, None, :], 0.0)
+    peaks = torch.maximum(torch.cummax(norms, dim=-1).values, prev_peak[..., None])
+    factor = torch.where(peaks > 0, lim / peaks.clamp_min(torch.finfo(peaks.dtype).tiny), torch.zeros_like(peaks))
+    return x * factor.to(x.dtype)[..., None], peaks[..., -1]
+
+
+def _use_triton(q) -> bool:
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    from .functional import triton_available
+
+    return triton_available(q.device)
+
+
+@torch.no_grad()
+def fastmax_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: FastmaxState | None,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    p: int = 2,
+    a0: float = 1.0,
+    a1: float = 1.0,
+    a2: float = 0.5,
+    normalize: bool = False,
+    lim: float = 1.0,
+):
+    """Attend causally with n new tokens and fold them into the state.
+
+    Args:
+        q: (B, Hq, n, D) queries of the new tokens.
+        k, v: (B, Hk, n, D), (B, Hk, n, Dv) their keys and values.
+        state: what came before, or None for an empty past.
+        key_padding_mask: bool (B, n), True = a real token; padded keys never enter the state.
+
+    Returns:
+        (out (B, Hq, n, Dv) in q's dtype, the new state). The state's tensors are new
+        tensors; the old state is left untouched (beam search may still hold it).
+    """
+    B, Hq, n, D = q.shape
+    Hk, Dv = k.shape[1], v.shape[-1]
+    if k.shape[2] != n:
+        raise ValueError(f"`k` must hold the same {n} new tokens as `q`, got {k.shape[2]}")
+    if scale is None:
+        scale = D ** -0.5
+    if state is None:
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        state = FastmaxState.empty(B, Hq, Hk, D, Dv, p, q.device, normalize=normalize, dtype=dtype)
+    if normalize:
+        if state.q_peak is None:
+            raise ValueError("`state` was built without normalize=True but `normalize` is set")
+        q, q_peak = _running_normalize(q, state.q_peak, lim)
+        k, k_peak = _running_normalize(k, state.k_peak, lim, key_padding_mask)
+    else:
+        q_peak = k_peak = None
+
+    options = dict(scale=scale, p=p, a0=a0, a1=a1, a2=a2)
+    if _use_triton(q):
+        from .kernels import triton_step
+
+        out, S, z = triton_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
+        return out, FastmaxState(S, z, q_peak, k_peak)
+
+    new_out, new_den = chunked_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, **options)
+    past_num, past_den = state_readout(q, state.S, state.z, **options)
+    num = past_num + new_out.to(past_num.dtype) * new_den[..., None]
+    den = past_den + new_den
+    empty = den == 0
+    out = torch.where(empty[..., None], torch.zeros_like(num), num / torch.where(empty, 1.0, den)[..., None])
+    dS, dz = chunked_state(k, v, key_padding_mask=key_padding_mask, p=p)
+    return out.to(q.dtype), FastmaxState(state.S + dS.to(state.S.dtype), state.z + dz.to(state.z.dtype), q_peak, k_peak)
