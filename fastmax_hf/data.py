@@ -1,0 +1,385 @@
+"""Data for training and evaluating fastmax models, with defaults that need no download.
+
+* The default corpus: the Python standard library's own ``.py`` sources (every Python
+  installation has them), read in sorted order, split into train / validation by file.
+* The default tokenizer: a byte-level BPE trained on that corpus with ``tokenizers``,
+  cached on disk, wrapped as a ``PreTrainedTokenizerFast``.
+* Any other text: a ``datasets`` hub name or local text / json / jsonl / parquet / csv
+  files (``datasets`` is imported only then, so the default path runs without it).
+* Packing: documents joined by the end-of-text token and cut into fixed-length blocks.
+* Built-in model configs: small Llama-shaped models with grouped-query attention.
+
+    splits = load_text_dataset("default")
+    tokenizer = load_tokenizer("default")
+    blocks = token_blocks(splits, tokenizer, block_size=256)   # {"train": (N, 256), "validation": (M, 256)}
+    config = builtin_model_config("llama-small", vocab_size=len(tokenizer))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT = "default"
+END_OF_TEXT = "<|endoftext|>"
+DEFAULT_VOCAB_SIZE = 8192
+DEFAULT_VALIDATION_PERCENT = 5
+
+# Suffix of a local data file -> the `datasets` builder that reads it.
+LOCAL_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+
+
+@dataclass
+class TextSplits:
+    """Documents of one corpus, split for training and validation."""
+
+    name: str
+    train: list[str]
+    validation: list[str]
+
+    def fingerprint(self) -> str:
+        """A short hash of every document, to key on-disk caches."""
+        digest = hashlib.sha256(self.name.encode())
+        for split in (self.train, self.validation):
+            digest.update(str(len(split)).encode())
+            for text in split:
+                digest.update(hashlib.sha256(text.encode("utf-8", errors="replace")).digest())
+        return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> Path:
+    """Where tokenizers and token ids are cached: $FASTMAX_HF_CACHE or ~/.cache/fastmax_hf."""
+    return Path(os.environ.get("FASTMAX_HF_CACHE", Path.home() / ".cache" / "fastmax_hf"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename, so concurrent processes never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def stdlib_root() -> Path:
+    """The directory holding the standard library's pure-Python sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_source_files() -> list[Path]:
+    """Every ``.py`` file of the standard library (third-party site-packages excluded),
+    sorted by path relative to the stdlib root so the order is the same on every run."""
+    root = stdlib_root()
+    files = [f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts]
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
+
+
+def is_validation(key: str, validation_percent: float) -> bool:
+    """Deterministic split: a document goes to validation when crc32(key) % 100 < percent.
+
+    crc32 (unlike Python's hash()) is the same on every run and machine, and a split by
+    file keeps the lines of one file out of both sides.
+    """
+    return zlib.crc32(key.encode()) % 100 < validation_percent
+
+
+def default_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT, max_files: int | None = None) -> TextSplits:
+    """The embedded default corpus: the standard library's sources, split by file.
+
+    ``max_files`` keeps only the first files in path order (small corpora for tests).
+    """
+    root = stdlib_root()
+    files = stdlib_source_files()[:max_files]
+    if not files:
+        raise FileNotFoundError(f"found no .py files under the standard library at {root}")
+    train, validation = [], []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        key = path.relative_to(root).as_posix()
+        (validation if is_validation(key, validation_percent) else train).append(text)
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib" + (f"[:{max_files}]" if max_files else "")
+    return TextSplits(name, train, validation)
+
+
+# --------------------------------------------------------------------------- other datasets
+
+
+def looks_like_local_path(dataset: str) -> bool:
+    """A local file or directory: it exists, or its name ends with a data-file suffix."""
+    return os.path.exists(dataset) or Path(dataset).suffix.lower() in LOCAL_BUILDERS
+
+
+def local_data_files(dataset: str) -> tuple[str, list[str]]:
+    """The `datasets` builder and file list for a local file, a directory, or a
+    comma-separated list of files (all of one format)."""
+    paths = [Path(p) for p in dataset.split(",")]
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.suffix.lower() in LOCAL_BUILDERS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--dataset: no such file or directory: {path}")
+    if not files:
+        raise FileNotFoundError(f"--dataset: no data files ({', '.join(sorted(LOCAL_BUILDERS))}) in {dataset}")
+    builders = {LOCAL_BUILDERS.get(f.suffix.lower()) for f in files}
+    if None in builders or len(builders) != 1:
+        suffixes = sorted({f.suffix for f in files})
+        raise ValueError(
+            f"--dataset: files must share one format among {sorted(LOCAL_BUILDERS)}, got suffixes {suffixes}"
+        )
+    return builders.pop(), [str(f) for f in files]
+
+
+def _import_datasets():
+    """`datasets` is needed only for non-default data, so import it only then."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("--dataset other than 'default' needs the `datasets` package: pip install datasets") from err
+    return datasets
+
+
+def _documents(split, text_column: str, where: str) -> list[str]:
+    if text_column not in split.column_names:
+        raise ValueError(f"{where} has no column {text_column!r} (columns: {split.column_names}); set --text_column")
+    return [t for t in split[text_column] if isinstance(t, str) and t]
+
+
+def split_documents(name: str, documents: list[str], validation_percent: float) -> TextSplits:
+    """Split a list of documents by the crc32 of their index (see ``is_validation``)."""
+    train, validation = [], []
+    for i, text in enumerate(documents):
+        (validation if is_validation(f"{name}/{i}", validation_percent) else train).append(text)
+    if not validation and len(train) > 1:  # tiny inputs: keep at least one validation document
+        validation.append(train.pop())
+    return TextSplits(name, train, validation)
+
+
+def load_datasets_source(
+    dataset: str, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
+    config_name: str | None = None,
+) -> TextSplits:
+    """Documents from a hub dataset or local files via `datasets`.
+
+    A "validation" (else "test") split is used as is; otherwise the "train" split is
+    divided by ``split_documents``.
+    """
+    datasets = _import_datasets()
+    if looks_like_local_path(dataset):
+        builder, files = local_data_files(dataset)
+        loaded = datasets.load_dataset(builder, data_files=files)
+    else:
+        try:
+            loaded = datasets.load_dataset(dataset, config_name)
+        except Exception as err:  # the hub raises many kinds; say what was asked for
+            raise ValueError(
+                f"--dataset {dataset!r} is neither 'default', an existing local file/directory, nor a dataset "
+                f"`datasets.load_dataset` can load ({type(err).__name__}: {err})"
+            ) from err
+    if "train" not in loaded:
+        raise ValueError(f"--dataset {dataset!r} has no 'train' split (splits: {list(loaded)})")
+    train = _documents(loaded["train"], text_column, f"--dataset {dataset!r}")
+    held_out = next((s for s in ("validation", "test") if s in loaded), None)
+    if held_out is None:
+        return split_documents(dataset, train, validation_percent)
+    return TextSplits(dataset, train, _documents(loaded[held_out], text_column, f"--dataset {dataset!r}"))
+
+
+def load_text_dataset(
+    dataset: str = DEFAULT, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
+    max_files: int | None = None, config_name: str | None = None,
+) -> TextSplits:
+    """"default" (the standard-library corpus), a hub name, or local data files."""
+    if dataset == DEFAULT:
+        return default_corpus(validation_percent, max_files=max_files)
+    return load_datasets_source(dataset, text_column, validation_percent, config_name)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """A byte-level BPE tokenizer (GPT-2 style: any byte sequence is encodable) trained on ``texts``.
+
+    Returns a ``tokenizers.Tokenizer``; ``END_OF_TEXT`` is its only special token (id 0).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def wrap_tokenizer(tokenizer):
+    """A ``tokenizers.Tokenizer`` as a transformers ``PreTrainedTokenizerFast`` (saveable with
+    save_pretrained, loadable with AutoTokenizer). End-of-text doubles as bos, eos and pad."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT,
+    )
+
+
+def default_tokenizer(
+    vocab_size: int = DEFAULT_VOCAB_SIZE, cache_dir: str | Path | None = None, corpus: TextSplits | None = None,
+):
+    """The default tokenizer: BPE trained on the train split of ``corpus`` (the default
+    corpus when None), cached under ``cache_dir`` by corpus fingerprint and vocab size."""
+    from tokenizers import Tokenizer
+
+    corpus = corpus if corpus is not None else default_corpus()
+    path = Path(cache_dir or default_cache_dir()) / f"tokenizer-{corpus.fingerprint()}-{vocab_size}.json"
+    if path.exists():
+        return wrap_tokenizer(Tokenizer.from_file(str(path)))
+    tokenizer = train_bpe_tokenizer(corpus.train, vocab_size)
+    _atomic_write_bytes(path, tokenizer.to_str().encode())
+    return wrap_tokenizer(tokenizer)
+
+
+def load_tokenizer(name_or_path: str = DEFAULT, cache_dir: str | Path | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE):
+    """"default" (see ``default_tokenizer``) or any hub id / local path AutoTokenizer can load.
+
+    A tokenizer without an eos token cannot separate packed documents, so it is refused.
+    """
+    if name_or_path == DEFAULT:
+        return default_tokenizer(vocab_size, cache_dir)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as err:
+        raise ValueError(
+            f"--tokenizer {name_or_path!r}: not 'default', a local tokenizer directory, nor a hub id that "
+            f"AutoTokenizer can load ({type(err).__name__}: {err})"
+        ) from err
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--tokenizer {name_or_path!r} has no eos token, which packing needs between documents")
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- tokens and blocks
+
+
+def encode_documents(texts: list[str], tokenizer) -> np.ndarray:
+    """One int32 stream: every document's token ids followed by eos. (total_tokens,)"""
+    eos = tokenizer.eos_token_id
+    if not texts:
+        return np.zeros(0, dtype=np.int32)
+    # verbose=False: documents longer than a hub tokenizer's model_max_length are fine here
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return np.concatenate([np.asarray([*doc, eos], dtype=np.int32) for doc in ids])
+
+
+def cached_token_stream(texts: list[str], tokenizer, key: str, cache_dir: str | Path | None = None) -> np.ndarray:
+    """``encode_documents`` memoised on disk as .npy under a key naming corpus, split and tokenizer."""
+    path = Path(cache_dir or default_cache_dir()) / f"tokens-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    stream = encode_documents(texts, tokenizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, stream)
+    os.replace(tmp, path)
+    return stream
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the tokenizer's vocabulary and class, to key cached token ids."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((type(tokenizer).__name__ + vocab).encode()).hexdigest()[:16]
+
+
+def pack_into_blocks(stream: np.ndarray | torch.Tensor, block_size: int) -> torch.Tensor:
+    """Cut a token stream into non-overlapping blocks, dropping the incomplete tail.
+
+    (total_tokens,) -> (total_tokens // block_size, block_size) int64. Documents run across
+    block boundaries, as in GPT-style pretraining; causal LM labels are the block itself.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}")
+    stream = torch.as_tensor(np.asarray(stream), dtype=torch.int64)
+    n_blocks = stream.numel() // block_size
+    return stream[: n_blocks * block_size].view(n_blocks, block_size)
+
+
+def token_blocks(
+    splits: TextSplits, tokenizer, block_size: int, cache_dir: str | Path | None = None,
+) -> dict[str, torch.Tensor]:
+    """Packed blocks of both splits: {"train": (N, block_size), "validation": (M, block_size)}.
+
+    Raises ValueError when a split is too small for a single block.
+    """
+    tok_key = tokenizer_fingerprint(tokenizer)
+    blocks = {}
+    for split in ("train", "validation"):
+        stream = cached_token_stream(getattr(splits, split), tokenizer, f"{splits.fingerprint()}-{tok_key}-{split}", cache_dir)
+        blocks[split] = pack_into_blocks(stream, block_size)
+        if len(blocks[split]) == 0:
+            raise ValueError(
+                f"the {split} split of {splits.name!r} has {len(stream)} tokens, fewer than one block of {block_size}"
+            )
+    return blocks
+
+
+# --------------------------------------------------------------------------- models
+
+# Llama-shaped configs with grouped-query attention (num_key_value_heads < num_attention_heads).
+BUILTIN_MODELS = {
+    # tests: a few hundred thousand parameters
+    "llama-tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    # the bare CPU run: ~3M parameters besides the embeddings
+    "llama-small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
+    # the GPU experiment: ~23M parameters besides the embeddings (head_dim 64)
+    "llama-30m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),
+}
+DEFAULT_MODEL = "llama-small"
+
+
+def builtin_model_config(name: str = DEFAULT_MODEL, vocab_size: int = DEFAULT_VOCAB_SIZE, max_position_embeddings: int = 4096,
+                         eos_token_id: int = 0):
+    """A ``LlamaConfig`` for one of ``BUILTIN_MODELS`` with the tokenizer's vocabulary size."""
+    from transformers import LlamaConfig
+
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; choose one of {sorted(BUILTIN_MODELS)}")
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        tie_word_embeddings=True,
+        **BUILTIN_MODELS[name],
+    )
