@@ -28,6 +28,9 @@ class FastmaxState:
     z: torch.Tensor  # (B, Hk, F) fp32
     q_peak: torch.Tensor | None = None  # (B, Hq) running max ||q|| (normalize only)
     k_peak: torch.Tensor | None = None  # (B, Hk) running max ||k|| over unpadded keys (normalize only)
+    # "torch": features [1, k, sym(k k^T)] of fastmax_hf.chunked; "triton": the tiled rows of
+    # fastmax_hf.kernels (see kernels/linear.py). A state is continued by the path that made it.
+    layout: str = "torch"
 
     @classmethod
     def empty(cls, batch, heads_q, heads_kv, dim, dim_v, p, device, normalize=False, dtype=torch.float32):
@@ -48,7 +51,7 @@ class FastmaxState:
 
     def index_select(self, batch_index: torch.Tensor) -> "FastmaxState":
         pick = lambda t: None if t is None else t.index_select(0, batch_index.to(t.device))  # noqa: E731
-        return FastmaxState(pick(self.S), pick(self.z), pick(self.q_peak), pick(self.k_peak))
+        return FastmaxState(pick(self.S), pick(self.z), pick(self.q_peak), pick(self.k_peak), self.layout)
 
 
 def _running_normalize(x, prev_peak, lim, valid=None):
@@ -84,6 +87,7 @@ def fastmax_step(
     a2: float = 0.5,
     normalize: bool = False,
     lim: float = 1.0,
+    backend: str = "auto",
 ):
     """Attend causally with n new tokens and fold them into the state.
 
@@ -92,6 +96,9 @@ def fastmax_step(
         k, v: (B, Hk, n, D), (B, Hk, n, Dv) their keys and values.
         state: what came before, or None for an empty past.
         key_padding_mask: bool (B, n), True = a real token; padded keys never enter the state.
+        backend: for a new state, "triton" (the fused kernels), "chunked" (PyTorch) or "auto"
+            (Triton for float16/bfloat16/float32 CUDA tensors). A given state is continued
+            by the path that built it.
 
     Returns:
         (out (B, Hq, n, Dv) in q's dtype, the new state). The state's tensors are new
@@ -106,6 +113,13 @@ def fastmax_step(
     if state is None:
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         state = FastmaxState.empty(B, Hq, Hk, D, Dv, p, q.device, normalize=normalize, dtype=dtype)
+        if backend not in ("auto", "triton", "chunked"):
+            raise ValueError(f"`backend` must be 'auto', 'triton' or 'chunked', got {backend!r}")
+        if backend == "triton" or (backend == "auto" and _use_triton(q)):
+            from .kernels import empty_state
+
+            state.S, state.z = empty_state(B, Hk, D, Dv, p, q.device)
+            state.layout = "triton"
     if normalize:
         if state.q_peak is None:
             raise ValueError("`state` was built without normalize=True but `normalize` is set")
@@ -115,11 +129,11 @@ def fastmax_step(
         q_peak = k_peak = None
 
     options = dict(scale=scale, p=p, a0=a0, a1=a1, a2=a2)
-    if _use_triton(q):
+    if state.layout == "triton":
         from .kernels import triton_step
 
         out, S, z = triton_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
-        return out, FastmaxState(S, z, q_peak, k_peak)
+        return out, FastmaxState(S, z, q_peak, k_peak, "triton")
 
     new_out, new_den = chunked_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, **options)
     past_num, past_den = state_readout(q, state.S, state.z, **options)

@@ -50,7 +50,6 @@ def test_bad_tensors(change, error, words):
         (dict(drop_noise=torch.randn(3, 3), dropout=0.1), ValueError, "`drop_noise`"),
         (dict(rpe_matrix=torch.randn(12, 4)), ValueError, "`rpe_matrix` must have shape"),
         (dict(rpe_matrix=torch.randn(13, 4), backend="chunked"), ValueError, "backend='reference'"),
-        (dict(backend="triton"), ValueError, "backend='triton' cannot run"),
     ],
 )
 def test_bad_options(kwargs, error, words):
@@ -110,3 +109,9 @@ def test_seed_api_rpe(gen=None):
     assert got.shape == q.shape and not torch.allclose(got, without)
     with pytest.raises(ValueError, match="`temperature`"):
         fastmax_function(q, k, v, temperature=0)
+
+
+def test_triton_backend_refuses_float64():
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: .*float64"):
+        fastmax(q, k, v, backend="triton")

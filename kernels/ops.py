@@ -1,0 +1,297 @@
+"""Launchers for the Fastmax kernels, registered as PyTorch custom operators.
+
+``fastmax_hf::forward`` and ``fastmax_hf::backward`` are opaque to torch.compile (no
+graph break: they have fake implementations for shape propagation), cast to the
+autocast dtype under autocast, and connect through ``register_autograd``.
+
+Inputs are read through their strides: q (B, Hq, Nq, D) may be a transposed view of
+the (B, Nq, Hq, D) memory that Hugging Face models produce.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from .linear import linear_bwd_dkdv_kernel, linear_bwd_dq_kernel, linear_fwd_kernel
+from .quadratic import quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadratic_fwd_kernel
+
+# Tiles of the (m, n) grid of second-order features: BT x BT products per program.
+PAIR_TILE = 16
+# Tokens per chunk in the linear kernels.
+LINEAR_CHUNK = 64
+# Query/key block sizes of the quadratic kernels.
+QUAD_BLOCK_M = 64
+QUAD_BLOCK_N = 64
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; fp16 ones go through tf32 (fp16 would overflow
+    # the growing state; tf32 keeps fp16's mantissa with fp32's range).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_tiles(block_d: int, device_str: str):
+    """Tiles (mb, nb), nb >= mb, of the upper triangle of the (m, n) grid."""
+    blocks = block_d // PAIR_TILE
+    pairs = [(mb, nb) for mb in range(blocks) for nb in range(mb, blocks)]
+    tile_m = torch.tensor([p[0] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+    tile_n = torch.tensor([p[1] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+    return tile_m, tile_n, len(pairs)
+
+
+def linear_layout(dim: int, p: int):
+    """(BLOCK_D, number of pair tiles, state rows F_ROWS) of the linear kernels' state."""
+    block_d = _pow2_at_least_16(dim)
+    n_tiles = (block_d // PAIR_TILE) * (block_d // PAIR_TILE + 1) // 2 if p == 2 else 0
+    return block_d, n_tiles, 1 + block_d + n_tiles * PAIR_TILE * PAIR_TILE
+
+
+def feature_rows(dim: int, p: int) -> int:
+    return linear_layout(dim, p)[2]
+
+
+def crossover_length(dim: int, p: int) -> int:
+    """Below this many keys the quadratic kernel is cheaper (measured: BENCHMARKS.md)."""
+    return CROSSOVER.get((p, _pow2_at_least_16(dim)), 1 + dim + dim * (dim + 1) // 2)
+
+
+# Measured crossovers (keys) on an H100, bf16, causal forward+backward; see BENCHMARKS.md.
+CROSSOVER: dict[tuple[int, int], int] = {}
+
+
+def _mask_args(mask):
+    if mask is None:
+        return None, 0, 0
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return m, m.stride(0), m.stride(1)
+
+
+def _block_dv(dv: int) -> int:
+    return min(64, _pow2_at_least_16(dv))
+
+
+def _num_warps(block_d: int, block_dv: int) -> int:
+    return 8 if block_d * block_dv >= 64 * 64 else 4
+
+
+# ----------------------------------------------------------------------------------------
+# raw launchers (no autograd)
+# ----------------------------------------------------------------------------------------
+
+
+def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    m, smb, smn = _mask_args(mask)
+    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
+    grid = (triton.cdiv(Nq, QUAD_BLOCK_M), B * Hq)
+    quadratic_fwd_kernel[grid](
+        q, k, v, m if m is not None else q, out, den,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
+        Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2,
+        P=p, CAUSAL=causal, HAS_MASK=m is not None,
+        BLOCK_M=QUAD_BLOCK_M, BLOCK_N=QUAD_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=_precision(q.dtype), num_warps=4 if block_d <= 64 else 8, num_stages=2,
+    )
+    return out, den
+
+
+def _row_terms(out, den, grad_out):
+    """1/d and c = (do . o)/d per query row, fp32 contiguous (B, Hq, Nq); 0 where d = 0."""
+    inv_den = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(den))
+    crow = (grad_out.float() * out.float()).sum(-1) * inv_den
+    return inv_den.contiguous(), crow.contiguous()
+
+
+def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    inv_den, crow = _row_terms(out, den, grad_out)
+    m, smb, smn = _mask_args(mask)
+    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
+    dq = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
+    dk = torch.empty(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
+    dv = torch.empty(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
+    common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=QUAD_BLOCK_M, BLOCK_N=QUAD_BLOCK_N,
+                  BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=_precision(q.dtype),
+                  num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    mp = m if m is not None else q
+    quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, QUAD_BLOCK_N), B * Hk)](
+        q, k, v, mp, grad_out, inv_den, crow, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
+        Hq, Hk, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
+    )
+    quadratic_bwd_dq_kernel[(triton.cdiv(Nq, QUAD_BLOCK_M), B * Hq)](
+        q, k, v, mp, grad_out, inv_den, crow, dq,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
+        Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, return_state=False):
+    """Returns (out, den) or (out, den, S, z). ``state_in`` = (S, z) continues a sequence."""
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    block_d, n_tiles, f_rows = linear_layout(D, p)
+    block_dv = _block_dv(Dv)
+    tile_m, tile_n, _ = _pair_tiles(block_d, str(q.device))
+    o_acc = torch.zeros(B, Hq, Nq, Dv, dtype=torch.float32, device=q.device)
+    den = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    if return_state:
+        S_out = torch.empty(B, Hk, f_rows, Dv, dtype=torch.float32, device=q.device)
+        z_out = torch.empty(B, Hk, f_rows, dtype=torch.float32, device=q.device)
+        if block_d > D:  # rows of padded dims are never written by the kernel
+            S_out.zero_()
+            z_out.zero_()
+    else:
+        S_out = z_out = o_acc
+    S_in, z_in = state_in if state_in is not None else (o_acc, den)
+    m, smb, smn = _mask_args(mask)
+    grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
+    linear_fwd_kernel[grid](
+        q, k, v, m if m is not None else q, o_acc, den, S_in, z_in, S_out, z_out, tile_m, tile_n,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn,
+        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, f_rows, scale, a0, a1, a2,
+        P=p, CAUSAL=causal, HAS_MASK=m is not None,
+        LOAD_STATE=state_in is not None, STORE_STATE=return_state,
+        CHUNK=LINEAR_CHUNK, BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
+        OP_BF16=q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
+        num_warps=_num_warps(block_d, block_dv), num_stages=1,
+    )
+    empty = den == 0
+    out = torch.where(empty[..., None], 0.0, o_acc / torch.where(empty, 1.0, den)[..., None]).to(q.dtype)
+    if return_state:
+        return out, den, S_out, z_out
+    return out, den
+
+
+def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    block_d, n_tiles, _ = linear_layout(D, p)
+    block_dv = _block_dv(Dv)
+    tile_m, tile_n, _ = _pair_tiles(block_d, str(q.device))
+    inv_den, crow = _row_terms(out, den, grad_out)
+    m, smb, smn = _mask_args(mask)
+    mp = m if m is not None else q
+    dq = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
+    grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
+    strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
+    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=LINEAR_CHUNK, BLOCK_D=block_d,
+                  BLOCK_DV=block_dv, BT=PAIR_TILE, OP_BF16=q.dtype == torch.bfloat16,
+                  PRECISION=_precision(q.dtype), num_warps=_num_warps(block_d, block_dv), num_stages=1)
+    linear_bwd_dq_kernel[grid](
+        q, k, v, mp, grad_out, inv_den, crow, dq, dk, dv, tile_m, tile_n, *strides,
+        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
+    )
+    linear_bwd_dkdv_kernel[grid](
+        q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
+        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
+    )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# custom operators
+# ----------------------------------------------------------------------------------------
+
+
+def choose_regime(len_k: int, dim: int, p: int) -> str:
+    return "quadratic" if len_k <= crossover_length(dim, p) else "linear"
+
+
+@torch.library.custom_op("fastmax_hf::forward", mutates_args=(), device_types=("cuda", "cpu"))
+def fastmax_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if regime == "quadratic":
+        return quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2)
+    return linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2)
+
+
+@fastmax_forward_op.register_fake
+def _(q, k, v, mask, causal, scale, p, a0, a1, a2, regime):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmax_hf::backward", mutates_args=(), device_types=("cuda", "cpu"))
+def fastmax_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+    out: torch.Tensor, den: torch.Tensor, grad_out: torch.Tensor,
+    causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    impl = quadratic_backward if regime == "quadratic" else linear_backward
+    return impl(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+
+
+@fastmax_backward_op.register_fake
+def _(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale, p, a0, a1, a2, regime = inputs
+    out, den = output
+    ctx.save_for_backward(q, k, v, mask, out, den)
+    ctx.options = (causal, scale, p, a0, a1, a2, regime)
+
+
+def _backward(ctx, grad_out, _grad_den):
+    q, k, v, mask, out, den = ctx.saved_tensors
+    causal, scale, p, a0, a1, a2, regime = ctx.options
+    dq, dk, dv = fastmax_backward_op(q, k, v, mask, out, den, grad_out.contiguous(),
+                                     causal, scale, p, a0, a1, a2, regime)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastmax_hf::forward", _backward, setup_context=_setup_context)
+torch.library.register_autocast("fastmax_hf::forward", "cuda", torch.bfloat16)
+
+
+def triton_attention(q, k, v, *, causal, key_padding_mask, scale, p, a0, a1, a2, regime="auto"):
+    """Fastmax core on the Triton kernels: (out in q's dtype, fp32 denominator (B, Hq, Nq)).
+
+    ``regime``: "auto" (quadratic while Nk is below the measured crossover), "quadratic"
+    or "linear". Arguments are assumed validated (``fastmax_hf.fastmax`` does that).
+    """
+    if regime == "auto":
+        regime = choose_regime(k.shape[2], q.shape[-1], p)
+    if regime not in ("quadratic", "linear"):
+        raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
+    return fastmax_forward_op(q, k, v, key_padding_mask, bool(causal), float(scale), int(p),
+                              float(a0), float(a1), float(a2), regime)
+
+
+@torch.no_grad()
+def triton_step(q, k, v, S, z, *, key_padding_mask, scale, p, a0, a1, a2):
+    """n new tokens attend causally to themselves and the state (S, z); returns (out, S', z').
+
+    The state layout is the linear kernels' (see ``linear_layout``); S, z are not modified.
+    """
+    out, _, S_new, z_new = linear_forward(q, k, v, key_padding_mask, True, scale, p, a0, a1, a2,
+                                          state_in=(S, z), return_state=True)
+    return out, S_new, z_new
+
+
+def empty_state(batch, heads_kv, dim, dim_v, p, device):
+    rows = feature_rows(dim, p)
+    return (torch.zeros(batch, heads_kv, rows, dim_v, dtype=torch.float32, device=device),
+            torch.zeros(batch, heads_kv, rows, dtype=torch.float32, device=device))
+
+
+__all__ = ["triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime"]
