@@ -1,0 +1,116 @@
+"""Fastmax options stored in a model's config, so that a saved model reloads with the same function.
+
+    config = AutoConfig.from_pretrained(name)
+    fastmax_hf.set_fastmax_config(config, p=2, temperature=2.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fastmax")
+    model.save_pretrained(path)     # config.json now holds "fastmax": {...}
+
+The options live in ``config.fastmax`` as a plain dict: ``PreTrainedConfig`` writes unknown
+attributes to config.json and reads them back, so they survive save_pretrained /
+from_pretrained with no custom config class. ``config._attn_implementation`` is *not* saved by
+transformers: pass ``attn_implementation="fastmax"`` again when reloading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+from ..validation import check_options
+
+CONFIG_ATTRIBUTE = "fastmax"
+
+
+@dataclass(frozen=True)
+class FastmaxConfig:
+    """The kernel f(s) = a0 + a1 s (+ a2 s^2 for p = 2) and how its scores are formed.
+
+    Attributes:
+        p: 2 (default, the 2nd-order Taylor expansion of exp) or 1.
+        a0, a1, a2: the kernel's coefficients.
+        temperature: s_ij = q_i . k_j * scaling / temperature, where ``scaling`` is what the model
+            passes to its attention function (1/sqrt(head_dim) for Llama; GPT-2 folds its
+            per-layer factor in).
+        normalize, lim: scale q and k by lim / (running) max ||x|| so that |s| stays bounded
+            (see ``fastmax_hf.fastmax``); under a causal mask the maximum runs over past tokens only.
+        backend: forwarded to ``fastmax_hf.fastmax`` ("auto", "reference", "chunked", "triton").
+    """
+
+    p: int = 2
+    a0: float = 1.0
+    a1: float = 1.0
+    a2: float = 0.5
+    temperature: float = 1.0
+    normalize: bool = False
+    lim: float = 1.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_options(
+            p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, dropout=0.0, lim=self.lim, scale=None, backend=self.backend
+        )
+        temperature = self.temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+            raise TypeError(f"`temperature` must be a finite number, got {temperature!r}")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {temperature}")
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"`normalize` must be a bool, got {self.normalize!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "FastmaxConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown fastmax option(s) {unknown} in the model config; known options: {sorted(known)}")
+        return cls(**options)
+
+    def kernel_options(self) -> dict:
+        """Keyword arguments shared by ``fastmax`` and ``fastmax_step`` (everything but the scale)."""
+        return dict(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
+
+
+def set_fastmax_config(config, fastmax_config: FastmaxConfig | None = None, **options) -> FastmaxConfig:
+    """Store Fastmax options in ``config`` (a ``PreTrainedConfig``) as ``config.fastmax = {...}``.
+
+    Args:
+        config: the model's config (for composite models, the text config whose attention is converted).
+        fastmax_config: a complete ``FastmaxConfig``; keyword ``options`` override its fields (or the
+            defaults when it is None), e.g. ``set_fastmax_config(config, temperature=2.0)``.
+
+    Returns:
+        The ``FastmaxConfig`` stored. It does not switch the attention implementation: build or load
+        the model with ``attn_implementation="fastmax"`` (or call ``model.set_attn_implementation``).
+    """
+    base = fastmax_config if fastmax_config is not None else FastmaxConfig()
+    resolved = dataclasses.replace(base, **options)
+    setattr(config, CONFIG_ATTRIBUTE, resolved.to_dict())
+    return resolved
+
+
+def get_fastmax_config(config) -> FastmaxConfig:
+    """The Fastmax options of ``config``, or the defaults when it has none."""
+    options = getattr(config, CONFIG_ATTRIBUTE, None)
+    if options is None:
+        return FastmaxConfig()
+    if isinstance(options, FastmaxConfig):
+        return options
+    if not isinstance(options, dict):
+        raise TypeError(f"`config.{CONFIG_ATTRIBUTE}` must be a dict of fastmax options, got {type(options).__name__}")
+    items = tuple(sorted(options.items()))
+    try:
+        hash(items)
+    except TypeError:
+        return FastmaxConfig.from_dict(options)  # an unhashable value: let validation name it
+    return _parse_options(items)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_options(items: tuple) -> FastmaxConfig:
+    # Every attention call reads the options: parse and validate each distinct dict once.
+    return FastmaxConfig.from_dict(dict(items))
