@@ -177,11 +177,27 @@ def attention_implementation(model: nn.Module, name: str):
         set_attention(base, previous)
 
 
-def attach_query_gains(model: nn.Module) -> list[QueryGain]:
-    """Give every self-attention module an identity ``QueryGain`` (kept in fp32 for the optimiser)."""
+def check_foldable(model: nn.Module) -> None:
+    """Raise ValueError unless every attention layer's gains can fold into its query projection.
+
+    A model that normalises q after projecting it (Qwen3's per-head q_norm) would undo a gain
+    folded into q_proj, and the normalisation's weight is shared by the heads.
+    """
     modules = self_attention_modules(model)
     if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention module with q_proj or c_attn to attach gains to")
+        raise ValueError(f"{type(model).__name__} has no attention module with q_proj or c_attn for query gains")
+    normalised = [type(m).__name__ for m in modules if hasattr(m, "q_norm")]
+    if normalised:
+        raise ValueError(
+            f"{normalised[0]} normalises q after q_proj (q_norm), so query gains cannot fold into q_proj: "
+            "convert this model with --mode swap"
+        )
+
+
+def attach_query_gains(model: nn.Module) -> list[QueryGain]:
+    """Give every self-attention module an identity ``QueryGain`` (kept in fp32 for the optimiser)."""
+    check_foldable(model)
+    modules = self_attention_modules(model)
     gains = []
     for attention in modules:
         proj = query_projection(attention)[1]

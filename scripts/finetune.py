@@ -1,0 +1,558 @@
+"""Train language models with Fastmax attention, or convert softmax models to it.
+
+    python scripts/finetune.py                                   # tiny Llama, fastmax, stdlib corpus, CPU ok
+    python scripts/finetune.py --mode scratch --attention sdpa   # the softmax baseline / teacher
+    python scripts/finetune.py --mode swap --model runs/teacher  # load softmax weights, switch, fine-tune
+    python scripts/finetune.py --mode distill --model runs/teacher --lora_rank 16
+    accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/finetune.py ...
+
+Modes:
+  scratch  random initialisation, trained with --attention (fastmax unless told sdpa).
+  swap     a softmax model's weights, attention switched to fastmax, fine-tuned.
+  distill  the conversion recipe (LoLCATs-style). Stage 1, the first --distill_steps steps:
+           attention transfer: every layer computes softmax (the teacher, whose output
+           it passes on) and fastmax on queries through a learnable per-head gain
+           (fastmax_hf.distill.QueryGain); the loss is their output MSE; only the gains
+           train. Then the gains fold into q_proj and stage 2 fine-tunes with fastmax.
+  swap and distill spend the same --max_steps, so their token budgets are equal.
+
+Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
+from_pretrained(dir, attn_implementation="fastmax")), log.csv, tensorboard/, loss.png,
+results.json, checkpoints/step_XXXXXX/ (accelerator state + trainer_state.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, set_seed
+from tqdm.auto import tqdm
+
+import fastmax_hf
+from fastmax_hf import data, distill
+
+MODES = ("scratch", "swap", "distill")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="scratch")
+    p.add_argument("--model", default=data.DEFAULT_MODEL,
+                   help=f"a built-in config {sorted(data.BUILTIN_MODELS)}, a hub id or a local model directory")
+    p.add_argument("--attention", choices=("fastmax", "sdpa"), default="fastmax",
+                   help="scratch only: sdpa trains the softmax baseline (e.g. a teacher to convert later)")
+    p.add_argument("--dataset", default=data.DEFAULT, help="'default' (the stdlib corpus), a hub name, or local files")
+    p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--validation_percent", type=float, default=data.DEFAULT_VALIDATION_PERCENT)
+    p.add_argument("--max_files", type=int, default=None, help="default corpus: only its first N files")
+    p.add_argument("--tokenizer", default=None,
+                   help="'default' (BPE trained on the stdlib corpus), a hub id or path; default: the model's own, "
+                        "or 'default' for built-in models")
+    p.add_argument("--vocab_size", type=int, default=data.DEFAULT_VOCAB_SIZE, help="of the default tokenizer")
+    p.add_argument("--cache_dir", default=None, help="tokenizer / token cache (default $FASTMAX_HF_CACHE or ~/.cache)")
+    p.add_argument("--output_dir", default="runs/finetune")
+    # optimisation
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=8, help="blocks per device per micro-step")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=200, help="optimizer steps in total (all stages)")
+    p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-3 for scratch or LoRA, else 3e-4")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to lr * this")
+    p.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of a stage's steps")
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--lora_rank", type=int, default=0, help="fine-tune with LoRA adapters of this rank; 0 = full")
+    p.add_argument("--distill_steps", type=int, default=None, help="distill: attention-transfer steps (default max/4)")
+    p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains")
+    p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="default: bf16 on CUDA, no on CPU (or what `accelerate launch` was told)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    # fastmax options, stored in the saved config
+    p.add_argument("--fastmax_p", type=int, default=2, choices=(1, 2))
+    p.add_argument("--fastmax_a0", type=float, default=1.0)
+    p.add_argument("--fastmax_a1", type=float, default=1.0)
+    p.add_argument("--fastmax_a2", type=float, default=0.5)
+    p.add_argument("--fastmax_temperature", type=float, default=1.0)
+    p.add_argument("--fastmax_normalize", action="store_true")
+    p.add_argument("--fastmax_lim", type=float, default=1.0)
+    # evaluation, checkpoints
+    p.add_argument("--eval_every", type=int, default=50)
+    p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks per evaluation (all processes)")
+    p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest' in --output_dir")
+    p.add_argument("--stop_at_step", type=int, default=None,
+                   help="stop (checkpointed) at this step as if interrupted; the schedule still follows --max_steps")
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-3 if args.mode == "scratch" or args.lora_rank > 0 else 3e-4
+    if args.mode == "distill" and args.distill_steps is None:
+        args.distill_steps = args.max_steps // 4
+    return args
+
+
+# --------------------------------------------------------------------------- checks before training
+
+
+def fail(message: str):
+    """Stop before training with a message instead of a traceback."""
+    raise SystemExit(f"finetune.py: error: {message}")
+
+
+def check_args(args):
+    if args.mode != "scratch" and args.attention != "fastmax":
+        fail(f"--attention {args.attention} only applies to --mode scratch; {args.mode} always ends in fastmax")
+    if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        fail("--max_steps, --batch_size and --grad_accum must be positive")
+    if args.mode == "distill" and not 0 < args.distill_steps < args.max_steps:
+        fail(f"--distill_steps must lie in (0, --max_steps={args.max_steps}), got {args.distill_steps}")
+    if args.stop_at_step is not None and not 0 < args.stop_at_step <= args.max_steps:
+        fail(f"--stop_at_step must lie in (0, --max_steps], got {args.stop_at_step}")
+
+
+def load_model_config(args, vocab_size: int, eos_token_id: int):
+    """The model's config: a built-in one, or from a hub id / local path."""
+    from transformers import AutoConfig
+
+    if args.model in data.BUILTIN_MODELS:
+        return data.builtin_model_config(args.model, vocab_size, eos_token_id=eos_token_id)
+    try:
+        return AutoConfig.from_pretrained(args.model)
+    except Exception as err:
+        fail(f"--model {args.model!r} is not a built-in config {sorted(data.BUILTIN_MODELS)}, a local model "
+             f"directory, nor a hub id that can be loaded ({type(err).__name__}: {err})")
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def check_model_config(args, config, vocab_size: int):
+    """Fail early on a sequence the model cannot position, a tokenizer larger than its
+    embedding, or a model family fastmax cannot patch."""
+    limit = max_positions(config)
+    if limit is not None and args.seq_len > limit:
+        fail(f"--seq_len {args.seq_len} exceeds the model's {limit} positions")
+    if vocab_size > config.vocab_size:
+        fail(f"the tokenizer has {vocab_size} tokens but the model's embedding only {config.vocab_size}: "
+             "pass the model's own --tokenizer")
+    families = fastmax_hf.integration.FAMILIES  # the model types whose attention fastmax_hf patches
+    if args.attention == "fastmax" and config.model_type not in families:
+        fail(f"fastmax cannot convert model type {config.model_type!r}; supported: {sorted(families)}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_data(args, accelerator):
+    """Tokenizer and packed blocks {"train": (N, seq_len), "validation": (M, seq_len)}.
+
+    The main process goes first so that the tokenizer and token caches are built once.
+    """
+    name = args.tokenizer or (data.DEFAULT if args.model in data.BUILTIN_MODELS else args.model)
+    with accelerator.main_process_first():
+        try:
+            tokenizer = data.load_tokenizer(name, args.cache_dir, args.vocab_size)
+            splits = data.load_text_dataset(args.dataset, args.text_column, args.validation_percent,
+                                            args.max_files, args.dataset_config)
+            blocks = data.token_blocks(splits, tokenizer, args.seq_len, args.cache_dir)
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            fail(str(err))
+    return tokenizer, blocks
+
+
+def block_indices(n_blocks: int, start: int, count: int, seed: int) -> torch.Tensor:
+    """Indices of samples start .. start+count-1 of an endless stream of shuffled epochs.
+
+    Epoch e is a permutation drawn from seed + e, so the data position is a pure function
+    of the step: a resumed run reads exactly the batches it would have read. (count,)
+    """
+    out = []
+    for i in range(start, start + count):
+        epoch, j = divmod(i, n_blocks)
+        out.append(epoch_permutation(n_blocks, seed + epoch)[j])
+    return torch.stack(out)
+
+
+_PERMUTATIONS: dict = {}
+
+
+def epoch_permutation(n: int, seed: int) -> torch.Tensor:
+    if (n, seed) not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()  # only the current epoch (and maybe the next) is ever needed
+        _PERMUTATIONS[(n, seed)] = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return _PERMUTATIONS[(n, seed)]
+
+
+def micro_batch(blocks: torch.Tensor, step: int, micro: int, args, accelerator) -> torch.Tensor:
+    """This process's share of micro-step ``micro`` of optimizer step ``step``. (batch_size, seq_len)
+
+    Every optimizer step consumes batch_size * grad_accum * num_processes blocks.
+    """
+    per_micro = args.batch_size * accelerator.num_processes
+    start = (step * args.grad_accum + micro) * per_micro + accelerator.process_index * args.batch_size
+    return blocks[block_indices(len(blocks), start, args.batch_size, args.seed)].to(accelerator.device)
+
+
+# --------------------------------------------------------------------------- model and stages
+
+
+@dataclass
+class Stage:
+    name: str  # "transfer" (distill stage 1) or "train"
+    index: int
+    start: int  # first optimizer step (global)
+    end: int  # one past the last
+    lr: float
+
+
+def plan_stages(args) -> list[Stage]:
+    if args.mode == "distill":
+        return [Stage("transfer", 0, 0, args.distill_steps, args.distill_lr),
+                Stage("train", 1, args.distill_steps, args.max_steps, args.lr)]
+    return [Stage("train", 0, 0, args.max_steps, args.lr)]
+
+
+def fastmax_options(args) -> dict:
+    return dict(p=args.fastmax_p, a0=args.fastmax_a0, a1=args.fastmax_a1, a2=args.fastmax_a2,
+                temperature=args.fastmax_temperature, normalize=args.fastmax_normalize, lim=args.fastmax_lim)
+
+
+def build_model(args, config):
+    """scratch: random weights from ``config``; swap / distill: the pretrained softmax weights.
+
+    distill starts from sdpa (the teacher); the others start in their final attention.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if args.attention == "fastmax":
+        fastmax_hf.set_fastmax_config(config, **fastmax_options(args))
+    attention = "sdpa" if args.mode == "distill" else args.attention
+    if args.mode == "scratch" or args.model in data.BUILTIN_MODELS:
+        if args.mode != "scratch":
+            print(f"note: --model {args.model} is a built-in config with random weights; "
+                  f"{args.mode} then only exercises the pipeline", file=sys.stderr)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    return AutoModelForCausalLM.from_pretrained(args.model, config=config, attn_implementation=attention)
+
+
+def enter_stage(model, stage: Stage, args):
+    """Set ``model`` up for ``stage``; returns (model, trainable parameters)."""
+    if stage.name == "transfer":  # no activation checkpointing: only the student attention keeps activations
+        return model, distill.start_attention_transfer(model)
+    if args.mode == "distill":
+        distill.finish_attention_transfer(model)  # fold the gains (none when resuming: they are in the weights)
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if args.lora_rank > 0:
+        model = distill.add_lora(model, rank=args.lora_rank)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each layer in backward (non-reentrant: works with frozen inputs and LoRA)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.24
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def make_optimizer(params, lr: float, weight_decay: float):
+    """AdamW; no weight decay on vectors (norms, biases, gains)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+
+def learning_rate(step: int, stage: Stage, args) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio, within the stage."""
+    length = stage.end - stage.start
+    t = step - stage.start
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, length // 20)
+    if t < warmup:
+        return stage.lr * (t + 1) / warmup
+    progress = (t - warmup) / max(1, length - warmup)
+    return stage.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# --------------------------------------------------------------------------- loss and evaluation
+
+
+def stage_loss(model, input_ids: torch.Tensor, stage: Stage) -> torch.Tensor:
+    """Stage 1: the attention-transfer MSE; otherwise next-token cross-entropy."""
+    if stage.name == "transfer":
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # the logits are not needed
+        return distill.attention_transfer_loss(accelerator_unwrap(model))
+    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+
+def accelerator_unwrap(model):
+    """The module under DDP/FSDP wrappers (attention records live on the real modules)."""
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, args, accelerator, stage: Stage) -> tuple[float, float]:
+    """Mean next-token loss over the first --eval_blocks validation blocks, and its perplexity.
+
+    Each process takes every num_processes-th block; sums are reduced over processes.
+    During attention transfer the student (fastmax on gained queries) is evaluated.
+    """
+    model.eval()
+    picked = torch.arange(min(args.eval_blocks, len(blocks)))[accelerator.process_index::accelerator.num_processes]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
+    student = (distill.attention_implementation(accelerator_unwrap(model), distill.GAINED_ATTENTION)
+               if stage.name == "transfer" else contextlib.nullcontext())
+    with student:
+        for batch in picked.split(args.batch_size):
+            input_ids = blocks[batch].to(accelerator.device)
+            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)  # labels are shifted by one
+            total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    mean = (total[0] / total[1]).item()
+    return mean, math.exp(min(mean, 50.0))
+
+
+# --------------------------------------------------------------------------- logs, checkpoints, outputs
+
+LOG_FIELDS = ["step", "stage", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "elapsed_s"]
+
+
+def write_log(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def checkpoint_dir(args, step: int) -> Path:
+    return Path(args.output_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(accelerator, args, step: int, stage: Stage, history: list[dict], elapsed: float):
+    """Accelerator state (model, optimizer, RNG) plus the step, stage and log so far.
+
+    The data position and the LR are functions of the step, so the step is all they need.
+    """
+    path = checkpoint_dir(args, step)
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        state = dict(step=step, stage=stage.index, history=history, elapsed_s=elapsed)
+        (path / "trainer_state.json").write_text(json.dumps(state))
+    accelerator.wait_for_everyone()
+
+
+def find_checkpoint(args) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+    else:
+        found = sorted((Path(args.output_dir) / "checkpoints").glob("step_*/trainer_state.json"))
+        if not found:
+            fail(f"--resume_from_checkpoint latest: no checkpoint under {args.output_dir}/checkpoints")
+        path = found[-1].parent
+    if not (path / "trainer_state.json").is_file():
+        fail(f"--resume_from_checkpoint {path}: not a checkpoint directory (no trainer_state.json)")
+    return path
+
+
+def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") not in (None, "")]
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") not in (None, "")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=1, alpha=0.7, label="train (MSE in attention transfer)" if len(stages) > 1 else "train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    for stage in stages[1:]:
+        ax.axvline(stage.start, color="gray", ls="--", lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_final_model(model, tokenizer, accelerator, args):
+    """Write a plain transformers model (LoRA merged) with its fastmax options in config.json."""
+    unwrapped = accelerator.unwrap_model(model)
+    if args.lora_rank > 0:  # one process or DDP (checked at the start): the weights are whole
+        unwrapped, state_dict = distill.merge_lora(unwrapped), None
+    else:  # under FSDP this gathers the shards (a collective: every process calls it)
+        state_dict = accelerator.get_state_dict(model)
+    unwrapped.save_pretrained(args.output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+        "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    tensorboard = _tensorboard_available()
+    accelerator = Accelerator(mixed_precision=mixed, log_with="tensorboard" if tensorboard else None,
+                              project_dir=args.output_dir)
+    if accelerator.distributed_type == DistributedType.FSDP and (args.mode == "distill" or args.lora_rank > 0):
+        fail("FSDP runs full fine-tuning (scratch, swap); distill and --lora_rank change the model between "
+             "stages or merge adapters, which needs whole weights: use DDP (scripts/accelerate_ddp.yaml)")
+    set_seed(args.seed)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- everything that can be wrong is checked before the first step
+    resume = find_checkpoint(args)
+    tokenizer, blocks = load_data(args, accelerator)
+    config = load_model_config(args, len(tokenizer), tokenizer.eos_token_id)
+    check_model_config(args, config, len(tokenizer))
+    model = build_model(args, config)
+    if args.mode == "distill":
+        try:
+            distill.check_foldable(model)
+        except ValueError as err:
+            fail(str(err))
+    model.train()
+    stages = plan_stages(args)
+    tokens_per_step = args.batch_size * args.grad_accum * accelerator.num_processes * args.seq_len
+    if accelerator.is_main_process:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.mode}: {type(model).__name__} {n_params / 1e6:.1f}M params, {len(blocks['train'])} train / "
+              f"{len(blocks['validation'])} val blocks of {args.seq_len}, {tokens_per_step} tokens/step, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {mixed}")
+    if tensorboard:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
+                                                         if isinstance(v, (int, float, str, bool))})
+
+    history, step, elapsed, resume_stage = [], 0, 0.0, -1
+    if resume is not None:
+        state = json.loads((resume / "trainer_state.json").read_text())
+        history, step, elapsed, resume_stage = state["history"], state["step"], state["elapsed_s"], state["stage"]
+        accelerator.print(f"resuming from {resume} at step {step}")
+
+    for stage in stages:
+        if stage.index < resume_stage:
+            continue  # finished before the checkpoint; its result is in the checkpoint's weights
+        model, params = enter_stage(model, stage, args)
+        optimizer = make_optimizer(params, stage.lr, 0.0 if stage.name == "transfer" else args.weight_decay)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]  # as prepared (FSDP may replace them)
+        if stage.index == resume_stage:
+            accelerator.load_state(str(resume))
+        step = max(step, stage.start)
+        if step == 0:  # the starting point: for swap and distill, the model right after the switch
+            val_loss, val_ppl = evaluate(model, blocks["validation"], args, accelerator, stage)
+            history.append(dict(step=0, stage=stage.name, tokens=0, val_loss=val_loss, val_ppl=val_ppl, elapsed_s=0.0))
+
+        stop = min(stage.end, args.stop_at_step or stage.end)
+        bar = tqdm(range(step, stop), initial=0, desc=f"{args.mode}/{stage.name}",
+                   disable=not accelerator.is_main_process, dynamic_ncols=True)
+        for step in bar:
+            started = time.perf_counter()
+            lr = learning_rate(step, stage, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = torch.zeros((), device=accelerator.device)
+            for micro in range(args.grad_accum):
+                input_ids = micro_batch(blocks["train"], step, micro, args, accelerator)
+                # gradients are averaged across processes only on the last micro-step
+                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    loss = stage_loss(model, input_ids, stage) / args.grad_accum
+                    accelerator.backward(loss)
+                step_loss += loss.detach()
+            if args.grad_clip > 0:
+                accelerator.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed += time.perf_counter() - started
+
+            done = step + 1
+            row = dict(step=done, stage=stage.name, tokens=done * tokens_per_step, lr=lr,
+                       train_loss=accelerator.reduce(step_loss, reduction="mean").item(), elapsed_s=round(elapsed, 3))
+            if done % args.eval_every == 0 or done == stage.end:
+                row["val_loss"], row["val_ppl"] = evaluate(model, blocks["validation"], args, accelerator, stage)
+            history.append(row)
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, float)}, step=done)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", lr=f"{lr:.2e}",
+                            **({"val_ppl": f"{row['val_ppl']:.2f}"} if "val_ppl" in row else {}))
+            if (args.save_every and done % args.save_every == 0) or done == stop:
+                save_checkpoint(accelerator, args, done, stage, history, elapsed)
+            if accelerator.is_main_process:
+                write_log(out / "log.csv", history)
+        bar.close()
+        step = stop
+        if args.stop_at_step is not None and step == args.stop_at_step and step < args.max_steps:
+            accelerator.print(f"stopped at step {step} (--stop_at_step); resume with --resume_from_checkpoint latest")
+            accelerator.end_training()
+            return history
+        if stage is not stages[-1]:  # the next stage changes the model and prepares it anew
+            model = accelerator.unwrap_model(model)
+            accelerator.free_memory()
+
+    save_final_model(model, tokenizer, accelerator, args)
+    if accelerator.is_main_process:
+        write_results(out, args, history, stages, tokens_per_step, config)
+    accelerator.end_training()
+    return history
+
+
+def write_results(out: Path, args, history, stages, tokens_per_step, config):
+    evals = [r for r in history if r.get("val_loss") is not None]
+    results = dict(
+        mode=args.mode, model=args.model, attention=args.attention, dataset=args.dataset,
+        steps=args.max_steps, tokens=args.max_steps * tokens_per_step, seq_len=args.seq_len,
+        stages=[dict(name=s.name, start=s.start, end=s.end, lr=s.lr) for s in stages],
+        fastmax=getattr(config, "fastmax", None),
+        initial=dict(val_loss=evals[0]["val_loss"], val_ppl=evals[0]["val_ppl"]),
+        final=dict(val_loss=evals[-1]["val_loss"], val_ppl=evals[-1]["val_ppl"]),
+        evaluations=[dict(step=r["step"], stage=r["stage"], val_loss=r["val_loss"], val_ppl=r["val_ppl"]) for r in evals],
+        train_time_s=history[-1]["elapsed_s"],
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_losses(history, stages, out / "loss.png", f"{args.mode} ({args.attention if args.mode == 'scratch' else 'fastmax'})")
+    print(f"final validation loss {results['final']['val_loss']:.4f}, perplexity {results['final']['val_ppl']:.2f}; "
+          f"model, log.csv, loss.png, results.json in {out}")
+
+
+def _tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    main()
