@@ -20,11 +20,13 @@ from .quadratic import quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadr
 
 # Tiles of the (m, n) grid of second-order features: BT x BT products per program.
 PAIR_TILE = 16
-# Tokens per chunk in the linear kernels.
-LINEAR_CHUNK = 64
+# Launch parameters of the linear kernels: tokens per chunk, state columns per program
+# (Dv is split into blocks of this width), warps (None: by state size), pipeline stages.
+LINEAR_CONFIG = {"chunk": 64, "block_dv": 64, "num_warps": None, "num_stages": 1}
 # Query/key block sizes of the quadratic kernels.
-QUAD_BLOCK_M = 64
-QUAD_BLOCK_N = 64
+QUAD_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": None, "num_stages": 2}
+# Registers and spills of the last compiled launch of each kernel (for the benchmarks).
+KERNEL_STATS: dict[str, tuple[int, int]] = {}
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -75,11 +77,26 @@ def _mask_args(mask):
 
 
 def _block_dv(dv: int) -> int:
-    return min(64, _pow2_at_least_16(dv))
+    return min(LINEAR_CONFIG["block_dv"], _pow2_at_least_16(dv))
 
 
-def _num_warps(block_d: int, block_dv: int) -> int:
+def _linear_warps(block_d: int, block_dv: int) -> int:
+    if LINEAR_CONFIG["num_warps"] is not None:
+        return LINEAR_CONFIG["num_warps"]
     return 8 if block_d * block_dv >= 64 * 64 else 4
+
+
+def _quad_warps(block_d: int) -> int:
+    if QUAD_CONFIG["num_warps"] is not None:
+        return QUAD_CONFIG["num_warps"]
+    return 4 if block_d <= 64 else 8
+
+
+def _record(name, compiled):
+    """Keep the register count and spills of a compiled launch (None in the interpreter)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    if n_regs is not None:
+        KERNEL_STATS[name] = (n_regs, getattr(compiled, "n_spills", 0))
 
 
 # ----------------------------------------------------------------------------------------
@@ -94,15 +111,16 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     den = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     m, smb, smn = _mask_args(mask)
     block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    grid = (triton.cdiv(Nq, QUAD_BLOCK_M), B * Hq)
-    quadratic_fwd_kernel[grid](
+    grid = (triton.cdiv(Nq, QUAD_CONFIG["block_m"]), B * Hq)
+    compiled = quadratic_fwd_kernel[grid](
         q, k, v, m if m is not None else q, out, den,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
         Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2,
         P=p, CAUSAL=causal, HAS_MASK=m is not None,
-        BLOCK_M=QUAD_BLOCK_M, BLOCK_N=QUAD_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=_precision(q.dtype), num_warps=4 if block_d <= 64 else 8, num_stages=2,
+        BLOCK_M=QUAD_CONFIG["block_m"], BLOCK_N=QUAD_CONFIG["block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=QUAD_CONFIG["num_stages"],
     )
+    _record("quadratic_fwd", compiled)
     return out, den
 
 
@@ -122,20 +140,23 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     dq = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
     dk = torch.empty(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
     dv = torch.empty(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
-    common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=QUAD_BLOCK_M, BLOCK_N=QUAD_BLOCK_N,
+    bm, bn = QUAD_CONFIG["block_m"], QUAD_CONFIG["block_n"]
+    common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=_precision(q.dtype),
-                  num_warps=4 if block_d <= 64 else 8, num_stages=2)
+                  num_warps=_quad_warps(block_d), num_stages=QUAD_CONFIG["num_stages"])
     mp = m if m is not None else q
-    quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, QUAD_BLOCK_N), B * Hk)](
+    compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hk)](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
         Hq, Hk, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
     )
-    quadratic_bwd_dq_kernel[(triton.cdiv(Nq, QUAD_BLOCK_M), B * Hq)](
+    _record("quadratic_bwd_dkdv", compiled)
+    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * Hq)](
         q, k, v, mp, grad_out, inv_den, crow, dq,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
         Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
     )
+    _record("quadratic_bwd_dq", compiled)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -159,16 +180,17 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
     S_in, z_in = state_in if state_in is not None else (o_acc, den)
     m, smb, smn = _mask_args(mask)
     grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
-    linear_fwd_kernel[grid](
+    compiled = linear_fwd_kernel[grid](
         q, k, v, m if m is not None else q, o_acc, den, S_in, z_in, S_out, z_out, tile_m, tile_n,
         *q.stride(), *k.stride(), *v.stride(), smb, smn,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, f_rows, scale, a0, a1, a2,
         P=p, CAUSAL=causal, HAS_MASK=m is not None,
         LOAD_STATE=state_in is not None, STORE_STATE=return_state,
-        CHUNK=LINEAR_CHUNK, BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
+        CHUNK=LINEAR_CONFIG["chunk"], BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
         OP_BF16=q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        num_warps=_num_warps(block_d, block_dv), num_stages=1,
+        num_warps=_linear_warps(block_d, block_dv), num_stages=LINEAR_CONFIG["num_stages"],
     )
+    _record("linear_fwd", compiled)
     empty = den == 0
     out = torch.where(empty[..., None], 0.0, o_acc / torch.where(empty, 1.0, den)[..., None]).to(q.dtype)
     if return_state:
@@ -190,17 +212,20 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     dv = torch.zeros(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
     grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
-    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=LINEAR_CHUNK, BLOCK_D=block_d,
+    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=LINEAR_CONFIG["chunk"], BLOCK_D=block_d,
                   BLOCK_DV=block_dv, BT=PAIR_TILE, OP_BF16=q.dtype == torch.bfloat16,
-                  PRECISION=_precision(q.dtype), num_warps=_num_warps(block_d, block_dv), num_stages=1)
-    linear_bwd_dq_kernel[grid](
+                  PRECISION=_precision(q.dtype), num_warps=_linear_warps(block_d, block_dv),
+                  num_stages=LINEAR_CONFIG["num_stages"])
+    compiled = linear_bwd_dq_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dq, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
     )
-    linear_bwd_dkdv_kernel[grid](
+    _record("linear_bwd_dq", compiled)
+    compiled = linear_bwd_dkdv_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
     )
+    _record("linear_bwd_dkdv", compiled)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

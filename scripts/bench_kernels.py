@@ -1,0 +1,344 @@
+"""Benchmark the Fastmax kernels against their peers on a GPU; every number from one run.
+
+Sections (``--sections``, comma separated):
+  seed       the seed library's configurations (B=64, forward): fastmax bf16/fp32 vs the
+             seed's PyTorch formulation (materialised D^2 features, cumsum for the causal
+             mask) vs SDPA
+  long       B=1, H=16, bf16, causal, forward and forward+backward, N from 1k to 1M,
+             D = 64 and 128: fastmax vs SDPA (flash and cuDNN), time and peak memory,
+             with the useful TFLOP/s of the linear regime
+  crossover  quadratic vs linear kernel by N: where the linear one starts to win
+  fla        D=16, Dv=64 against fla's parallel_based / fused_chunk_based (if installed)
+  decode     per-token latency of the recurrent step vs SDPA over a KV cache
+  tune       launch parameters of the linear kernels
+
+Before a configuration is timed its output is checked against float64 Fastmax (on the
+last query rows where the full reference would not fit). Times are medians of
+triton.testing.do_bench; peak memory is torch.cuda.max_memory_allocated over one call.
+
+    python scripts/bench_kernels.py --sections long,crossover --out benchmarks/results/<gpu>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastmax_hf
+from fastmax_hf import fastmax_reference
+from fastmax_hf.kernels import ops
+
+RESULTS: dict = {}
+
+
+def gpu_name():
+    return torch.cuda.get_device_name()
+
+
+def bench(fn, warmup=25, rep=100):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def peak_memory(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def is_oom(err):
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_tail(out, q, k, v, causal, scale, rows=128):
+    """Relative error of the last query rows against float64 Fastmax."""
+    expected = fastmax_reference(q[:, :, -rows:].double(), k.double(), v.double(), causal=causal, scale=scale)
+    return rel_err(out[:, :, -rows:], expected)
+
+
+def fastmax_call(q, k, v, causal, regime="auto"):
+    return lambda: ops.triton_attention(q, k, v, causal=causal, key_padding_mask=None, scale=q.shape[-1] ** -0.5,
+                                        p=2, a0=1.0, a1=1.0, a2=0.5, regime=regime)[0]
+
+
+def fwd_bwd(call, inputs):
+    def run():
+        out = call()
+        out.backward(grad_out_for(out))
+        for x in inputs:
+            x.grad = None
+    return run
+
+
+_GRADS = {}
+
+
+def grad_out_for(out):
+    key = (tuple(out.shape), out.dtype)
+    if key not in _GRADS:
+        _GRADS[key] = torch.randn_like(out)
+    return _GRADS[key]
+
+
+def feature_count(D):
+    return 1 + D + D * (D + 1) // 2
+
+
+def linear_flops(N, H, D, Dv, backward):
+    """Useful FLOPs of the linear regime: 4 F Dv per token and head forward, 10 F Dv backward."""
+    return (14 if backward else 4) * feature_count(D) * Dv * N * H
+
+
+def sdpa_call(q, k, v, causal, backend):
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def timed(label, make_inputs, call_for, backward, check=None):
+    """Time one configuration; record OOM or errors instead of stopping the sweep."""
+    try:
+        inputs = make_inputs()
+        call = call_for(*inputs)
+        if check is not None:
+            err = check(call(), *inputs)
+            if not err < 2e-2:
+                return {"error": f"check failed: rel err {err:.2e}"}
+        run = fwd_bwd(call, inputs) if backward else call
+        mem = peak_memory(run)
+        ms = bench(run)
+        res = {"ms": ms, "peak_mib": mem}
+        if check is not None:
+            res["rel_err"] = err
+        return res
+    except Exception as err:  # noqa: BLE001 - a sweep records failures and goes on
+        torch.cuda.empty_cache()
+        return {"error": "OOM" if is_oom(err) else f"{type(err).__name__}: {str(err)[:200]}"}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def section_long(args):
+    rows = []
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for D in (64, 128):
+        for N in lengths:
+            for backward in (False, True):
+                def make(N=N, D=D, backward=backward):
+                    return [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                            for _ in range(3)]
+                entry = {"D": D, "N": N, "pass": "fwd+bwd" if backward else "fwd"}
+                check = (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
+                entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward, check)
+                if "ms" in entry["fastmax"] and N >= 16384:
+                    entry["fastmax"]["tflops"] = linear_flops(N, 16, D, D, backward) / entry["fastmax"]["ms"] / 1e9
+                for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    if N > args.sdpa_max:
+                        entry[name] = {"error": f"skipped: N > {args.sdpa_max} (quadratic cost)"}
+                        continue
+                    entry[name] = timed(name, make, lambda q, k, v, b=backend: sdpa_call(q, k, v, True, b), backward)
+                best = [entry[n]["ms"] for n in ("sdpa_flash", "sdpa_cudnn") if "ms" in entry[n]]
+                if best and "ms" in entry["fastmax"]:
+                    entry["ratio_to_best_sdpa"] = entry["fastmax"]["ms"] / min(best)
+                if N >= 2**20 and backward:
+                    io = 4 * 16 * N * D * 2 * 2  # q, k, v, o and their gradients, bf16
+                    entry["io_mib"] = io / 2**20
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
+    RESULTS["long"] = rows
+
+
+def section_crossover(args):
+    rows = []
+    for D in (16, 32, 64, 128):
+        for N in (256, 512, 1024, 2048, 4096, 8192, 16384):
+            for backward in (False, True):
+                def make(N=N, D=D, backward=backward):
+                    return [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                            for _ in range(3)]
+                entry = {"D": D, "N": N, "pass": "fwd+bwd" if backward else "fwd"}
+                for regime in ("quadratic", "linear"):
+                    entry[regime] = timed(regime, make, lambda q, k, v, r=regime: fastmax_call(q, k, v, True, r), backward)
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
+    RESULTS["crossover"] = rows
+
+
+def section_tune(args):
+    rows = []
+    choices = dict(chunk=(32, 64, 128), block_dv=(32, 64), num_warps=(4, 8), num_stages=(1, 2))
+    saved = dict(ops.LINEAR_CONFIG)
+    for D in (64, 128):
+        N = args.tune_n
+        inputs = [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        for values in itertools.product(*choices.values()):
+            config = dict(zip(choices, values))
+            if config["chunk"] == 128 and config["block_dv"] == 64 and D == 128:
+                continue
+            ops.LINEAR_CONFIG.update(config)
+            entry = {"D": D, "N": N, **config}
+            for backward in (False, True):
+                res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, True, "linear"), backward,
+                            (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)) if not backward else None)
+                entry["fwd+bwd" if backward else "fwd"] = res.get("ms", res.get("error"))
+            entry["stats"] = {k: list(v) for k, v in ops.KERNEL_STATS.items() if k.startswith("linear")}
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+        ops.LINEAR_CONFIG.update(saved)
+    RESULTS["tune"] = rows
+
+
+def seed_pytorch(q, k, v, causal):
+    """The seed's PyTorch formulation: materialised [1, x, x (x) x] features, cumsum for causal."""
+    B, H, N, D = q.shape
+    qf = torch.cat([torch.ones_like(q[..., :1]), q, (q[..., :, None] * q[..., None, :]).flatten(-2) / math.sqrt(2)], -1)
+    kf = torch.cat([torch.ones_like(k[..., :1]), k, (k[..., :, None] * k[..., None, :]).flatten(-2) / math.sqrt(2)], -1)
+    if causal:
+        kv = torch.cumsum(kf[..., :, None] * v[..., None, :], dim=2)  # (B, H, N, F, Dv)
+        num = (qf[..., None] * kv).sum(-2)
+        den = (qf * torch.cumsum(kf, 2)).sum(-1, keepdim=True)
+    else:
+        num = qf @ (kf.transpose(-1, -2) @ v)
+        den = qf @ kf.sum(2, keepdim=True).transpose(-1, -2)
+    return num / den
+
+
+def section_seed(args):
+    rows = []
+    for H, N, D in itertools.product((8, 16), (1000, 10000), (32, 64)):
+        for causal in (False, True):
+            entry = {"B": 64, "H": H, "N": N, "D": D, "causal": causal}
+            for dtype in (torch.bfloat16, torch.float32):
+                def make(dtype=dtype):
+                    # the seed scales by temperature: s = q.k / T with T = 1; the same unit-variance scores here
+                    return [torch.randn(64, H, N, D, device="cuda", dtype=dtype) / D ** 0.25 for _ in range(3)]
+                check = (lambda out, q, k, v, c=causal: check_tail(out[:1, :2], q[:1, :2], k[:1, :2], v[:1, :2], c, 1.0))
+                entry[f"fastmax_{str(dtype)[6:]}"] = timed(
+                    "fastmax", make,
+                    lambda q, k, v, c=causal: (lambda: ops.triton_attention(q, k, v, causal=c, key_padding_mask=None, scale=1.0,
+                                                                            p=2, a0=1.0, a1=1.0, a2=0.5)[0]),
+                    False, check)
+            entry["seed_pytorch_fp32"] = timed(
+                "seed", lambda: [torch.randn(64, H, N, D, device="cuda") / D ** 0.25 for _ in range(3)],
+                lambda q, k, v, c=causal: (lambda: seed_pytorch(q, k, v, c)), False)
+            entry["sdpa_bf16"] = timed(
+                "sdpa", lambda: [torch.randn(64, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)],
+                lambda q, k, v, c=causal: (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=c)), False)
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+    # forward+backward of the seed's one measured training configuration
+    for causal in (False, True):
+        entry = {"B": 64, "H": 8, "N": 10000, "D": 32, "causal": causal, "pass": "fwd+bwd"}
+        make = lambda: [torch.randn(64, 8, 10000, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True) / 32 ** 0.25
+                        for _ in range(3)]
+        entry["fastmax_bfloat16"] = timed(
+            "fastmax", lambda: [x.detach().requires_grad_() for x in make()],
+            lambda q, k, v, c=causal: (lambda: ops.triton_attention(q, k, v, causal=c, key_padding_mask=None, scale=1.0,
+                                                                    p=2, a0=1.0, a1=1.0, a2=0.5)[0]), True)
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+    RESULTS["seed"] = rows
+
+
+def section_fla(args):
+    rows = []
+    try:
+        from fla.ops.based import fused_chunk_based, parallel_based
+    except Exception as err:  # noqa: BLE001
+        RESULTS["fla"] = {"error": f"fla not importable: {err}"}
+        print(RESULTS["fla"])
+        return
+    for N in (4096, 16384, 65536):
+        for backward in (False, True):
+            def make(N=N, backward=backward):
+                q = torch.randn(1, 16, N, 16, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                k = torch.randn(1, 16, N, 16, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                v = torch.randn(1, 16, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                return [q, k, v]
+            entry = {"N": N, "D": 16, "Dv": 64, "pass": "fwd+bwd" if backward else "fwd"}
+            entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward)
+            # fla takes (B, N, H, D)
+            for name, fn in (("parallel_based", parallel_based), ("fused_chunk_based", fused_chunk_based)):
+                entry[name] = timed(name, make, lambda q, k, v, fn=fn: (
+                    lambda: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))), backward)
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+    RESULTS["fla"] = rows
+
+
+def section_decode(args):
+    from fastmax_hf.recurrent import fastmax_step
+
+    rows = []
+    B, Hq, Hk = 1, 32, 8
+    for D in (64, 128):
+        for ctx in (4096, 16384, 65536, 131072):
+            entry = {"B": B, "Hq": Hq, "Hk": Hk, "D": D, "context": ctx}
+            q1 = torch.randn(B, Hq, 1, D, device="cuda", dtype=torch.bfloat16)
+            k1 = torch.randn(B, Hk, 1, D, device="cuda", dtype=torch.bfloat16)
+            v1 = torch.randn(B, Hk, 1, D, device="cuda", dtype=torch.bfloat16)
+            try:
+                kp = torch.randn(B, Hk, 256, D, device="cuda", dtype=torch.bfloat16)
+                _, state = fastmax_step(torch.randn(B, Hq, 256, D, device="cuda", dtype=torch.bfloat16), kp, kp, None)
+                entry["fastmax_step"] = {"ms": bench(lambda: fastmax_step(q1, k1, v1, state)),
+                                         "state_mib": state.nbytes() / 2**20}
+            except Exception as err:  # noqa: BLE001
+                entry["fastmax_step"] = {"error": str(err)[:200]}
+            try:
+                kc = torch.randn(B, Hk, ctx, D, device="cuda", dtype=torch.bfloat16)
+                vc = torch.randn(B, Hk, ctx, D, device="cuda", dtype=torch.bfloat16)
+                entry["sdpa_kv_cache"] = {
+                    "ms": bench(lambda: F.scaled_dot_product_attention(q1, kc, vc, enable_gqa=True)),
+                    "cache_mib": 2 * kc.numel() * 2 / 2**20}
+                del kc, vc
+            except Exception as err:  # noqa: BLE001
+                entry["sdpa_kv_cache"] = {"error": "OOM" if is_oom(err) else str(err)[:200]}
+            rows.append(entry)
+            print(json.dumps(entry), flush=True)
+    RESULTS["decode"] = rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="long,crossover,seed,fla,decode")
+    parser.add_argument("--lengths", default="1024,4096,16384,65536,131072,262144,1048576")
+    parser.add_argument("--sdpa_max", type=int, default=262144, help="longest N timed for SDPA")
+    parser.add_argument("--tune_n", type=int, default=16384)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    meta = {"gpu": gpu_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "fastmax_hf": fastmax_hf.__version__, "date": time.strftime("%Y-%m-%d"),
+            "linear_config": dict(ops.LINEAR_CONFIG), "quad_config": dict(ops.QUAD_CONFIG)}
+    RESULTS["meta"] = meta
+    print(json.dumps(meta), flush=True)
+    for name in args.sections.split(","):
+        t0 = time.time()
+        globals()[f"section_{name}"](args)
+        print(f"# section {name}: {time.time() - t0:.0f} s", flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(RESULTS, f, indent=1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
