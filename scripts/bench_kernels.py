@@ -184,7 +184,7 @@ def section_crossover(args):
 
 def section_tune(args):
     rows = []
-    choices = dict(chunk=(32, 64, 128), block_dv=(32, 64), num_warps=(4, 8), num_stages=(1, 2))
+    choices = dict(chunk=(32, 64), block_dv=(32, 64), num_warps=(4, 8), num_stages=(1,))
     saved = dict(ops.LINEAR_CONFIG)
     for D in (64, 128):
         N = args.tune_n
