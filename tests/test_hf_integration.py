@@ -21,6 +21,7 @@ from transformers import (
     MistralConfig,
     OlmoConfig,
     Qwen2Config,
+    Qwen3Config,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
@@ -356,6 +357,24 @@ def test_beam_search_equals_recomputation(family, llama, gpt2):
     assert torch.equal(cached, greedy(model, ids, 10, use_cache=False, **kwargs))
 
 
+@pytest.mark.parametrize("options", [dict(normalize=True, lim=1.5), dict(p=1, normalize=True, lim=1.0)])
+def test_cached_greedy_equals_recomputation_with_options(options):
+    # normalize: the state carries the running maxima of ||q|| and ||k||, as the causal pass uses
+    model = build(llama_config())
+    set_fastmax_config(model.config, **OPTIONS, **options)
+    ids = prompts(20, 7)[0][None]
+    out = greedy(model, ids, 16, return_dict_in_generate=True)
+    assert isinstance(returned_cache(out), FastmaxCache)
+    assert torch.equal(out.sequences, greedy(model, ids, 16, use_cache=False))
+
+
+def test_vanishing_kernel_is_refused_by_the_state():
+    model = build(llama_config())
+    set_fastmax_config(model.config, p=1)  # 1 + s reaches 0 for s = -1: the state cannot check it
+    with pytest.raises(ValueError, match="can reach 0"):
+        greedy(model, prompts(21, 5)[0][None], 3)
+
+
 def test_sampling_equals_recomputation(llama):
     ids = prompts(12, 6)[0][None]
     runs = []
@@ -419,11 +438,12 @@ def test_prefill_in_chunks_then_decode(llama):
     assert cache.get_seq_length() == 11
 
 
-@pytest.mark.parametrize("config_class", [MistralConfig, Qwen2Config])
+@pytest.mark.parametrize("config_class", [MistralConfig, Qwen2Config, Qwen3Config])
 def test_other_patched_families_generate_exactly(config_class):
+    head_dim = dict(head_dim=8) if config_class is Qwen3Config else {}
     config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, sliding_window=None,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, **head_dim)
     set_fastmax_config(config, **OPTIONS)
     model = build(config)
     ids = prompts(16, 6)[0][None]
