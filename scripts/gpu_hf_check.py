@@ -26,6 +26,7 @@ import gc
 import inspect
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -219,6 +220,7 @@ def main():
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     torch.manual_seed(0)
     config = build_config(args)
 
