@@ -243,7 +243,7 @@ def main():
 
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="fastmax")
-    model = model.to(dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
     results["parameters"] = sum(p.numel() for p in model.parameters())
     results["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"model: {results['parameters'] / 1e9:.3f}B parameters, {results['weights_bytes'] / 2**30:.2f} GiB")
