@@ -1,10 +1,14 @@
 """Converting a softmax model to fastmax: attention transfer, then fine-tuning (LoLCATs-style).
 
-Stage 1, attention transfer. Every attention layer runs both attentions on the same
-q, k, v: softmax (SDPA, the teacher) and fastmax (the student). The layer returns the
-teacher's output, so every layer learns on the hidden states of the softmax model
-(teacher forcing), and the MSE between the two outputs, averaged over layers, is the
-loss. Only a few attention-side parameters are trained: a ``QueryGain`` per layer.
+Stage 1, attention transfer. Two passes over the same batch:
+
+1. the teacher pass (no gradient, LoRA adapters disabled, "fastmax_teacher"): the softmax
+   model as it was; every attention layer records its SDPA output;
+2. the student pass ("fastmax_distill"): every layer computes fastmax from its own
+   trainable q/k (LoRA on q_proj/k_proj, a ``QueryGain``) and returns the recorded
+   teacher output, so the residual stream, and with it every layer's input, is exactly
+   the teacher's (teacher forcing). The loss is the MSE between student and teacher
+   outputs, averaged over layers. Only these attention-side parameters train.
 
 Stage 2, fine-tuning on the language-modelling loss with fastmax, LoRA (peft) or full.
 
@@ -21,11 +25,13 @@ s_ij = Re(sum_f g_f q_if conj(k_jf)) * scale: a learned per-head temperature (b 
 a constant) generalised to a weight and phase per frequency. Gains on k would add
 nothing (only the product of q's and k's gains enters s), so q alone carries them.
 
-    import fastmax_hf.distill as distill
-    params = distill.start_attention_transfer(model)   # gains attached, all else frozen
-    model(input_ids); loss = distill.attention_transfer_loss(model)
+    from fastmax_hf import distill
+    model, params = distill.start_attention_transfer(model, lora_rank=8)  # all else frozen
+    distill.record_teacher(model, input_ids)          # pass 1
+    model(input_ids)                                  # pass 2
+    loss = distill.attention_transfer_loss(model)
     ...
-    distill.finish_attention_transfer(model)           # gains folded, attn "fastmax"
+    model = distill.finish_attention_transfer(model)  # LoRA merged, gains folded, "fastmax"
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-DISTILL_ATTENTION = "fastmax_distill"  # teacher-forced: returns softmax, records the fastmax MSE
+TEACHER_ATTENTION = "fastmax_teacher"  # SDPA that records its output for the student pass
+DISTILL_ATTENTION = "fastmax_distill"  # teacher-forced: returns the recorded softmax output, records the MSE
 GAINED_ATTENTION = "fastmax_gained"  # the student alone: fastmax on gained queries (evaluation in stage 1)
 GAIN_ATTRIBUTE = "fastmax_query_gain"
 
@@ -83,11 +90,16 @@ class QueryGain(nn.Module):
 
 def query_projection(attention: nn.Module) -> tuple[str, nn.Module] | None:
     """How ``attention`` makes its queries: ("q_proj", Linear) for the Llama family,
-    ("c_attn", Conv1D) for GPT-2 self-attention, None for anything else."""
-    if isinstance(getattr(attention, "q_proj", None), nn.Linear) and hasattr(attention, "head_dim"):
-        return "q_proj", attention.q_proj
-    if hasattr(attention, "c_attn") and not getattr(attention, "is_cross_attention", False) and hasattr(attention, "head_dim"):
-        return "c_attn", attention.c_attn
+    ("c_attn", Conv1D) for GPT-2 self-attention, None for anything else. Under a peft
+    LoRA wrapper the wrapped layer (``base_layer``) is returned."""
+    if not hasattr(attention, "head_dim"):
+        return None
+    q_proj = getattr(attention, "q_proj", None)
+    if isinstance(getattr(q_proj, "base_layer", q_proj), nn.Linear):
+        return "q_proj", getattr(q_proj, "base_layer", q_proj)
+    c_attn = getattr(attention, "c_attn", None)
+    if c_attn is not None and not getattr(attention, "is_cross_attention", False):
+        return "c_attn", getattr(c_attn, "base_layer", c_attn)
     return None
 
 
@@ -124,16 +136,25 @@ def _refuse_padding(attention_mask):
         )
 
 
+def fastmax_teacher_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA (B, N, Hq, D) that also keeps its output on the module for the student pass."""
+    _refuse_padding(attention_mask)
+    out, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
+    module.fastmax_teacher_output = out.detach()
+    return out, None
+
+
 def fastmax_distill_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Teacher-forced attention transfer, as an AttentionInterface function.
 
-    query (B, Hq, N, D), key/value (B, Hk, N, D) -> (softmax output (B, N, Hq, D), None).
-    Records ``module.fastmax_distill_mse``: mean squared difference between the fastmax
-    output on gained queries and the softmax output (a scalar with a graph to the gains).
+    query (B, Hq, N, D), key/value (B, Hk, N, D) -> (the recorded teacher output (B, N, Hq, D), None).
+    Records ``module.fastmax_distill_mse``: mean squared difference between the fastmax output
+    on gained queries and the teacher's (a scalar with a graph to the trainable q/k parameters).
     """
     _refuse_padding(attention_mask)
-    with torch.no_grad():  # the teacher's weights are frozen; nothing upstream needs its gradient
-        teacher, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
+    teacher = module.__dict__.pop("fastmax_teacher_output", None)
+    if teacher is None or teacher.shape[:2] != (query.shape[0], query.shape[2]):
+        raise RuntimeError("no teacher output recorded for this batch: call distill.record_teacher(model, input_ids) first")
     student = _student_attention(module, query, key, value, scaling, **kwargs)
     module.fastmax_distill_mse = F.mse_loss(student.float(), teacher.float())
     return teacher, None
@@ -146,9 +167,11 @@ def fastmax_gained_attention(module, query, key, value, attention_mask, dropout=
 
 
 def register_distill_attention() -> None:
-    """Register both functions with transformers, and sdpa's mask function for them
+    """Register the three functions with transformers, and sdpa's mask function for them
     (None for unpadded causal batches, which ``_refuse_padding`` checks)."""
-    for name, fn in ((DISTILL_ATTENTION, fastmax_distill_attention), (GAINED_ATTENTION, fastmax_gained_attention)):
+    functions = ((TEACHER_ATTENTION, fastmax_teacher_attention), (DISTILL_ATTENTION, fastmax_distill_attention),
+                 (GAINED_ATTENTION, fastmax_gained_attention))
+    for name, fn in functions:
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, sdpa_mask)
 
@@ -233,19 +256,38 @@ def fold_query_gains(model: nn.Module) -> int:
     return folded
 
 
-def start_attention_transfer(model: nn.Module) -> list[nn.Parameter]:
-    """Stage 1: freeze the model, attach query gains, switch to the teacher-forced attention.
+QK_LORA_TARGETS = {"q_proj": ["q_proj", "k_proj"], "c_attn": ["c_attn"]}  # GPT-2 makes q, k, v in one layer
 
-    Returns the trainable parameters (the gains' real and imaginary parts).
+
+def start_attention_transfer(model: nn.Module, lora_rank: int = 0):
+    """Stage 1: freeze the model, attach query gains (and LoRA of ``lora_rank`` on the q/k
+    projections when > 0), switch to the teacher-forced attention.
+
+    Returns (model, the trainable parameters); the model is a peft wrapper when lora_rank > 0.
     """
     model.requires_grad_(False)
     gains = attach_query_gains(model)
+    params = [p for gain in gains for p in gain.parameters()]
+    if lora_rank > 0:
+        kind = query_projection(self_attention_modules(model)[0])[0]
+        model = add_lora(model, rank=lora_rank, targets=QK_LORA_TARGETS[kind])
+        params += [p for name, p in model.named_parameters() if "lora_" in name]
+        for p in params:  # peft froze everything it did not add, the gains included
+            p.requires_grad_(True)
     set_attention(model, DISTILL_ATTENTION)
-    return [p for gain in gains for p in gain.parameters()]
+    return model, params
+
+
+@torch.no_grad()
+def record_teacher(model: nn.Module, input_ids: torch.Tensor) -> None:
+    """Pass 1: run the softmax model as it was (adapters off) and keep each layer's attention output."""
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with adapters_off, attention_implementation(model, TEACHER_ATTENTION):
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # logits are not needed
 
 
 def attention_transfer_loss(model: nn.Module) -> torch.Tensor:
-    """Mean over layers of the MSE recorded by the last forward pass (and clear the records)."""
+    """Mean over layers of the MSE recorded by the last student pass (and clear the records)."""
     losses = []
     for attention in self_attention_modules(model):
         mse = attention.__dict__.pop("fastmax_distill_mse", None)
@@ -256,11 +298,17 @@ def attention_transfer_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def finish_attention_transfer(model: nn.Module) -> None:
-    """End of stage 1: fold the gains into q, unfreeze, switch to "fastmax"."""
+def finish_attention_transfer(model: nn.Module) -> nn.Module:
+    """End of stage 1: merge the q/k LoRA into the weights, then fold the gains into q (the gain
+    acts on what the merged projection makes), unfreeze, switch to "fastmax".
+
+    Returns the plain transformers model.
+    """
+    model = merge_lora(model)
     fold_query_gains(model)
     model.requires_grad_(True)
     set_attention(model, "fastmax")
+    return model
 
 
 # --------------------------------------------------------------------------- stage 2 with LoRA
@@ -279,16 +327,18 @@ def lora_targets(model: nn.Module) -> list[str]:
     raise ValueError(f"found none of {LLAMA_LORA_TARGETS + GPT2_LORA_TARGETS} in {type(model).__name__} for LoRA")
 
 
-def add_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
-    """Wrap ``model`` with peft LoRA adapters on its attention and MLP projections.
+def add_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, targets: list[str] | None = None):
+    """Wrap ``model`` with peft LoRA adapters (default: on every attention and MLP projection).
 
     Only the adapters train (peft freezes the rest). Returns the PeftModel.
     """
     from peft import LoraConfig, get_peft_model
 
+    targets = targets or lora_targets(model)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-        target_modules=lora_targets(model), task_type="CAUSAL_LM",
+        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+        target_modules=targets, task_type="CAUSAL_LM",
+        fan_in_fan_out=any(t in GPT2_LORA_TARGETS for t in targets),  # GPT-2's Conv1D stores weights transposed
     )
     return get_peft_model(model, config)
 

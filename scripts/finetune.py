@@ -10,10 +10,11 @@ Modes:
   scratch  random initialisation, trained with --attention (fastmax unless told sdpa).
   swap     a softmax model's weights, attention switched to fastmax, fine-tuned.
   distill  the conversion recipe (LoLCATs-style). Stage 1, the first --distill_steps steps:
-           attention transfer: every layer computes softmax (the teacher, whose output
-           it passes on) and fastmax on queries through a learnable per-head gain
-           (fastmax_hf.distill.QueryGain); the loss is their output MSE; only the gains
-           train. Then the gains fold into q_proj and stage 2 fine-tunes with fastmax.
+           attention transfer: every layer's fastmax output is fitted (MSE) to the softmax
+           output of the original model on the same hidden states (teacher forcing);
+           only q/k-side parameters train: LoRA on q_proj/k_proj (--distill_lora_rank)
+           and a per-head, per-RoPE-frequency query gain (fastmax_hf.distill.QueryGain).
+           Both merge into q_proj/k_proj; stage 2 fine-tunes with fastmax (full or LoRA).
   swap and distill spend the same --max_steps, so their token budgets are equal.
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
@@ -75,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=1.0)
     p.add_argument("--lora_rank", type=int, default=0, help="fine-tune with LoRA adapters of this rank; 0 = full")
     p.add_argument("--distill_steps", type=int, default=None, help="distill: attention-transfer steps (default max/4)")
-    p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains")
+    p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains and q/k LoRA")
+    p.add_argument("--distill_lora_rank", type=int, default=8, help="distill: LoRA rank on q/k in attention transfer (0: gains only)")
     p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
                    help="default: bf16 on CUDA, no on CPU (or what `accelerate launch` was told)")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -122,12 +124,10 @@ def check_args(args):
         fail(f"--stop_at_step must lie in (0, --max_steps], got {args.stop_at_step}")
 
 
-def load_model_config(args, vocab_size: int, eos_token_id: int):
-    """The model's config: a built-in one, or from a hub id / local path."""
+def load_model_config(args):
+    """The config of a hub id / local path --model (built-in ones are made from the tokenizer)."""
     from transformers import AutoConfig
 
-    if args.model in data.BUILTIN_MODELS:
-        return data.builtin_model_config(args.model, vocab_size, eos_token_id=eos_token_id)
     try:
         return AutoConfig.from_pretrained(args.model)
     except Exception as err:
@@ -159,21 +159,28 @@ def check_model_config(args, config, vocab_size: int):
 # --------------------------------------------------------------------------- data
 
 
-def load_data(args, accelerator):
-    """Tokenizer and packed blocks {"train": (N, seq_len), "validation": (M, seq_len)}.
+def load_tokenizer(args, accelerator):
+    """--tokenizer, else the model's own, else (built-in models) the default BPE.
 
-    The main process goes first so that the tokenizer and token caches are built once.
+    The main process goes first so that a default tokenizer is trained and cached once.
     """
     name = args.tokenizer or (data.DEFAULT if args.model in data.BUILTIN_MODELS else args.model)
     with accelerator.main_process_first():
         try:
-            tokenizer = data.load_tokenizer(name, args.cache_dir, args.vocab_size)
+            return data.load_tokenizer(name, args.cache_dir, args.vocab_size)
+        except ValueError as err:
+            fail(str(err))
+
+
+def load_blocks(args, tokenizer, accelerator) -> dict[str, torch.Tensor]:
+    """Packed blocks {"train": (N, seq_len), "validation": (M, seq_len)} (token caches built once)."""
+    with accelerator.main_process_first():
+        try:
             splits = data.load_text_dataset(args.dataset, args.text_column, args.validation_percent,
                                             args.max_files, args.dataset_config)
-            blocks = data.token_blocks(splits, tokenizer, args.seq_len, args.cache_dir)
+            return data.token_blocks(splits, tokenizer, args.seq_len, args.cache_dir)
         except (FileNotFoundError, ValueError, ImportError) as err:
             fail(str(err))
-    return tokenizer, blocks
 
 
 def block_indices(n_blocks: int, start: int, count: int, seed: int) -> torch.Tensor:
@@ -254,9 +261,9 @@ def build_model(args, config):
 def enter_stage(model, stage: Stage, args):
     """Set ``model`` up for ``stage``; returns (model, trainable parameters)."""
     if stage.name == "transfer":  # no activation checkpointing: only the student attention keeps activations
-        return model, distill.start_attention_transfer(model)
-    if args.mode == "distill":
-        distill.finish_attention_transfer(model)  # fold the gains (none when resuming: they are in the weights)
+        return distill.start_attention_transfer(model, lora_rank=args.distill_lora_rank)
+    if args.mode == "distill":  # merge stage 1's LoRA, fold its gains (a no-op when resuming: they are in the weights)
+        model = distill.finish_attention_transfer(model)
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if args.lora_rank > 0:
@@ -297,14 +304,15 @@ def learning_rate(step: int, stage: Stage, args) -> float:
 
 def stage_loss(model, input_ids: torch.Tensor, stage: Stage) -> torch.Tensor:
     """Stage 1: the attention-transfer MSE; otherwise next-token cross-entropy."""
-    if stage.name == "transfer":
+    if stage.name == "transfer":  # the teacher pass, then the student pass through the DDP wrapper
+        distill.record_teacher(unwrap(model), input_ids)
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # the logits are not needed
-        return distill.attention_transfer_loss(accelerator_unwrap(model))
+        return distill.attention_transfer_loss(unwrap(model))
     return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
 
-def accelerator_unwrap(model):
-    """The module under DDP/FSDP wrappers (attention records live on the real modules)."""
+def unwrap(model):
+    """The module under a DDP wrapper (the attention records live on the real modules)."""
     return model.module if hasattr(model, "module") else model
 
 
@@ -318,7 +326,7 @@ def evaluate(model, blocks: torch.Tensor, args, accelerator, stage: Stage) -> tu
     model.eval()
     picked = torch.arange(min(args.eval_blocks, len(blocks)))[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
-    student = (distill.attention_implementation(accelerator_unwrap(model), distill.GAINED_ATTENTION)
+    student = (distill.attention_implementation(unwrap(model), distill.GAINED_ATTENTION)
                if stage.name == "transfer" else contextlib.nullcontext())
     with student:
         for batch in picked.split(args.batch_size):
@@ -434,9 +442,12 @@ def main(argv=None):
 
     # ---- everything that can be wrong is checked before the first step
     resume = find_checkpoint(args)
-    tokenizer, blocks = load_data(args, accelerator)
-    config = load_model_config(args, len(tokenizer), tokenizer.eos_token_id)
+    builtin = args.model in data.BUILTIN_MODELS
+    pretrained_config = None if builtin else load_model_config(args)
+    tokenizer = load_tokenizer(args, accelerator)
+    config = pretrained_config or data.builtin_model_config(args.model, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     check_model_config(args, config, len(tokenizer))
+    blocks = load_blocks(args, tokenizer, accelerator)
     model = build_model(args, config)
     if args.mode == "distill":
         try:

@@ -1,0 +1,289 @@
+"""scripts/finetune.py and fastmax_hf.distill on CPU: tiny Llama, a slice of the stdlib corpus.
+
+Runs go through the script's main() in this process (the accelerate state is shared
+between runs, all with the same settings), except the two-process run, which goes
+through `accelerate launch`.
+"""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+import fastmax_hf
+from fastmax_hf import data, distill
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "finetune.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_script()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fastmax_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    """Arguments shared by every run: a tiny GQA Llama on 32-token blocks of 150 stdlib files."""
+    return ["--model", "llama-tiny", "--vocab_size", "512", "--max_files", "150", "--seq_len", "32",
+            "--batch_size", "4", "--eval_blocks", "16", "--cache_dir", str(cache_dir), "--mixed_precision", "no"]
+
+
+def run(argv, out):
+    history = finetune.main([*argv, "--output_dir", str(out)])
+    return history
+
+
+def train_losses(history):
+    return [r["train_loss"] for r in history if r.get("train_loss") is not None]
+
+
+def read_log(out):
+    with open(Path(out) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny):
+    """A softmax (sdpa) model trained from scratch: what swap and distill convert."""
+    out = tmp_path_factory.mktemp("teacher")
+    history = run([*tiny, "--attention", "sdpa", "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3"], out)
+    return out, history
+
+
+# --------------------------------------------------------------------------- the script, end to end
+
+
+def test_scratch_fastmax_loss_falls_and_outputs_are_written(tmp_path, tiny):
+    history = run([*tiny, "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3"], tmp_path)
+    losses = train_losses(history)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    evals = [r for r in history if r.get("val_loss") is not None]
+    assert [r["step"] for r in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["final"]["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert results["final"]["val_ppl"] == pytest.approx(torch.tensor(evals[-1]["val_loss"]).exp().item(), rel=1e-6)
+    assert results["fastmax"]["p"] == 2
+    for name in ("log.csv", "loss.png", "config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert len(read_log(tmp_path)) == 41  # the step-0 evaluation and one row per step
+
+
+def test_teacher_trains_with_sdpa(teacher):
+    out, history = teacher
+    losses = train_losses(history)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert "fastmax" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize("mode, extra", [("swap", []), ("distill", ["--lora_rank", "4", "--gradient_checkpointing"])])
+def test_conversion_modes_run(tmp_path, tiny, teacher, mode, extra):
+    teacher_dir, teacher_history = teacher
+    model_args = [a if a != "llama-tiny" else str(teacher_dir) for a in tiny]
+    history = run([*model_args, "--mode", mode, "--max_steps", "8", "--eval_every", "4", *extra], tmp_path)
+    assert len(train_losses(history)) == 8
+    assert all(torch.isfinite(torch.tensor(train_losses(history))))
+    stages = [r["stage"] for r in history if r.get("train_loss") is not None]
+    assert stages == (["transfer"] * 2 + ["train"] * 6 if mode == "distill" else ["train"] * 8)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastmax")
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())  # adapters were merged
+
+
+def test_saved_model_reloads_with_its_fastmax_options(tmp_path, tiny):
+    options = ["--fastmax_temperature", "1.5", "--fastmax_a2", "0.4"]
+    history = run([*tiny, "--max_steps", "3", "--eval_every", "3", *options], tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastmax")
+    assert model.config._attn_implementation == "fastmax"
+    assert fastmax_hf.get_fastmax_config(model.config) == fastmax_hf.FastmaxConfig(temperature=1.5, a2=0.4)
+    # the reloaded model scores the validation blocks exactly as the script's final evaluation did
+    tokenizer = data.load_tokenizer(str(tmp_path))
+    args = finetune.parse_args([*tiny])
+    splits = data.load_text_dataset(max_files=150)
+    blocks = data.token_blocks(splits, tokenizer, 32, args.cache_dir)["validation"][:16]
+    model.eval()
+    with torch.no_grad():
+        losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(4)]
+    assert sum(losses) / len(losses) == pytest.approx(history[-1]["val_loss"], rel=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
+    """distill across its stage boundary: interrupted in stage 1 (step 3) and in stage 2 (step 6)."""
+    teacher_dir, _ = teacher
+    model_args = [a if a != "llama-tiny" else str(teacher_dir) for a in tiny]
+    argv = [*model_args, "--mode", "distill", "--max_steps", "9", "--distill_steps", "4", "--lora_rank", "4",
+            "--eval_every", "3", "--save_every", "3"]
+    straight = run(argv, tmp_path / "straight")
+
+    resumed_dir = tmp_path / "resumed"
+    run([*argv, "--stop_at_step", "3"], resumed_dir)
+    assert not (resumed_dir / "results.json").exists()
+    run([*argv, "--resume_from_checkpoint", "latest", "--stop_at_step", "6"], resumed_dir)
+    resumed = run([*argv, "--resume_from_checkpoint", str(resumed_dir / "checkpoints" / "step_000006")], resumed_dir)
+
+    def curve(history):
+        return [(r["step"], r["stage"], r.get("train_loss"), r.get("val_loss")) for r in history]
+
+    assert curve(resumed) == curve(straight)  # exactly: same data, weights, optimizer state
+    assert [r["train_loss"] for r in read_log(resumed_dir)] == [r["train_loss"] for r in read_log(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (["--model", "/no/such/model"], "--model '/no/such/model'"),
+        (["--dataset", "/no/such/corpus.jsonl"], "no such file"),
+        (["--seq_len", "8192"], "exceeds the model's 4096 positions"),
+        (["--mode", "swap", "--attention", "sdpa"], "only applies to --mode scratch"),
+        (["--mode", "distill", "--distill_steps", "5", "--max_steps", "5"], "--distill_steps"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, tiny, change, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        run([*tiny, "--max_steps", "2", *change], tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_model_family_fastmax_cannot_patch_is_refused(tmp_path, tiny):
+    from transformers import OPTConfig
+
+    model_dir = tmp_path / "opt"
+    OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2).save_pretrained(model_dir)
+    with pytest.raises(SystemExit, match="model type 'opt'"):
+        run([*tiny, "--model", str(model_dir), "--tokenizer", "default", "--max_steps", "2"], tmp_path / "out")
+
+
+def test_two_processes_under_accelerate_launch(tmp_path, tiny):
+    # `accelerate launch --cpu` starts one process (several need mpirun); --multi_gpu with
+    # ACCELERATE_USE_CPU=1 starts torchrun workers that join a gloo group on the CPU.
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *tiny, "--max_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    rows = read_log(tmp_path)
+    assert int(rows[-1]["tokens"]) == 4 * 4 * 2 * 32  # steps * batch * processes * seq_len
+    assert json.loads((tmp_path / "results.json").read_text())["final"]["val_loss"] > 0
+    AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastmax")
+
+
+# --------------------------------------------------------------------------- fastmax_hf.distill
+
+
+def _tiny_llama(seed=0, sharpen=1.0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(data.builtin_model_config("llama-tiny", vocab_size=128),
+                                             attn_implementation="sdpa").eval()
+    with torch.no_grad():  # larger q/k weights make softmax attention peaked, unlike fastmax's
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+    return model
+
+
+def _perturb(params):
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn_like(p))
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_merged_lora_and_folded_gains_compute_what_the_student_computed(family):
+    model = _tiny_llama() if family == "llama" else _tiny_gpt2()
+    ids = torch.randint(0, 128, (2, 24))
+    model, params = distill.start_attention_transfer(model, lora_rank=4)
+    _perturb(params)  # LoRA's B starts at 0: perturbing makes the merge non-trivial
+    with distill.attention_implementation(model, distill.GAINED_ATTENTION), torch.no_grad():
+        student = model(ids).logits
+    model = distill.finish_attention_transfer(model)
+    assert model.config._attn_implementation == "fastmax"
+    assert not any(distill.GAIN_ATTRIBUTE in name or "lora" in name for name, _ in model.named_modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        converted = model(ids).logits
+    torch.testing.assert_close(converted, student, rtol=1e-4, atol=1e-5)
+
+
+def test_distill_attention_is_teacher_forced():
+    model = _tiny_llama(sharpen=4.0)
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        softmax = model(ids).logits
+    model, params = distill.start_attention_transfer(model, lora_rank=4)
+    _perturb(params)
+    distill.record_teacher(model, ids)  # the original model: adapters off
+    torch.testing.assert_close(model(ids).logits, softmax)  # every layer passes the teacher's output on
+    loss = distill.attention_transfer_loss(model)
+    loss.backward()
+    layers = model.config.num_hidden_layers
+    assert len(params) == 2 * layers + 4 * layers  # gains (real, imag) and LoRA (A, B) on q_proj and k_proj
+    assert {p for p in model.parameters() if p.requires_grad} == set(params)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    with pytest.raises(RuntimeError, match="no attention transfer loss"):
+        distill.attention_transfer_loss(model)  # the records were consumed
+    with pytest.raises(RuntimeError, match="record_teacher"):
+        model(ids)  # and so were the teacher outputs
+
+
+@pytest.mark.parametrize("lora_rank, ratio", [(0, 0.95), (8, 0.4)])
+def test_attention_transfer_reduces_the_output_mse(lora_rank, ratio):
+    model, params = distill.start_attention_transfer(_tiny_llama(sharpen=8.0), lora_rank=lora_rank)
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    mse = []
+    for _ in range(40):
+        distill.record_teacher(model, ids)
+        model(ids)
+        loss = distill.attention_transfer_loss(model)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        mse.append(loss.item())
+    assert mse[-1] < ratio * mse[0]
+
+
+def test_padding_is_refused_during_attention_transfer():
+    model, _ = distill.start_attention_transfer(_tiny_llama())
+    ids = torch.randint(0, 128, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="packed, unpadded"):
+        model(ids, attention_mask=mask)
+
+
+def test_qwen3_q_norm_is_refused_for_distill():
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="q_norm"):
+        distill.start_attention_transfer(model)
