@@ -67,18 +67,30 @@ def _load_rows(ptr, rows, valid, stride_n, cols, ncols, stride_d):
 
 
 @triton.jit
-def _pairs(xm, xn, CHUNK: tl.constexpr, BT: tl.constexpr):
-    """(CHUNK, BT) x (CHUNK, BT) -> (CHUNK, BT*BT) products x[m] x[n], feature m*BT + n."""
-    return tl.reshape(xm.to(tl.float32)[:, :, None] * xn.to(tl.float32)[:, None, :], (CHUNK, BT * BT))
+def _pairs(xm, xn, CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
+    """(CHUNK, BT) x (CHUNK, BT) -> (CHUNK, BT*BT) products x[m] x[n], feature m*BT + n.
+
+    Formed in the tensor-core operand type (bf16 products halve registers and shuffles)."""
+    return tl.reshape(_operand(xm, OP_BF16)[:, :, None] * _operand(xn, OP_BF16)[:, None, :], (CHUNK, BT * BT))
 
 
 @triton.jit
-def _tile_weights(mb, nb, scale, a2, BT: tl.constexpr):
-    """Query-side weights of tile (mb, nb): a2 scale^2 times 2 above the diagonal, 1 on it, 0 below."""
+def _tile_weights(mb, nb, BT: tl.constexpr):
+    """Symmetry weights of tile (mb, nb): 2 above the diagonal, 1 on it, 0 below (exact in bf16)."""
     m = mb * BT + tl.arange(0, BT)
     n = nb * BT + tl.arange(0, BT)
     w = tl.where(n[None, :] > m[:, None], 2.0, tl.where(n[None, :] == m[:, None], 1.0, 0.0))
-    return tl.reshape(w, (BT * BT,)) * (a2 * scale * scale)
+    return tl.reshape(w, (BT * BT,))
+
+
+@triton.jit
+def _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym,
+                 CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
+    """Weighted query features wsym[m,n] * coef * q[m] q[n] of one tile; coef = a2 scale^2
+    goes onto q[m] before rounding, so the bf16 product carries no rounded coefficient."""
+    qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd).to(tl.float32) * coef
+    qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
+    return _pairs(qm, qn, CHUNK, BT, OP_BF16) * _operand(wsym, OP_BF16)[None, :]
 
 
 @triton.jit
@@ -114,7 +126,8 @@ def _second_order_fwd(
     nb = tl.load(TILE_N + pid_t)
     m_cols = mb * BT + tl.arange(0, BT)
     n_cols = nb * BT + tl.arange(0, BT)
-    wq = _tile_weights(mb, nb, scale, a2, BT)
+    wsym = _tile_weights(mb, nb, BT)
+    coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
     Hq = Hk * GROUPS
@@ -142,19 +155,18 @@ def _second_order_fwd(
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
                     Q_h = Q + b * sqb + h * sqh
-                    qf = _pairs(_load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd),
-                                _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd), CHUNK, BT) * wq[None, :]
-                    part = tl.dot(_operand(qf, OP_BF16), S_op, input_precision=PRECISION)
+                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
+                    part = tl.dot(qf, S_op, input_precision=PRECISION)
                     out_rows = (b * Hq + h) * Nq + rows
                     tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
                                   mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
                     if pid_v == 0:
-                        tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf * z[None, :], 1), mask=q_valid, sem="relaxed")
+                        tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
         kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                    _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT)
+                    _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
         v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-        S += tl.dot(tl.trans(_operand(kf, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-        z += tl.sum(kf, 0)
+        S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
+        z += tl.sum(kf.to(tl.float32), 0)
 
     if not CAUSAL:
         S_op = _operand(S, OP_BF16)
@@ -164,14 +176,13 @@ def _second_order_fwd(
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
                 Q_h = Q + b * sqb + h * sqh
-                qf = _pairs(_load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd),
-                            _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd), CHUNK, BT) * wq[None, :]
-                part = tl.dot(_operand(qf, OP_BF16), S_op, input_precision=PRECISION)
+                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
+                part = tl.dot(qf, S_op, input_precision=PRECISION)
                 out_rows = (b * Hq + h) * Nq + rows
                 tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
                               mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
                 if pid_v == 0:
-                    tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf * z[None, :], 1), mask=q_valid, sem="relaxed")
+                    tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
 
     if STORE_STATE:
         tl.store(S_OUT + (sbase + frows[:, None]) * DV + cols_v[None, :], S, mask=v_ok[None, :])
@@ -336,7 +347,8 @@ def _second_order_bwd_dq(
     nb = tl.load(TILE_N + pid_t)
     m_cols = mb * BT + tl.arange(0, BT)
     n_cols = nb * BT + tl.arange(0, BT)
-    wq = _tile_weights(mb, nb, scale, a2, BT)
+    wsym = _tile_weights(mb, nb, BT)
+    coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     Hq = Hk * GROUPS
     offset = Nk - Nq
@@ -350,10 +362,10 @@ def _second_order_bwd_dq(
             keys = j0 + tl.arange(0, CHUNK)
             k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
             kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT)
+                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
             v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-            S += tl.dot(tl.trans(_operand(kf, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-            z += tl.sum(kf, 0)
+            S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
+            z += tl.sum(kf.to(tl.float32), 0)
 
     n_steps = tl.cdiv(Nk, CHUNK) if CAUSAL else tl.cdiv(Nq, CHUNK)
     for step in range(0, n_steps):
@@ -378,15 +390,15 @@ def _second_order_bwd_dq(
                 X -= crow[:, None] * z[None, :]
                 qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd)
                 qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
-                _add_pair_grads(DQ + ((b * Hq + h) * Nq + rows) * D, X * wq[None, :], qm, qn,
+                _add_pair_grads(DQ + ((b * Hq + h) * Nq + rows) * D, X * (coef * wsym)[None, :], qm, qn,
                                 m_cols, n_cols, q_valid, D, CHUNK, BT)
         if CAUSAL:
             k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
             kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT)
+                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
             v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-            S += tl.dot(tl.trans(_operand(kf, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-            z += tl.sum(kf, 0)
+            S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
+            z += tl.sum(kf.to(tl.float32), 0)
 
 
 @triton.jit
@@ -517,7 +529,8 @@ def _second_order_bwd_dkdv(
     nb = tl.load(TILE_N + pid_t)
     m_cols = mb * BT + tl.arange(0, BT)
     n_cols = nb * BT + tl.arange(0, BT)
-    wq = _tile_weights(mb, nb, scale, a2, BT)
+    wsym = _tile_weights(mb, nb, BT)
+    coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
     Hq = Hk * GROUPS
@@ -534,12 +547,11 @@ def _second_order_bwd_dkdv(
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
                 Q_h = Q + b * sqb + h * sqh
-                qf = _pairs(_load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd),
-                            _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd), CHUNK, BT) * wq[None, :]
+                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                 gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                R += tl.dot(tl.trans(_operand(qf, OP_BF16)), _operand(gr, OP_BF16), input_precision=PRECISION)
-                r += tl.sum(qf * crow[:, None], 0)
+                R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
+                r += tl.sum(qf.to(tl.float32) * crow[:, None], 0)
 
     n_chunks = tl.cdiv(Nk, CHUNK)
     for step in range(0, n_chunks):
@@ -548,11 +560,11 @@ def _second_order_bwd_dkdv(
         k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
         km = _load_rows(K_h, keys, k_valid, skn, m_cols, D, skd)
         kn = _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd)
-        kf = _pairs(km, kn, CHUNK, BT)
+        kf = _pairs(km, kn, CHUNK, BT, OP_BF16)
         v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         R_op = _operand(R, OP_BF16)
         key_rows = (b * Hk + hk) * Nk + keys
-        dv = tl.dot(_operand(kf, OP_BF16), R_op, input_precision=PRECISION)  # (CHUNK, BLOCK_DV)
+        dv = tl.dot(kf, R_op, input_precision=PRECISION)  # (CHUNK, BLOCK_DV)
         tl.atomic_add(DV_ACC + key_rows[:, None] * DV + cols_v[None, :], dv,
                       mask=k_valid[:, None] & v_ok[None, :], sem="relaxed")
         Xk = tl.dot(_operand(v, OP_BF16), tl.trans(R_op), input_precision=PRECISION)  # (CHUNK, TF)
@@ -566,12 +578,11 @@ def _second_order_bwd_dkdv(
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
                     Q_h = Q + b * sqb + h * sqh
-                    qf = _pairs(_load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd),
-                                _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd), CHUNK, BT) * wq[None, :]
+                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                     gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                             sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                    R += tl.dot(tl.trans(_operand(qf, OP_BF16)), _operand(gr, OP_BF16), input_precision=PRECISION)
-                    r += tl.sum(qf * crow[:, None], 0)
+                    R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
+                    r += tl.sum(qf.to(tl.float32) * crow[:, None], 0)
 
 
 @triton.jit

@@ -182,27 +182,30 @@ def section_crossover(args):
     RESULTS["crossover"] = rows
 
 
+def _sweep(config, choices, regime, D, N, rows):
+    saved = dict(config)
+    inputs = [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    for values in itertools.product(*choices.values()):
+        config.update(dict(zip(choices, values)))
+        entry = {"regime": regime, "D": D, "N": N, **dict(zip(choices, values))}
+        for backward in (False, True):
+            check = None if backward else (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
+            res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, True, regime), backward, check)
+            entry["fwd+bwd" if backward else "fwd"] = res.get("ms", res.get("error"))
+        entry["stats"] = {k: list(v) for k, v in ops.KERNEL_STATS.items() if k.startswith(regime)}
+        rows.append(entry)
+        print(json.dumps(entry), flush=True)
+    config.update(saved)
+
+
 def section_tune(args):
+    """Launch parameters: json dicts of choices in --tune_linear / --tune_quad."""
     rows = []
-    choices = dict(chunk=(32, 64), block_dv=(32, 64), num_warps=(4, 8), num_stages=(1,))
-    saved = dict(ops.LINEAR_CONFIG)
     for D in (64, 128):
-        N = args.tune_n
-        inputs = [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-        for values in itertools.product(*choices.values()):
-            config = dict(zip(choices, values))
-            if config["chunk"] == 128 and config["block_dv"] == 64 and D == 128:
-                continue
-            ops.LINEAR_CONFIG.update(config)
-            entry = {"D": D, "N": N, **config}
-            for backward in (False, True):
-                res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, True, "linear"), backward,
-                            (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)) if not backward else None)
-                entry["fwd+bwd" if backward else "fwd"] = res.get("ms", res.get("error"))
-            entry["stats"] = {k: list(v) for k, v in ops.KERNEL_STATS.items() if k.startswith("linear")}
-            rows.append(entry)
-            print(json.dumps(entry), flush=True)
-        ops.LINEAR_CONFIG.update(saved)
+        if args.tune_linear:
+            _sweep(ops.LINEAR_CONFIG, json.loads(args.tune_linear), "linear", D, args.tune_n, rows)
+        if args.tune_quad:
+            _sweep(ops.QUAD_CONFIG, json.loads(args.tune_quad), "quadratic", D, 4096, rows)
     RESULTS["tune"] = rows
 
 
@@ -322,9 +325,17 @@ def main():
     parser.add_argument("--lengths", default="1024,4096,16384,65536,131072,262144,1048576")
     parser.add_argument("--sdpa_max", type=int, default=262144, help="longest N timed for SDPA")
     parser.add_argument("--tune_n", type=int, default=16384)
+    parser.add_argument("--tune_linear", default='{"chunk": [32, 64], "num_warps": [4, 8], "num_stages": [1, 2, 3]}')
+    parser.add_argument("--tune_quad", default='{"block_m": [64, 128], "block_n": [32, 64], "num_warps": [4, 8], "num_stages": [2, 3]}')
+    parser.add_argument("--linear_config", default=None, help="json overrides of ops.LINEAR_CONFIG")
+    parser.add_argument("--quad_config", default=None, help="json overrides of ops.QUAD_CONFIG")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.linear_config:
+        ops.LINEAR_CONFIG.update(json.loads(args.linear_config))
+    if args.quad_config:
+        ops.QUAD_CONFIG.update(json.loads(args.quad_config))
     meta = {"gpu": gpu_name(), "torch": torch.__version__, "triton": triton.__version__,
             "fastmax_hf": fastmax_hf.__version__, "date": time.strftime("%Y-%m-%d"),
             "linear_config": dict(ops.LINEAR_CONFIG), "quad_config": dict(ops.QUAD_CONFIG)}
