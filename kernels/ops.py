@@ -22,9 +22,13 @@ from .quadratic import quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadr
 PAIR_TILE = 16
 # Launch parameters of the linear kernels: tokens per chunk, state columns per program
 # (Dv is split into blocks of this width), warps (None: by state size), pipeline stages.
-LINEAR_CONFIG = {"chunk": 64, "block_dv": 64, "num_warps": None, "num_stages": 1}
-# Query/key block sizes of the quadratic kernels.
-QUAD_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": None, "num_stages": 2}
+# Measured on an H100 (benchmarks/results/tune_*.json): chunk 64, 8 warps, one stage. Two
+# or more stages (Triton's software pipelining) gave wrong results in the forward kernel
+# (5e-2 relative error with Triton 3.6), so the linear kernels stay at one stage.
+LINEAR_CONFIG = {"chunk": 64, "block_dv": 64, "num_warps": 8, "num_stages": 1}
+# Query/key block sizes of the quadratic kernels (None stages: 3 for D <= 64, else 2,
+# the most that fits in shared memory).
+QUAD_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": None}
 # Registers and spills of the last compiled launch of each kernel (for the benchmarks).
 KERNEL_STATS: dict[str, tuple[int, int]] = {}
 
@@ -92,6 +96,12 @@ def _quad_warps(block_d: int) -> int:
     return 4 if block_d <= 64 else 8
 
 
+def _quad_stages(block_d: int) -> int:
+    if QUAD_CONFIG["num_stages"] is not None:
+        return QUAD_CONFIG["num_stages"]
+    return 3 if block_d <= 64 else 2
+
+
 def _record(name, compiled):
     """Keep the register count and spills of a compiled launch (None in the interpreter)."""
     n_regs = getattr(compiled, "n_regs", None)
@@ -118,7 +128,7 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
         Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2,
         P=p, CAUSAL=causal, HAS_MASK=m is not None,
         BLOCK_M=QUAD_CONFIG["block_m"], BLOCK_N=QUAD_CONFIG["block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=QUAD_CONFIG["num_stages"],
+        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=_quad_stages(block_d),
     )
     _record("quadratic_fwd", compiled)
     return out, den
@@ -143,7 +153,7 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     bm, bn = QUAD_CONFIG["block_m"], QUAD_CONFIG["block_n"]
     common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=_precision(q.dtype),
-                  num_warps=_quad_warps(block_d), num_stages=QUAD_CONFIG["num_stages"])
+                  num_warps=_quad_warps(block_d), num_stages=_quad_stages(block_d))
     mp = m if m is not None else q
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hk)](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv,
