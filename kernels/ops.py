@@ -64,13 +64,27 @@ def feature_rows(dim: int, p: int) -> int:
     return linear_layout(dim, p)[2]
 
 
-def crossover_length(dim: int, p: int) -> int:
-    """Below this many keys the quadratic kernel is cheaper (measured: BENCHMARKS.md)."""
-    return CROSSOVER.get((p, _pow2_at_least_16(dim)), 1 + dim + dim * (dim + 1) // 2)
+def crossover_length(dim: int, p: int, backward: bool = True) -> int:
+    """Up to this many keys the quadratic kernel is cheaper (measured: BENCHMARKS.md).
+
+    ``backward``: the crossover of forward+backward (training) rather than forward alone
+    (inference), which stays quadratic longer."""
+    measured = CROSSOVER.get((p, _pow2_at_least_16(dim)))
+    if measured is None:
+        return 1 + dim + dim * (dim + 1) // 2 if p == 2 else 1 + dim
+    return measured[1] if backward else measured[0]
 
 
-# Measured crossovers (keys) on an H100, bf16, causal forward+backward; see BENCHMARKS.md.
-CROSSOVER: dict[tuple[int, int], int] = {}
+# Crossovers in keys, (forward, forward+backward), measured on an H100 in bf16 with the
+# causal mask (benchmarks/results/crossover_h100_v1.json), interpolating between the
+# measured lengths with the quadratic cost growing as N^2 and the linear one as N.
+# p = 1 has 1 + D features: the linear form is the cheaper one from short lengths on.
+CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
+    (2, 16): (22000, 10000),
+    (2, 32): (22000, 9500),
+    (2, 64): (40000, 19500),
+    (2, 128): (88000, 50000),
+}
 
 
 def _mask_args(mask):
@@ -244,8 +258,8 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
 # ----------------------------------------------------------------------------------------
 
 
-def choose_regime(len_k: int, dim: int, p: int) -> str:
-    return "quadratic" if len_k <= crossover_length(dim, p) else "linear"
+def choose_regime(len_k: int, dim: int, p: int, backward: bool = True) -> str:
+    return "quadratic" if len_k <= crossover_length(dim, p, backward) else "linear"
 
 
 @torch.library.custom_op("fastmax_hf::forward", mutates_args=(), device_types=("cuda", "cpu"))
@@ -305,7 +319,8 @@ def triton_attention(q, k, v, *, causal, key_padding_mask, scale, p, a0, a1, a2,
     or "linear". Arguments are assumed validated (``fastmax_hf.fastmax`` does that).
     """
     if regime == "auto":
-        regime = choose_regime(k.shape[2], q.shape[-1], p)
+        backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        regime = choose_regime(k.shape[2], q.shape[-1], p, backward)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
     return fastmax_forward_op(q, k, v, key_padding_mask, bool(causal), float(scale), int(p),
