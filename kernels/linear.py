@@ -67,40 +67,30 @@ def _load_rows(ptr, rows, valid, stride_n, cols, ncols, stride_d):
 
 
 @triton.jit
-def _pair_rows(ptr, rows, valid, stride_n, m0, n0, D, stride_d, coef, BT: tl.constexpr, OP_BF16: tl.constexpr):
-    """Rows of x[m] and x[n] for the features m*BT + n of tile (m0, n0): two (CHUNK, BT*BT)
-    loads that repeat each element BT times (served by L1), so the products below form
-    directly in a 2-D layout with no reshape. ``coef`` multiplies x[m] before rounding."""
-    f = tl.arange(0, BT * BT)
-    m_cols = m0 + f // BT
-    n_cols = n0 + f % BT
-    xm = tl.load(ptr + rows[:, None] * stride_n + m_cols[None, :] * stride_d,
-                 mask=valid[:, None] & (m_cols[None, :] < D), other=0.0)
-    xn = tl.load(ptr + rows[:, None] * stride_n + n_cols[None, :] * stride_d,
-                 mask=valid[:, None] & (n_cols[None, :] < D), other=0.0)
-    return _operand(xm.to(tl.float32) * coef, OP_BF16), _operand(xn, OP_BF16)
+def _pairs(xm, xn, CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
+    """(CHUNK, BT) x (CHUNK, BT) -> (CHUNK, BT*BT) products x[m] x[n], feature m*BT + n.
 
-
-@triton.jit
-def _pairs(ptr, rows, valid, stride_n, m0, n0, D, stride_d, coef, BT: tl.constexpr, OP_BF16: tl.constexpr):
-    """(CHUNK, BT*BT) products coef * x[m] x[n] of tile (m0, n0), in the tensor-core operand type."""
-    xm, xn = _pair_rows(ptr, rows, valid, stride_n, m0, n0, D, stride_d, coef, BT, OP_BF16)
-    return xm * xn
+    Formed in the tensor-core operand type (bf16 products halve registers and shuffles)."""
+    return tl.reshape(_operand(xm, OP_BF16)[:, :, None] * _operand(xn, OP_BF16)[:, None, :], (CHUNK, BT * BT))
 
 
 @triton.jit
 def _tile_weights(mb, nb, BT: tl.constexpr):
     """Symmetry weights of tile (mb, nb): 2 above the diagonal, 1 on it, 0 below (exact in bf16)."""
-    f = tl.arange(0, BT * BT)
-    m = mb * BT + f // BT
-    n = nb * BT + f % BT
-    return tl.where(n > m, 2.0, tl.where(n == m, 1.0, 0.0))
+    m = mb * BT + tl.arange(0, BT)
+    n = nb * BT + tl.arange(0, BT)
+    w = tl.where(n[None, :] > m[:, None], 2.0, tl.where(n[None, :] == m[:, None], 1.0, 0.0))
+    return tl.reshape(w, (BT * BT,))
 
 
 @triton.jit
-def _query_pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, wsym, BT: tl.constexpr, OP_BF16: tl.constexpr):
-    """Weighted query features wsym[m,n] * coef * q[m] q[n] of one tile (coef = a2 scale^2)."""
-    return _pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, BT, OP_BF16) * _operand(wsym, OP_BF16)[None, :]
+def _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym,
+                 CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
+    """Weighted query features wsym[m,n] * coef * q[m] q[n] of one tile; coef = a2 scale^2
+    goes onto q[m] before rounding, so the bf16 product carries no rounded coefficient."""
+    qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd).to(tl.float32) * coef
+    qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
+    return _pairs(qm, qn, CHUNK, BT, OP_BF16) * _operand(wsym, OP_BF16)[None, :]
 
 
 @triton.jit
@@ -134,8 +124,8 @@ def _second_order_fwd(
     TF: tl.constexpr = BT * BT
     mb = tl.load(TILE_M + pid_t)
     nb = tl.load(TILE_N + pid_t)
-    m0 = mb * BT
-    n0 = nb * BT
+    m_cols = mb * BT + tl.arange(0, BT)
+    n_cols = nb * BT + tl.arange(0, BT)
     wsym = _tile_weights(mb, nb, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -165,14 +155,15 @@ def _second_order_fwd(
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
                     Q_h = Q + b * sqb + h * sqh
-                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, wsym, BT, OP_BF16)
+                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                     part = tl.dot(qf, S_op, input_precision=PRECISION)
                     out_rows = (b * Hq + h) * Nq + rows
                     tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
                                   mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
                     if pid_v == 0:
                         tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
-        kf = _pairs(K_h, keys, k_valid, skn, m0, n0, D, skd, 1.0, BT, OP_BF16)
+        kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
+                    _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
         v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
         z += tl.sum(kf.to(tl.float32), 0)
@@ -185,7 +176,7 @@ def _second_order_fwd(
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
                 Q_h = Q + b * sqb + h * sqh
-                qf = _query_pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, wsym, BT, OP_BF16)
+                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                 part = tl.dot(qf, S_op, input_precision=PRECISION)
                 out_rows = (b * Hq + h) * Nq + rows
                 tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
@@ -333,20 +324,11 @@ def _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid, sdob, sdoh, sdo
 
 
 @triton.jit
-def _add_pair_grads(DST_ROWS, Y, xm, xn, m0, n0, valid, D, BT: tl.constexpr,
-                    OP_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """d/dx of sum_f Y_f x[m_f] x[n_f] for tile (m0, n0), added into rows DST_ROWS (D columns).
-
-    The sums over the BT features sharing an m (or an n) are products with constant 0/1
-    matrices, so they run on the tensor cores in the 2-D layout."""
-    f = tl.arange(0, BT * BT)
-    i = tl.arange(0, BT)
-    by_m = _operand(tl.where((f[:, None] // BT) == i[None, :], 1.0, 0.0), OP_BF16)  # (BT*BT, BT)
-    by_n = _operand(tl.where((f[:, None] % BT) == i[None, :], 1.0, 0.0), OP_BF16)
-    d_m = tl.dot(_operand(Y * xn.to(tl.float32), OP_BF16), by_m, input_precision=PRECISION)  # (CHUNK, BT)
-    d_n = tl.dot(_operand(Y * xm.to(tl.float32), OP_BF16), by_n, input_precision=PRECISION)
-    m_cols = m0 + i
-    n_cols = n0 + i
+def _add_pair_grads(DST_ROWS, Y, xm, xn, m_cols, n_cols, valid, D, CHUNK: tl.constexpr, BT: tl.constexpr):
+    """d/dx of sum_f Y_f x[m_f] x[n_f], added into rows DST_ROWS (pointer per row, D columns)."""
+    Y3 = tl.reshape(Y, (CHUNK, BT, BT))
+    d_m = tl.sum(Y3 * xn.to(tl.float32)[:, None, :], 2)
+    d_n = tl.sum(Y3 * xm.to(tl.float32)[:, :, None], 1)
     tl.atomic_add(DST_ROWS[:, None] + m_cols[None, :], d_m, mask=valid[:, None] & (m_cols[None, :] < D), sem="relaxed")
     tl.atomic_add(DST_ROWS[:, None] + n_cols[None, :], d_n, mask=valid[:, None] & (n_cols[None, :] < D), sem="relaxed")
 
@@ -363,8 +345,8 @@ def _second_order_bwd_dq(
     TF: tl.constexpr = BT * BT
     mb = tl.load(TILE_M + pid_t)
     nb = tl.load(TILE_N + pid_t)
-    m0 = mb * BT
-    n0 = nb * BT
+    m_cols = mb * BT + tl.arange(0, BT)
+    n_cols = nb * BT + tl.arange(0, BT)
     wsym = _tile_weights(mb, nb, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -379,7 +361,8 @@ def _second_order_bwd_dq(
         for j0 in range(0, Nk, CHUNK):
             keys = j0 + tl.arange(0, CHUNK)
             k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            kf = _pairs(K_h, keys, k_valid, skn, m0, n0, D, skd, 1.0, BT, OP_BF16)
+            kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
+                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
             v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
             S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
             z += tl.sum(kf.to(tl.float32), 0)
@@ -405,12 +388,14 @@ def _second_order_bwd_dq(
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                 X = tl.dot(_operand(gr, OP_BF16), tl.trans(S_op), input_precision=PRECISION)  # (CHUNK, TF)
                 X -= crow[:, None] * z[None, :]
-                qm, qn = _pair_rows(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, 1.0, BT, OP_BF16)
+                qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd)
+                qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
                 _add_pair_grads(DQ + ((b * Hq + h) * Nq + rows) * D, X * (coef * wsym)[None, :], qm, qn,
-                                m0, n0, q_valid, D, BT, OP_BF16, PRECISION)
+                                m_cols, n_cols, q_valid, D, CHUNK, BT)
         if CAUSAL:
             k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            kf = _pairs(K_h, keys, k_valid, skn, m0, n0, D, skd, 1.0, BT, OP_BF16)
+            kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
+                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
             v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
             S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
             z += tl.sum(kf.to(tl.float32), 0)
@@ -542,8 +527,8 @@ def _second_order_bwd_dkdv(
     TF: tl.constexpr = BT * BT
     mb = tl.load(TILE_M + pid_t)
     nb = tl.load(TILE_N + pid_t)
-    m0 = mb * BT
-    n0 = nb * BT
+    m_cols = mb * BT + tl.arange(0, BT)
+    n_cols = nb * BT + tl.arange(0, BT)
     wsym = _tile_weights(mb, nb, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -562,7 +547,7 @@ def _second_order_bwd_dkdv(
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
                 Q_h = Q + b * sqb + h * sqh
-                qf = _query_pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, wsym, BT, OP_BF16)
+                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                 gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                 R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
@@ -573,8 +558,9 @@ def _second_order_bwd_dkdv(
         j0 = (n_chunks - 1 - step) * CHUNK
         keys = j0 + tl.arange(0, CHUNK)
         k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        km, kn = _pair_rows(K_h, keys, k_valid, skn, m0, n0, D, skd, 1.0, BT, OP_BF16)
-        kf = km * kn
+        km = _load_rows(K_h, keys, k_valid, skn, m_cols, D, skd)
+        kn = _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd)
+        kf = _pairs(km, kn, CHUNK, BT, OP_BF16)
         v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         R_op = _operand(R, OP_BF16)
         key_rows = (b * Hk + hk) * Nk + keys
@@ -584,7 +570,7 @@ def _second_order_bwd_dkdv(
         Xk = tl.dot(_operand(v, OP_BF16), tl.trans(R_op), input_precision=PRECISION)  # (CHUNK, TF)
         if pid_v == 0:
             Xk -= r[None, :]
-        _add_pair_grads(DK + key_rows * D, Xk, km, kn, m0, n0, k_valid, D, BT, OP_BF16, PRECISION)
+        _add_pair_grads(DK + key_rows * D, Xk, km, kn, m_cols, n_cols, k_valid, D, CHUNK, BT)
         if CAUSAL:
             if _chunk_has_queries(j0, CHUNK, offset, Nq):
                 rows = keys - offset
@@ -592,7 +578,7 @@ def _second_order_bwd_dkdv(
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
                     Q_h = Q + b * sqb + h * sqh
-                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m0, n0, D, sqd, coef, wsym, BT, OP_BF16)
+                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
                     gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                             sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                     R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
