@@ -1,0 +1,319 @@
+"""scripts/eval_long_context.py on CPU: a tiny Llama, a 512-token BPE, prompts of a few hundred tokens.
+
+The end-to-end run goes through a subprocess (so that it can also check that the default
+corpus path never imports `datasets`); the other tests call the script's functions, or its
+main() with the measurements replaced by fakes that count their calls.
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fastmax_hf  # noqa: F401  (registers "fastmax")
+from fastmax_hf import data
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "eval_long_context.py"
+VOCAB = 512
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("eval_long_context_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluation = _load_script()
+
+LENGTHS = [224, 320]  # the 512-token BPE needs ~200 tokens for the shortest passkey prompt
+DEPTHS = [0.0, 1.0]
+TRIALS = 2
+DECODE_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fastmax_cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    """Arguments of every run: tiny GQA Llama (random weights), 2 documents, a 2 x 2 passkey grid."""
+    return ["--model", "llama-tiny", "--vocab_size", str(VOCAB), "--max_files", "150", "--cache_dir", str(cache_dir),
+            "--lengths", ",".join(map(str, LENGTHS)), "--ppl_documents", "2", "--depths", ",".join(map(str, DEPTHS)),
+            "--trials", str(TRIALS), "--passkey_new_tokens", "6", "--decode_tokens", str(DECODE_TOKENS)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny, cache_dir):
+    return data.load_tokenizer("default", cache_dir, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = data.builtin_model_config("llama-tiny", vocab_size=VOCAB, max_position_embeddings=512)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny):
+    """The whole script once, in a fresh interpreter that checks `datasets` was never imported."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    argv = [*tiny, "--output_dir", str(out)]
+    code = (f"import runpy, sys; sys.argv = {[str(SCRIPT), *argv]!r}; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__'); "
+            "assert 'datasets' not in sys.modules, 'the default corpus path imported datasets'")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def read_results(out) -> dict:
+    return json.loads((Path(out) / "results.json").read_text())
+
+
+# --------------------------------------------------------------------------- the script, end to end
+
+
+def test_tiny_run_writes_results_and_plots(tiny_run):
+    results = read_results(tiny_run)
+    assert results["meta"]["processes"] == 1 and results["settings"]["general"]["model"] == "llama-tiny"
+    for name in ("fastmax", "sdpa"):
+        for length in LENGTHS:
+            ppl = results["perplexity"][name][str(length)]
+            assert ppl["documents"] == 2 and ppl["tokens"] == 2 * (LENGTHS[-1] - 1)  # every token but the first
+            assert 1 < ppl["perplexity"] < 10 * VOCAB and ppl["stride"] == length // 2
+            for depth in DEPTHS:
+                cell = results["passkey"][name][str(length)][f"{depth:g}"]
+                assert cell["trials"] == TRIALS and 0 <= cell["accuracy"] <= 1
+                assert cell["prompt_tokens"] <= length and len(cell["samples"]) == TRIALS
+            cost = results["cost"][name][str(length)]
+            assert cost["prefill_s"] > 0 and cost["generated_tokens"] == DECODE_TOKENS
+            assert cost["decode_ms_per_token"]["median"] > 0
+        # fastmax decodes from a state whose size does not depend on the length; sdpa's cache grows
+        caches = [results["cost"][name][str(n)]["cache_bytes"] for n in LENGTHS]
+        assert results["cost"][name][str(LENGTHS[0])]["cache_class"] == ("FastmaxCache" if name == "fastmax"
+                                                                         else "DynamicCache")
+        assert (caches[0] == caches[1]) if name == "fastmax" else (caches[0] < caches[1])
+    for png in ("perplexity.png", "passkey_fastmax.png", "passkey_sdpa.png", "cost.png"):
+        assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+class Calls:
+    """Fakes for the three measurements, counting what they are asked to measure."""
+
+    def __init__(self):
+        self.perplexity, self.passkey, self.cost = [], [], []
+
+    def install(self, monkeypatch):
+        def window_nll(model, input_ids, n_scored, chunk=4096):
+            self.perplexity.append((model.config._attn_implementation, input_ids.shape[1]))
+            return float(n_scored)
+
+        def passkey_trial(generate, tokenizer, length, depth, key):
+            self.passkey.append((length, depth))
+            return {"key": key, "answer": key, "correct": True, "prompt_tokens": length}
+
+        def measure_cost(model, length, decode_tokens, seed):
+            self.cost.append((model.config._attn_implementation, length))
+            return {"prefill_s": 1e-3 * length, "decode_ms_per_token": {"median": 1.0}, "peak_memory_bytes": length,
+                    "cache_bytes": 1, "seconds": 1e-3 * length}
+
+        monkeypatch.setattr(evaluation, "window_nll", window_nll)
+        monkeypatch.setattr(evaluation, "passkey_trial", passkey_trial)
+        monkeypatch.setattr(evaluation, "measure_cost", measure_cost)
+        return self
+
+
+def test_rerun_skips_completed_work(tiny_run, tiny, tmp_path, monkeypatch):
+    out = tmp_path / "rerun"
+    shutil.copytree(tiny_run, out)
+    before = read_results(out)
+    calls = Calls().install(monkeypatch)
+    evaluation.main([*tiny, "--output_dir", str(out)])
+    assert calls.perplexity == calls.passkey == calls.cost == []
+    after = read_results(out)
+    assert all(after[s] == before[s] for s in ("perplexity", "passkey", "cost"))
+
+    # a new depth and a new implementation: only those points are measured
+    evaluation.main([*tiny, "--output_dir", str(out), "--depths", "0,0.5,1", "--attn", "fastmax,sdpa,eager"])
+    assert {impl for impl, _ in calls.perplexity} == {"eager"}
+    assert sorted(calls.passkey) == sorted([(n, 0.5) for n in LENGTHS] * TRIALS * 2  # fastmax, sdpa
+                                           + [(n, d) for n in LENGTHS for d in (0.0, 0.5, 1.0)] * TRIALS)  # eager
+    assert {impl for impl, _ in calls.cost} == {"eager"}
+    after = read_results(out)
+    assert after["perplexity"]["fastmax"] == before["perplexity"]["fastmax"]
+    assert set(after["passkey"]["sdpa"][str(LENGTHS[0])]) == {"0", "0.5", "1"}
+
+    # results made with other options are not mixed in
+    with pytest.raises(SystemExit, match="other settings"):
+        evaluation.main([*tiny, "--output_dir", str(out), "--trials", "5"])
+
+
+def test_unknown_implementation_fails_fast(tiny, tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"unknown attention implementation.*'nope'"):
+        evaluation.main([*tiny, "--attn", "fastmax,nope", "--output_dir", str(tmp_path / "out")])
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "out").exists()
+
+
+def test_length_beyond_the_model_fails_fast(tiny, tmp_path, cache_dir):
+    model_dir = tmp_path / "model"
+    config = data.builtin_model_config("llama-tiny", vocab_size=VOCAB, max_position_embeddings=200)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    argv = [*tiny, "--model", str(model_dir), "--tokenizer", "default", "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="exceed the model's max_position_embeddings 200.*--max_positions"):
+        evaluation.main(argv)
+    assert not (tmp_path / "out" / "results.json").exists()
+    with pytest.raises(SystemExit, match="passkey prompt needs more than 64 tokens"):
+        evaluation.main([*argv, "--lengths", "64"])
+
+
+def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch):
+    calls = Calls().install(monkeypatch)
+    fake = evaluation.measure_cost
+
+    def measure_cost(model, length, decode_tokens, seed):
+        if model.config._attn_implementation == "sdpa" and length >= 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return fake(model, length, decode_tokens, seed)
+
+    monkeypatch.setattr(evaluation, "measure_cost", measure_cost)
+    out = tmp_path / "out"
+    evaluation.main([*tiny, "--sections", "cost", "--lengths", "128,256,512", "--output_dir", str(out)])
+    cost = read_results(out)["cost"]
+    assert set(cost["fastmax"]) == {"128", "256", "512"} and all("prefill_s" in r for r in cost["fastmax"].values())
+    assert "prefill_s" in cost["sdpa"]["128"] and cost["sdpa"]["256"]["out_of_memory"]
+    assert cost["sdpa"]["512"] == {"skipped": "out of memory at 256 tokens"}  # not tried
+    assert (512, "sdpa") not in {(n, i) for i, n in calls.cost}
+    assert (out / "cost.png").exists()
+
+
+def test_time_budget_extrapolates_from_the_last_two_lengths():
+    quadratic = {"1024": {"seconds": 10.0}, "2048": {"seconds": 40.0}}
+    assert evaluation.skip_reason(quadratic, 4096, None) is None
+    assert evaluation.skip_reason(quadratic, 4096, 200.0) is None  # predicted 160 s
+    assert "predicted 160 s" in evaluation.skip_reason(quadratic, 4096, 100.0)
+    linear = {"1024": {"seconds": 10.0}, "2048": {"seconds": 20.0}}
+    assert evaluation.skip_reason(linear, 4096, 50.0) is None  # predicted 40 s
+    assert evaluation.skip_reason({"1024": {"out_of_memory": True}}, 2048, None) == "out of memory at 1024 tokens"
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+@pytest.mark.parametrize("implementation", ["fastmax", "sdpa"])
+def test_perplexity_equals_a_direct_computation(tiny_model, tokenizer, implementation):
+    tiny_model.set_attn_implementation(implementation)
+    ids = torch.tensor(tokenizer("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n")["input_ids"])
+    with torch.no_grad():
+        direct = torch.exp(tiny_model(ids[None], labels=ids[None]).loss).item()
+        nll, tokens, windows = evaluation.sliding_window_nll(tiny_model, ids, length=len(ids), stride=len(ids))
+        assert (tokens, windows) == (len(ids) - 1, 1)
+        assert abs(torch.exp(torch.tensor(nll / tokens)).item() - direct) < 1e-4 * direct
+
+        # several windows: each scores the tokens past the previous window's end, its earlier tokens as context
+        document = torch.randint(1, VOCAB, (100,), generator=torch.Generator().manual_seed(0))
+        length, stride = 32, 12
+        expected, counted, prev_end = 0.0, 0, 1
+        for begin in range(0, len(document), stride):
+            end = min(begin + length, len(document))
+            window = document[begin:end][None]
+            labels = window.clone()
+            labels[:, : end - begin - (end - prev_end)] = -100  # context only
+            n = int((labels[:, 1:] != -100).sum())
+            expected += tiny_model(window, labels=labels).loss.item() * n
+            counted, prev_end = counted + n, end
+            if end == len(document):
+                break
+        nll, tokens, windows = evaluation.sliding_window_nll(tiny_model, document, length, stride)
+    assert tokens == counted == len(document) - 1 and windows == 7
+    assert abs(nll - expected) < 1e-4 * expected
+
+
+# --------------------------------------------------------------------------- passkey
+
+
+def test_passkey_prompt_layout(tokenizer):
+    filler = len(tokenizer(evaluation.PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
+    for length in (224, 300, 1000):
+        positions = []
+        for depth in (0.0, 0.5, 1.0):
+            prompt = evaluation.passkey_prompt(tokenizer, length, depth, "12345")
+            assert length - filler < len(prompt.input_ids) <= length  # as many filler groups as fit
+            assert tokenizer.decode(prompt.input_ids) == prompt.text
+            assert prompt.text.startswith(evaluation.PASSKEY_TASK)
+            assert prompt.text.endswith("What is the pass key? The pass key is")
+            assert prompt.text.count("The pass key is 12345. Remember it. 12345 is the pass key.") == 1
+            positions.append(prompt.key_token)
+        task = len(tokenizer(evaluation.PASSKEY_TASK)["input_ids"])
+        needle = len(tokenizer(evaluation.PASSKEY_NEEDLE.format(key="12345"), add_special_tokens=False)["input_ids"])
+        question = len(tokenizer(evaluation.PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+        assert positions[0] == task  # depth 0: right after the task
+        assert positions[2] == len(prompt.input_ids) - question - needle  # depth 1: right before the question
+        assert positions[0] <= positions[1] <= positions[2] and (positions[0] < positions[1] or length < 300)
+    with pytest.raises(ValueError, match="needs more than"):
+        evaluation.passkey_prompt(tokenizer, 100, 0.5, "12345")
+
+
+def test_passkey_scoring():
+    assert evaluation.score_answer(" 12345. Remember", "12345")
+    assert evaluation.score_answer("12345", "12345")
+    assert not evaluation.score_answer(" 123456", "12345")
+    assert not evaluation.score_answer(" 1234 5", "12345")
+    assert not evaluation.score_answer(" the grass is green", "12345")
+    assert not evaluation.score_answer("", "12345")
+    assert evaluation.passkey(0, 1024, 0.5, 1) == evaluation.passkey(0, 1024, 0.5, 1) != evaluation.passkey(0, 1024, 0.5, 2)
+
+
+def test_passkey_accuracy_with_stub_generators(tokenizer):
+    seen = []
+
+    def echo(input_ids):  # reads the key back out of the prompt: a model that always finds it
+        text = tokenizer.decode(input_ids[0])
+        seen.append(input_ids.shape)
+        return " " + re.search(r"The pass key is (\d+)\. Remember it", text).group(1) + "."
+
+    def never(input_ids):
+        return " blue. The sun is yellow."
+
+    def wrong(input_ids):  # a number, never the right one
+        text = tokenizer.decode(input_ids[0])
+        return " " + str(int(re.search(r"The pass key is (\d+)", text).group(1)) + 1)
+
+    for length in (224, 400):
+        for depth in (0.0, 0.3, 1.0):
+            cell = evaluation.passkey_cell(echo, tokenizer, length, depth, trials=4, seed=0)
+            assert (cell["accuracy"], cell["correct"], cell["trials"]) == (1.0, 4, 4)
+            assert len({s["key"] for s in cell["samples"]}) > 1  # a fresh key per trial
+            assert evaluation.passkey_cell(never, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
+            assert evaluation.passkey_cell(wrong, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
+    assert all(shape[0] == 1 and shape[1] <= 400 for shape in seen)
+
+
+def test_model_generator_answers_greedily(tiny_model, tokenizer):
+    """The real generator: decoded greedy continuation, for fastmax (recurrent state) and sdpa."""
+    prompt = evaluation.passkey_prompt(tokenizer, 224, 0.5, "12345")
+    ids = torch.tensor([prompt.input_ids])
+    for implementation in ("fastmax", "sdpa"):
+        tiny_model.set_attn_implementation(implementation)
+        answer = evaluation.model_generator(tiny_model, tokenizer, 5)(ids)
+        with torch.no_grad():
+            expected = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)
+        assert isinstance(answer, str) and answer == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
