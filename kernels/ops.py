@@ -187,6 +187,8 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
 def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, return_state=False):
     """Returns (out, den) or (out, den, S, z). ``state_in`` = (S, z) continues a sequence."""
     B, Hq, Nq, D = q.shape
+    # a decoding step has a token or a few: the smallest chunk the tensor cores take
+    chunk = 16 if k.shape[2] <= 16 else LINEAR_CONFIG["chunk"]
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     block_d, n_tiles, f_rows = linear_layout(D, p)
     block_dv = _block_dv(Dv)
@@ -210,7 +212,7 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, f_rows, scale, a0, a1, a2,
         P=p, CAUSAL=causal, HAS_MASK=m is not None,
         LOAD_STATE=state_in is not None, STORE_STATE=return_state,
-        CHUNK=LINEAR_CONFIG["chunk"], BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
+        CHUNK=chunk, BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
         OP_BF16=q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
         num_warps=_linear_warps(block_d, block_dv), num_stages=LINEAR_CONFIG["num_stages"],
     )
@@ -222,13 +224,39 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
     return out, den
 
 
+# fp32 gradient scratch per backward launch; larger problems are cut into groups of
+# key/value heads so that 1M-token training keeps its peak near the size of its tensors.
+SCRATCH_BYTES = 1 << 30
+
+
 def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    groups = Hq // Hk
+    inv_den, crow = _row_terms(out, den, grad_out)
+    per_head = 4 * (groups * Nq * D + Nk * (D + Dv)) * B
+    heads_per_launch = max(1, min(Hk, SCRATCH_BYTES // max(per_head, 1)))
+    if heads_per_launch >= Hk:
+        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for h0 in range(0, Hk, heads_per_launch):
+        h1 = min(Hk, h0 + heads_per_launch)
+        qs = slice(h0 * groups, h1 * groups)
+        parts = _linear_backward_heads(
+            q[:, qs], k[:, h0:h1], v[:, h0:h1], mask, grad_out[:, qs],
+            inv_den[:, qs].contiguous(), crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2)
+        dq[:, qs].copy_(parts[0])
+        dk[:, h0:h1].copy_(parts[1])
+        dv[:, h0:h1].copy_(parts[2])
+    return dq, dk, dv
+
+
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2):
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     block_d, n_tiles, _ = linear_layout(D, p)
     block_dv = _block_dv(Dv)
     tile_m, tile_n, _ = _pair_tiles(block_d, str(q.device))
-    inv_den, crow = _row_terms(out, den, grad_out)
     m, smb, smn = _mask_args(mask)
     mp = m if m is not None else q
     dq = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
@@ -245,12 +273,13 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
     )
     _record("linear_bwd_dq", compiled)
+    dq = dq.to(q.dtype)  # finished: release the fp32 scratch before the second sweep
     compiled = linear_bwd_dkdv_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
     )
     _record("linear_bwd_dkdv", compiled)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 # ----------------------------------------------------------------------------------------
