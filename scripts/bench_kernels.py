@@ -149,7 +149,8 @@ def section_long(args):
                 entry = {"D": D, "N": N, "pass": "fwd+bwd" if backward else "fwd"}
                 check = (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
                 entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward, check)
-                if "ms" in entry["fastmax"] and N >= 16384:
+                entry["regime"] = ops.choose_regime(N, D, 2, backward)
+                if "ms" in entry["fastmax"] and entry["regime"] == "linear":
                     entry["fastmax"]["tflops"] = linear_flops(N, 16, D, D, backward) / entry["fastmax"]["ms"] / 1e9
                 for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
                     if N > args.sdpa_max:
