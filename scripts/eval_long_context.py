@@ -928,7 +928,7 @@ def main(argv=None):
                           "perplexity and passkey then only exercise the pipeline", file=sys.stderr)
 
     results["meta"] = describe(model, args, accelerator, dtype)
-    title = f"{args.model} ({results['meta']['parameters'] / 1e6:.0f}M params, {results['meta']['dtype']}) " \
+    title = f"{args.model} ({results['meta']['parameters'] / 1e6:.3g}M params, {results['meta']['dtype']}) " \
             f"on {results['meta']['device']}"
     accelerator.print(f"{title}; {accelerator.num_processes} process(es); attention {args.attn}; "
                       f"lengths {args.lengths}; sections {args.sections}; output {out}")

@@ -43,6 +43,15 @@ TRIALS = 2
 DECODE_TOKENS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a busy machine (no OpenMP spinning)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fastmax_cache")
@@ -76,7 +85,7 @@ def tiny_run(tmp_path_factory, tiny):
     code = (f"import runpy, sys; sys.argv = {[str(SCRIPT), *argv]!r}; "
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__'); "
             "assert 'datasets' not in sys.modules, 'the default corpus path imported datasets'")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -317,3 +326,30 @@ def test_model_generator_answers_greedily(tiny_model, tokenizer):
             expected = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id)
         assert isinstance(answer, str) and answer == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+def test_two_processes_under_accelerate_launch_agree_with_one(tiny_run, tiny, tmp_path):
+    # --multi_gpu with ACCELERATE_USE_CPU=1 starts torchrun workers that join a gloo group on the CPU
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+           *tiny, "--sections", "perplexity,passkey", "--output_dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    two, one = read_results(tmp_path), read_results(tiny_run)
+    assert two["meta"]["processes"] == 2 and two["cost"] == {}
+    for name in ("fastmax", "sdpa"):
+        for length in map(str, LENGTHS):
+            # documents split across processes, sums gathered: the same perplexity
+            a, b = two["perplexity"][name][length], one["perplexity"][name][length]
+            assert (a["documents"], a["tokens"]) == (b["documents"], b["tokens"])
+            assert abs(a["perplexity"] - b["perplexity"]) < 1e-5 * b["perplexity"]
+            for depth in map("{:g}".format, DEPTHS):
+                # trials split across processes, gathered in trial order: the same keys and answers
+                a, b = two["passkey"][name][length][depth], one["passkey"][name][length][depth]
+                assert [(s["trial"], s["key"], s["answer"]) for s in a["samples"]] == \
+                    [(s["trial"], s["key"], s["answer"]) for s in b["samples"]]
