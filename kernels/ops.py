@@ -110,10 +110,19 @@ def _quad_warps(block_d: int) -> int:
     return 4 if block_d <= 64 else 8
 
 
-def _quad_stages(block_d: int) -> int:
-    if QUAD_CONFIG["num_stages"] is not None:
-        return QUAD_CONFIG["num_stages"]
-    return 3 if block_d <= 64 else 2
+def _quad_blocks(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, stages) of the quadratic kernels for this element size and head dim.
+
+    Shared memory holds `stages` copies of the streamed tiles: fp32 tiles at D > 64 with
+    128-row blocks need 290 KB (seen on an H100, limit 227 KB), so fp32 takes 64-row blocks
+    and, past D = 64, one stage."""
+    block_m, block_n = QUAD_CONFIG["block_m"], QUAD_CONFIG["block_n"]
+    stages = QUAD_CONFIG["num_stages"] or (3 if block_d <= 64 else 2)
+    if dtype == torch.float32:
+        block_m = min(block_m, 64)
+        block_n = min(block_n, 64)
+        stages = stages if block_d <= 64 else 1
+    return block_m, block_n, stages
 
 
 def _record(name, compiled):
@@ -135,14 +144,15 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     den = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     m, smb, smn = _mask_args(mask)
     block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    grid = (triton.cdiv(Nq, QUAD_CONFIG["block_m"]), B * Hq)
+    block_m, block_n, stages = _quad_blocks(q.dtype, block_d)
+    grid = (triton.cdiv(Nq, block_m), B * Hq)
     compiled = quadratic_fwd_kernel[grid](
         q, k, v, m if m is not None else q, out, den,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
         Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2,
         P=p, CAUSAL=causal, HAS_MASK=m is not None,
-        BLOCK_M=QUAD_CONFIG["block_m"], BLOCK_N=QUAD_CONFIG["block_n"], BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=_quad_stages(block_d),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=stages,
     )
     _record("quadratic_fwd", compiled)
     return out, den
@@ -164,10 +174,10 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     dq = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
     dk = torch.empty(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
     dv = torch.empty(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
-    bm, bn = QUAD_CONFIG["block_m"], QUAD_CONFIG["block_n"]
+    bm, bn, stages = _quad_blocks(q.dtype, block_d)
     common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=bm, BLOCK_N=bn,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=_precision(q.dtype),
-                  num_warps=_quad_warps(block_d), num_stages=_quad_stages(block_d))
+                  num_warps=_quad_warps(block_d), num_stages=stages)
     mp = m if m is not None else q
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hk)](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv,

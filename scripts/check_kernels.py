@@ -123,7 +123,14 @@ def check_decode(gen, dtype, D, Dv, N=2000, split=1900):
     return {"out": err, "layout": state.layout, "pass": err <= TARGET[dtype]}
 
 
-def grid(quick):
+def grid(quick, dtypes_filter=None, dims_filter=None, long_cases=True):
+    cases = [c for c in _grid(quick, long_cases)
+             if (dtypes_filter is None or str(c[7]).split(".")[-1] in dtypes_filter)
+             and (dims_filter is None or c[5] in dims_filter or c[3] * c[4] > 4096 * 4096)]
+    return cases
+
+
+def _grid(quick, long_cases):
     cases = []
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32)
     for dtype in dtypes:
@@ -135,7 +142,7 @@ def grid(quick):
                     if not quick:
                         cases.append((1, 4, 4, 257, 1531, D, Dv, dtype, causal, regime, 2, False, "bhnd"))
                         cases.append((3, 6, 3, 777, 129, D, Dv, dtype, causal, regime, 1, True, "bhnd"))
-    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+    for dtype in ((torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)) if long_cases else ():
         for D in (64, 128):
             cases.append((1, 4, 2, 16384, 16384, D, D, dtype, True, "linear", 2, False, "bnhd"))
             cases.append((1, 2, 1, 131072, 131072, D, D, dtype, True, "linear", 2, False, "bhnd"))
@@ -146,10 +153,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    parser.add_argument("--dtypes", default=None, help="only these, e.g. float32,bfloat16")
+    parser.add_argument("--dims", default=None, help="only these head dims, e.g. 128,80")
+    parser.add_argument("--no-long", action="store_true", help="skip the 16k and 128k cases")
+    parser.add_argument("--no-decode", action="store_true", help="skip the decoding checks")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else None
     gen = torch.Generator(device="cuda").manual_seed(int(time.time()))
     rows = []
-    for case in grid(args.quick):
+    for case in grid(args.quick, dtypes, dims, not args.no_long):
         B, Hq, Hk, Nq, Nk, D, Dv, dtype, causal, regime, p, pad, layout = case
         long = Nq * Nk > 4096 * 4096
         t0 = time.time()
@@ -160,7 +173,7 @@ def main():
         errs = " ".join(f"{k}={row[k]:.1e}" for k in ("out", "dq", "dk", "dv") if k in row)
         print(f"{'ok ' if row['pass'] else 'BAD'} {row['dtype']:8s} N={Nq}x{Nk} D={D}/{Dv} H={Hq}/{Hk} "
               f"causal={causal} {regime:9s} p={p} pad={pad} {layout}: {errs}", flush=True)
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in () if args.no_decode else (torch.bfloat16, torch.float32):
         for D in (64, 128):
             res = check_decode(gen, dtype, D, D)
             rows.append(dict(kind="decode", dtype=str(dtype).split(".")[-1], D=D, **res))
