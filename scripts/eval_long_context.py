@@ -102,7 +102,7 @@ def parse_args(argv=None):
                         "or 'default' for built-in models")
     p.add_argument("--vocab_size", type=int, default=data.DEFAULT_VOCAB_SIZE, help="of the default tokenizer")
     p.add_argument("--attn", default="fastmax,sdpa", help="attention implementations, comma-separated")
-    p.add_argument("--lengths", default="256,512,1024", help="context lengths in tokens, comma-separated")
+    p.add_argument("--lengths", default="256,512,1024,2048", help="context lengths in tokens, comma-separated")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"which of {','.join(SECTIONS)} to run")
     p.add_argument("--output_dir", default="runs/eval_long_context")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -125,7 +125,7 @@ def parse_args(argv=None):
                    help="tokens per document (default: the longest length); fix it to add longer lengths later")
     p.add_argument("--stride", type=int, default=None, help="window step in tokens (default: half the length)")
     # passkey
-    p.add_argument("--depths", default="0,0.5,1", help="where the key sits, fractions of the filler")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, fractions of the filler")
     p.add_argument("--trials", type=int, default=3, help="passkey prompts (random keys) per length and depth")
     p.add_argument("--passkey_new_tokens", type=int, default=8, help="tokens generated for the answer")
     # cost
@@ -335,8 +335,10 @@ def share(records: list) -> list:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, and the RuntimeErrors of the CPU allocator and cuBLAS that mean the same."""
     text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
 
 
 def free_memory(device):
@@ -443,6 +445,7 @@ def perplexity_point(model, documents: torch.Tensor, length: int, stride: int, a
         if not is_out_of_memory(err):
             raise
         record["out_of_memory"] = True
+    if record["out_of_memory"]:  # outside the except block: its traceback no longer holds the tensors
         free_memory(model.device)
     record["seconds"] = time.perf_counter() - started
     parts = share([record])
@@ -668,7 +671,8 @@ def measure_cost(model, length: int, decode_tokens: int, seed: int) -> dict:
         clock.mark()
     marks = clock.seconds()
     steps = marks[1:-1]  # after the start mark, one per forward pass; the last mark ends the call
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    cache = getattr(out, "cache", None)  # transformers >= 5.24; 5.17 calls it past_key_values
+    cache = cache if cache is not None else getattr(out, "past_key_values", None)
     record = {
         "prefill_s": steps[0],
         "prefill_tokens_per_s": length / steps[0],
@@ -690,8 +694,21 @@ def cost_point(model, length: int, args) -> dict:
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
-        free_memory(model.device)
-        return {"out_of_memory": True, "error": str(err).splitlines()[0][:300]}
+        record = {"out_of_memory": True, "error": str(err).splitlines()[0][:300]}
+    free_memory(model.device)  # outside the except block: its traceback no longer holds the tensors
+    return record
+
+
+def warm_up(model, length: int, seed: int):
+    """One untimed generate() at the first length: kernels compiled (Triton's are compiled per
+    shape regime on first use), cuBLAS and the allocator primed. Running out of memory here is
+    left for the measurement to record."""
+    try:
+        measure_cost(model, length, 2, seed)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
+    free_memory(model.device)
 
 
 # --------------------------------------------------------------------------- sections
@@ -755,8 +772,8 @@ def run_cost(model, args, results, save, accelerator):
         model.set_attn_implementation(name)
         done = results["cost"].setdefault(name, {})
         pending = [n for n in args.lengths if str(n) not in done or "skipped" in done[str(n)]]
-        if pending and accelerator.is_main_process:  # warm-up: kernels compiled, allocator and caches primed
-            measure_cost(model, min(pending[0], 128), 2, args.seed)
+        if pending and accelerator.is_main_process:
+            warm_up(model, pending[0], args.seed)
         bar = tqdm(pending, desc=f"cost/{name}", disable=not accelerator.is_main_process, dynamic_ncols=True)
         for length in bar:
             reason = skip_reason(done, length, args.max_seconds_per_point)
@@ -895,7 +912,7 @@ def describe(model, args, accelerator, dtype) -> dict:
     return dict(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         processes=accelerator.num_processes, torch=torch.__version__, transformers=transformers.__version__,
-        fastmax_hf=fastmax_hf.__version__, python=platform.python_version(), dtype=str(dtype),
+        fastmax_hf=fastmax_hf.__version__, python=platform.python_version(), dtype=str(dtype).removeprefix("torch."),
         parameters=sum(p.numel() for p in model.parameters()), model_type=model.config.model_type,
         max_position_embeddings=max_positions(model.config), fastmax=fastmax_options, command=sys.argv,
     )
