@@ -10,7 +10,9 @@ Stage 1, attention transfer. Two passes over the same batch:
    the teacher's (teacher forcing). The loss is the MSE between student and teacher
    outputs, averaged over layers. Only these attention-side parameters train.
 
-Stage 2, fine-tuning on the language-modelling loss with fastmax, LoRA (peft) or full.
+Stage 2, fine-tuning with fastmax, LoRA (peft) or full, on the language-modelling loss,
+optionally mixed with the KL divergence from the softmax model's next-token distribution
+(``logit_kl``).
 
 The ``QueryGain``: a complex gain g_hf = a_hf + i b_hf per query head h and RoPE
 frequency f, applied to the pair (x_f, x_{f+D/2}) that rotary embeddings rotate
@@ -311,7 +313,21 @@ def finish_attention_transfer(model: nn.Module) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------- stage 2 with LoRA
+# --------------------------------------------------------------------------- stage 2
+
+
+def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions, averaged over tokens.
+
+    (B, N, V), (B, N, V) -> scalar, in fp32. The whole distribution per token carries far
+    more signal than the one sampled next token, so fine-tuning after attention transfer
+    learns from the softmax model as well as from the data.
+    """
+    student = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)  # (B*N, V)
+    teacher = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]

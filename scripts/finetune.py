@@ -1,10 +1,11 @@
 """Train language models with Fastmax attention, or convert softmax models to it.
 
-    python scripts/finetune.py                                   # tiny Llama, fastmax, stdlib corpus, CPU ok
+    python scripts/finetune.py                                   # 5M-param Llama, fastmax, stdlib corpus: ~2 min on a CPU
     python scripts/finetune.py --mode scratch --attention sdpa   # the softmax baseline / teacher
     python scripts/finetune.py --mode swap --model runs/teacher  # load softmax weights, switch, fine-tune
     python scripts/finetune.py --mode distill --model runs/teacher --lora_rank 16
-    accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/finetune.py ...
+    accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/finetune.py ...   # DDP (FSDP: accelerate_fsdp.yaml)
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py   # 2 CPU processes (gloo)
 
 Modes:
   scratch  random initialisation, trained with --attention (fastmax unless told sdpa).
@@ -14,7 +15,8 @@ Modes:
            output of the original model on the same hidden states (teacher forcing);
            only q/k-side parameters train: LoRA on q_proj/k_proj (--distill_lora_rank)
            and a per-head, per-RoPE-frequency query gain (fastmax_hf.distill.QueryGain).
-           Both merge into q_proj/k_proj; stage 2 fine-tunes with fastmax (full or LoRA).
+           Both merge into q_proj/k_proj; stage 2 fine-tunes with fastmax (full or LoRA) on
+           cross-entropy mixed with the KL from the softmax model's predictions (--kd_weight).
   swap and distill spend the same --max_steps, so their token budgets are equal.
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
@@ -78,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--distill_steps", type=int, default=None, help="distill: attention-transfer steps (default max/4)")
     p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains and q/k LoRA")
     p.add_argument("--distill_lora_rank", type=int, default=8, help="distill: LoRA rank on q/k in attention transfer (0: gains only)")
+    p.add_argument("--kd_weight", type=float, default=None,
+                   help="swap/distill fine-tuning: loss = (1-w) CE + w KL(softmax teacher || model); default 0.5 "
+                        "for distill of a pretrained model, else 0 (swap: the plain swap-and-finetune baseline)")
     p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
                    help="default: bf16 on CUDA, no on CPU (or what `accelerate launch` was told)")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -102,6 +107,8 @@ def parse_args(argv=None):
         args.lr = 1e-3 if args.mode == "scratch" or args.lora_rank > 0 else 3e-4
     if args.mode == "distill" and args.distill_steps is None:
         args.distill_steps = args.max_steps // 4
+    if args.kd_weight is None:
+        args.kd_weight = 0.5 if args.mode == "distill" and args.model not in data.BUILTIN_MODELS else 0.0
     return args
 
 
@@ -120,6 +127,10 @@ def check_args(args):
         fail("--max_steps, --batch_size and --grad_accum must be positive")
     if args.mode == "distill" and not 0 < args.distill_steps < args.max_steps:
         fail(f"--distill_steps must lie in (0, --max_steps={args.max_steps}), got {args.distill_steps}")
+    if args.kd_weight > 0 and (args.mode == "scratch" or args.model in data.BUILTIN_MODELS):
+        fail("--kd_weight needs a pretrained softmax --model to learn from (swap or distill)")
+    if not 0 <= args.kd_weight <= 1:
+        fail(f"--kd_weight must lie in [0, 1], got {args.kd_weight}")
     if args.stop_at_step is not None and not 0 < args.stop_at_step <= args.max_steps:
         fail(f"--stop_at_step must lie in (0, --max_steps], got {args.stop_at_step}")
 
@@ -299,16 +310,52 @@ def learning_rate(step: int, stage: Stage, args) -> float:
     return stage.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# --------------------------------------------------------------------------- loss and evaluation
+# --------------------------------------------------------------------------- training and evaluation
 
 
-def stage_loss(model, input_ids: torch.Tensor, stage: Stage) -> torch.Tensor:
-    """Stage 1: the attention-transfer MSE; otherwise next-token cross-entropy."""
+def train_step(model, optimizer, params, lr, blocks, step, stage, teacher, args, accelerator) -> float:
+    """One optimizer step over --grad_accum micro-batches; returns the loss averaged over
+    micro-batches and processes."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=accelerator.device)
+    for micro in range(args.grad_accum):
+        input_ids = micro_batch(blocks, step, micro, args, accelerator)
+        # gradients are averaged across processes only on the last micro-step
+        sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(model)
+        with sync:
+            loss = stage_loss(model, input_ids, stage, teacher, args, accelerator) / args.grad_accum
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    if args.grad_clip > 0:
+        accelerator.clip_grad_norm_(params, args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator.reduce(step_loss, reduction="mean").item()
+
+
+
+def stage_loss(model, input_ids: torch.Tensor, stage: Stage, teacher, args, accelerator) -> torch.Tensor:
+    """Stage 1: the attention-transfer MSE. Otherwise next-token cross-entropy, mixed with
+    KL(teacher || model) over the vocabulary when --kd_weight > 0."""
     if stage.name == "transfer":  # the teacher pass, then the student pass through the DDP wrapper
         distill.record_teacher(unwrap(model), input_ids)
         model(input_ids=input_ids, use_cache=False, logits_to_keep=1)  # the logits are not needed
         return distill.attention_transfer_loss(unwrap(model))
-    return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    out = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    if teacher is None:
+        return out.loss
+    with torch.no_grad(), accelerator.autocast():
+        teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits  # (B, N, V)
+    return (1 - args.kd_weight) * out.loss + args.kd_weight * distill.logit_kl(out.logits, teacher_logits)
+
+
+def load_teacher(args, accelerator):
+    """The softmax model being converted, frozen, in sdpa: the target of --kd_weight."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
+    return teacher.requires_grad_(False).eval().to(accelerator.device)
 
 
 def unwrap(model):
@@ -342,6 +389,9 @@ def evaluate(model, blocks: torch.Tensor, args, accelerator, stage: Stage) -> tu
 
 # --------------------------------------------------------------------------- logs, checkpoints, outputs
 
+# train_loss is the stage's objective: the attention-transfer MSE in "transfer", else cross-entropy
+# (mixed with the teacher KL under --kd_weight); val_loss is always cross-entropy; elapsed_s counts
+# training steps only, not evaluations.
 LOG_FIELDS = ["step", "stage", "tokens", "lr", "train_loss", "val_loss", "val_ppl", "elapsed_s"]
 
 
@@ -385,25 +435,32 @@ def find_checkpoint(args) -> Path | None:
 
 
 def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str):
+    """Train and validation loss by step; the attention-transfer MSE, if any, on a log axis at the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["train_loss"]) for r in history if r.get("train_loss") not in (None, "")]
-    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") not in (None, "")]
+    def points(key, stage_names):
+        return [(r["step"], r[key]) for r in history if r.get(key) is not None and r["stage"] in stage_names]
+
     fig, ax = plt.subplots(figsize=(7, 4))
+    train = points("train_loss", {"train"})
     if train:
-        ax.plot(*zip(*train), lw=1, alpha=0.7, label="train (MSE in attention transfer)" if len(stages) > 1 else "train")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation")
-    for stage in stages[1:]:
-        ax.axvline(stage.start, color="gray", ls="--", lw=1)
+        ax.plot(*zip(*train), lw=1, alpha=0.7, label="train")
+    ax.plot(*zip(*points("val_loss", {"train", "transfer"})), "o-", label="validation")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    ax.set_ylabel("next-token loss (nats)")
+    transfer = points("train_loss", {"transfer"})
+    if transfer:
+        mse_ax = ax.twinx()
+        mse_ax.plot(*zip(*transfer), color="tab:red", lw=1, label="attention-transfer MSE")
+        mse_ax.set_yscale("log")
+        mse_ax.set_ylabel("attention-transfer MSE", color="tab:red")
+        for stage in stages[1:]:
+            ax.axvline(stage.start, color="gray", ls="--", lw=1)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -428,6 +485,7 @@ def save_final_model(model, tokenizer, accelerator, args):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    # an explicit flag, else what `accelerate launch` was told, else bf16 on GPUs that have it
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or (
         "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     tensorboard = _tensorboard_available()
@@ -437,6 +495,8 @@ def main(argv=None):
         fail("FSDP runs full fine-tuning (scratch, swap); distill and --lora_rank change the model between "
              "stages or merge adapters, which needs whole weights: use DDP (scripts/accelerate_ddp.yaml)")
     set_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (no mixed precision) on tensor cores
+    torch.backends.cudnn.allow_tf32 = True
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -476,6 +536,7 @@ def main(argv=None):
         if stage.index < resume_stage:
             continue  # finished before the checkpoint; its result is in the checkpoint's weights
         model, params = enter_stage(model, stage, args)
+        teacher = load_teacher(args, accelerator) if stage.name == "train" and args.kd_weight > 0 else None
         optimizer = make_optimizer(params, stage.lr, 0.0 if stage.name == "transfer" else args.weight_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]  # as prepared (FSDP may replace them)
@@ -492,26 +553,12 @@ def main(argv=None):
         for step in bar:
             started = time.perf_counter()
             lr = learning_rate(step, stage, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(args.grad_accum):
-                input_ids = micro_batch(blocks["train"], step, micro, args, accelerator)
-                # gradients are averaged across processes only on the last micro-step
-                sync = contextlib.nullcontext() if micro == args.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    loss = stage_loss(model, input_ids, stage) / args.grad_accum
-                    accelerator.backward(loss)
-                step_loss += loss.detach()
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(model, optimizer, params, lr, blocks["train"], step, stage, teacher, args, accelerator)
             elapsed += time.perf_counter() - started
 
             done = step + 1
-            row = dict(step=done, stage=stage.name, tokens=done * tokens_per_step, lr=lr,
-                       train_loss=accelerator.reduce(step_loss, reduction="mean").item(), elapsed_s=round(elapsed, 3))
+            row = dict(step=done, stage=stage.name, tokens=done * tokens_per_step, lr=lr, train_loss=step_loss,
+                       elapsed_s=round(elapsed, 3))
             if done % args.eval_every == 0 or done == stage.end:
                 row["val_loss"], row["val_ppl"] = evaluate(model, blocks["validation"], args, accelerator, stage)
             history.append(row)

@@ -156,6 +156,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
         (["--seq_len", "8192"], "exceeds the model's 4096 positions"),
         (["--mode", "swap", "--attention", "sdpa"], "only applies to --mode scratch"),
         (["--mode", "distill", "--distill_steps", "5", "--max_steps", "5"], "--distill_steps"),
+        (["--mode", "swap", "--kd_weight", "0.5"], "needs a pretrained softmax --model"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny, change, message):
@@ -268,6 +269,14 @@ def test_attention_transfer_reduces_the_output_mse(lora_rank, ratio):
         optimizer.step()
         mse.append(loss.item())
     assert mse[-1] < ratio * mse[0]
+
+
+def test_logit_kl_is_the_kl_divergence_per_token():
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    p = teacher.softmax(-1)
+    expected = (p * (p.log() - student.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(distill.logit_kl(student, teacher), expected)
+    assert distill.logit_kl(teacher, teacher).abs() < 1e-6
 
 
 def test_padding_is_refused_during_attention_transfer():

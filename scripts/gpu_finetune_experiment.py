@@ -1,0 +1,214 @@
+"""Convert a softmax Llama to fastmax on one GPU: swap vs distill vs training fastmax from scratch.
+
+    python scripts/gpu_finetune_experiment.py --out_dir results/finetune_gpu
+
+Four runs of scripts/finetune.py on the embedded stdlib corpus, one after the other:
+
+1. teacher   a softmax (sdpa) Llama (--model, ~30M parameters) pretrained from scratch
+             for --pretrain_steps;
+2. swap      the teacher with its attention switched to fastmax, fine-tuned (full);
+3. distill   the teacher converted by attention transfer (q/k LoRA + query gains fitted
+             to each layer's softmax output), then fine-tuned (full); swap and distill
+             both get --convert_fraction of the teacher's tokens;
+4. scratch   the same architecture trained with fastmax from random initialisation,
+             with the teacher's token budget.
+
+Writes, under --out_dir: one directory per run (model, log.csv, loss.png, results.json),
+summary.json (validation perplexities, their ratios to the teacher's, tokens, times) and
+perplexity.png (validation perplexity against tokens for every run). The summary is
+rewritten after each run, so a run cut short still leaves what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+FINETUNE = Path(__file__).resolve().parent / "finetune.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--model", default="llama-30m", help="a built-in config of fastmax_hf.data.BUILTIN_MODELS")
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--pretrain_steps", type=int, default=1500, help="teacher (and fastmax-from-scratch) steps")
+    p.add_argument("--pretrain_lr", type=float, default=1.5e-3)
+    p.add_argument("--convert_fraction", type=float, default=0.1, help="swap / distill tokens over the teacher's")
+    p.add_argument("--convert_lr", type=float, default=3e-4)
+    p.add_argument("--distill_fraction", type=float, default=0.25, help="share of distill's steps in attention transfer")
+    p.add_argument("--distill_lora_rank", type=int, default=8)
+    p.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16", "fp16"))
+    p.add_argument("--eval_blocks", type=int, default=100000, help="validation blocks per evaluation (default: all)")
+    p.add_argument("--runs", default="teacher,swap,distill,scratch", help="which runs, comma-separated, in order")
+    return p.parse_args(argv)
+
+
+def fastmax_runs_under_autocast(dtype: torch.dtype) -> str | None:
+    """None when a fastmax Llama runs under autocast(dtype) on this machine, else the error.
+
+    Under autocast, Llama's RoPE leaves q and k in fp32 while v comes out of its projection
+    in bf16; an attention function that requires one dtype for q, k and v then fails.
+    """
+    import fastmax_hf  # noqa: F401  (registers "fastmax")
+    from fastmax_hf import data
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_config(data.builtin_model_config("llama-tiny", vocab_size=64),
+                                             attn_implementation="fastmax").to(device)
+    try:
+        with torch.autocast(device, dtype=dtype):
+            model(torch.zeros(1, 8, dtype=torch.long, device=device))
+    except (TypeError, ValueError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def finetune(args, name: str, extra: list[str]) -> dict:
+    """Run scripts/finetune.py into out_dir/name; returns its results.json plus the wall time."""
+    out = Path(args.out_dir) / name
+    cmd = [sys.executable, str(FINETUNE), "--output_dir", str(out), "--seq_len", str(args.seq_len),
+           "--batch_size", str(args.batch_size), "--mixed_precision", args.mixed_precision,
+           "--eval_blocks", str(args.eval_blocks), "--save_every", "0", *extra]
+    print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    results = json.loads((out / "results.json").read_text())
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def plan(args) -> dict[str, list[str]]:
+    """The finetune.py arguments of each run."""
+    teacher_dir = str(Path(args.out_dir) / "teacher")
+    convert_steps = max(2, round(args.pretrain_steps * args.convert_fraction))
+    distill_steps = max(1, round(convert_steps * args.distill_fraction))
+    every = lambda steps: str(max(1, steps // 5))  # noqa: E731  (five evaluations per run)
+    return {
+        "teacher": ["--mode", "scratch", "--attention", "sdpa", "--model", args.model,
+                    "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
+                    "--eval_every", every(args.pretrain_steps)],
+        "swap": ["--mode", "swap", "--model", teacher_dir, "--max_steps", str(convert_steps),
+                 "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)],
+        "distill": ["--mode", "distill", "--model", teacher_dir, "--max_steps", str(convert_steps),
+                    "--distill_steps", str(distill_steps), "--distill_lora_rank", str(args.distill_lora_rank),
+                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)],
+        "scratch": ["--mode", "scratch", "--attention", "fastmax", "--model", args.model,
+                    "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
+                    "--eval_every", every(args.pretrain_steps)],
+    }
+
+
+def summarize(args, results: dict[str, dict]) -> dict:
+    """Final validation perplexities and their ratio to the teacher's."""
+    teacher = results.get("teacher")
+    runs = {}
+    for name, r in results.items():
+        entry = dict(val_ppl=r["final"]["val_ppl"], val_loss=r["final"]["val_loss"], tokens=r["tokens"],
+                     steps=r["steps"], initial_val_ppl=r["initial"]["val_ppl"], train_time_s=r["train_time_s"],
+                     wall_s=r["wall_s"], attention=r["attention"] if r["mode"] == "scratch" else "fastmax")
+        if teacher is not None:
+            entry["ppl_over_teacher"] = entry["val_ppl"] / teacher["final"]["val_ppl"]
+            entry["tokens_over_teacher"] = entry["tokens"] / teacher["tokens"]
+        runs[name] = entry
+    summary = dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        versions=dict(torch=torch.__version__, transformers=_version("transformers"), accelerate=_version("accelerate")),
+        settings=vars(args), runs=runs,
+    )
+    if {"teacher", "swap", "distill"} <= set(runs):
+        summary["targets"] = dict(
+            distill_within_10_percent_of_teacher=runs["distill"]["ppl_over_teacher"] <= 1.10,
+            distill_tokens_at_most_10_percent=runs["distill"]["tokens_over_teacher"] <= 0.10 + 1e-9,
+            distill_better_than_swap=runs["distill"]["val_ppl"] < runs["swap"]["val_ppl"],
+        )
+    return summary
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def plot(results: dict[str, dict], path: Path):
+    """Left: pretraining (teacher, fastmax from scratch); right: conversions, against the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(r):
+        tokens_per_step = r["tokens"] / r["steps"]
+        return [e["step"] * tokens_per_step / 1e6 for e in r["evaluations"]], [e["val_ppl"] for e in r["evaluations"]]
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, label in (("teacher", "softmax teacher (sdpa)"), ("scratch", "fastmax from scratch")):
+        if name in results:
+            left.plot(*curve(results[name]), "o-", label=label)
+    left.set_title("pretraining")
+    for name, label in (("swap", "swap + fine-tune"), ("distill", "distill: attention transfer + fine-tune")):
+        if name in results:
+            right.plot(*curve(results[name]), "o-", label=label)
+    if "distill" in results and len(results["distill"]["stages"]) > 1:
+        r = results["distill"]
+        right.axvline(r["stages"][1]["start"] * r["tokens"] / r["steps"] / 1e6, color="gray", ls=":", lw=1)
+    if "teacher" in results:
+        teacher_ppl = results["teacher"]["final"]["val_ppl"]
+        right.axhline(teacher_ppl, color="black", ls="--", lw=1, label=f"teacher {teacher_ppl:.2f}")
+        right.axhline(1.1 * teacher_ppl, color="gray", ls="--", lw=1, label="teacher + 10%")
+    right.set_title("conversion of the teacher to fastmax")
+    for ax in (left, right):
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = args.runs.split(",")
+    if any(r in runs for r in ("swap", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
+        raise SystemExit("swap and distill convert the teacher: run it too (--runs teacher,...)")
+    if "distill" in runs and args.distill_lora_rank > 0:
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise SystemExit("distill with --distill_lora_rank > 0 needs peft (pip install peft), "
+                             "or pass --distill_lora_rank 0") from None
+    if args.mixed_precision != "no":
+        error = fastmax_runs_under_autocast(torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
+        if error is not None:
+            print(f"warning: fastmax fails under {args.mixed_precision} autocast ({error}); "
+                  "running every model in fp32 with TF32 matmuls instead", flush=True)
+            args.mixed_precision_fallback_reason = error
+            args.mixed_precision = "no"
+    commands = plan(args)
+    results = {}
+    if "teacher" not in runs and (out / "teacher" / "results.json").exists():
+        results["teacher"] = json.loads((out / "teacher" / "results.json").read_text()) | {"wall_s": None}
+    for name in runs:
+        results[name] = finetune(args, name, commands[name])
+        summary = summarize(args, results)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot(results, out / "perplexity.png")
+    print(json.dumps({k: {m: v[m] for m in ("val_ppl", "ppl_over_teacher", "tokens") if m in v}
+                      for k, v in summary["runs"].items()}, indent=2))
+    print(json.dumps(summary.get("targets", {}), indent=2))
+
+
+if __name__ == "__main__":
+    main()
