@@ -9,39 +9,52 @@ by scripts/finetune.py) and several attention implementations (--attn, any name 
 with transformers; `import fastmax_hf` registers "fastmax"), over --lengths:
 
   perplexity  next-token perplexity on long documents (--dataset: the embedded stdlib corpus,
-              a hub name or local files; documents joined by eos and cut to the longest
-              length), sliding windows of each length moving by --stride; every token of a
-              document is scored once, with the window's earlier tokens as context.
+              a hub name or local files; the --split's documents joined by eos and cut into
+              --ppl_documents of --document_tokens, by default the longest length), by sliding
+              windows of each length moving by --stride (default half the length): every token
+              but a document's first is scored once, with the window's earlier tokens as context.
   passkey     the standard passkey-retrieval task: the filler "The grass is green. ..."
               repeated, "The pass key is NNNNN. Remember it. NNNNN is the pass key." at a depth,
               then "What is the pass key? The pass key is"; greedy generation, exact match of
-              the number; accuracy on a length x depth grid, --trials per cell.
+              the number; accuracy on a length x depth grid, --trials random keys per cell.
   cost        prefill time, per-token decode latency (generate(): fastmax from its
               constant-size recurrent state, FastmaxCache; softmax from the key/value cache)
-              and peak memory, on random token ids, by length.
+              and peak memory, on random token ids, by length. CUDA: CUDA events and
+              max_memory_allocated; CPU: wall clock and the sampled resident set size.
 
 Outputs in --output_dir: results.json (rewritten after every measurement), perplexity.png,
 passkey_<implementation>.png (heatmaps), cost.png. A rerun skips every point already in
-results.json (the settings that change results must match). A length where an
+results.json (it refuses results made with other settings). A length where an
 implementation runs out of memory is recorded as such and that implementation's longer
-lengths are not tried; --max_seconds_per_point skips lengths whose predicted time is over
-budget. Under `accelerate launch`, documents and trials are split across processes and
-gathered on the main process, which alone writes files; cost is measured on the main process.
+lengths are not tried; --max_seconds_per_point skips lengths whose time, extrapolated from
+the shorter ones, is over budget. Under `accelerate launch`, documents and trials are split
+across processes and gathered; cost is measured on the main process; only it writes files.
+Bad arguments (an unknown implementation, a length beyond the model's positions, a passkey
+length too short for the prompt) stop the script before any measurement.
 
-Built-in models (random weights unless trained): the quality sections then only exercise
-the pipeline. Their max_position_embeddings is set to what --lengths needs (RoPE has no
-position table); a pretrained model's limit is checked, or raised with --max_positions.
+Built-in models have random weights: the quality sections then only exercise the pipeline.
+Their max_position_embeddings is set to what --lengths needs (RoPE has no position table);
+a pretrained model's limit is checked, and can be raised with --max_positions (RoPE models).
+On a busy CPU, OMP_NUM_THREADS=1 can be several times faster for the small default model.
 
-GPU run (one H100, ~8 minutes): quality on a model trained by scripts/finetune.py ($MODEL_DIR,
-e.g. the distill/ directory of scripts/gpu_finetune_experiment.py), cost on a ~1B-parameter
-Llama (Llama-3.2-1B shapes, random weights, bf16):
+GPU run, one H100 (torch 2.11, transformers 5.17; no `datasets` needed), two commands of a
+few minutes each. Quality on a model trained by scripts/finetune.py: here the distilled
+model of `python scripts/gpu_finetune_experiment.py --out_dir runs/finetune_gpu`, run
+earlier on the same machine (runs/ is git-ignored, so it stays while the machine is warm;
+any finetune.py output directory will do). It was trained on 512-token blocks with 4096
+positions, so --max_positions lets RoPE run past them:
 
-    python scripts/eval_long_context.py --model $MODEL_DIR --sections perplexity,passkey \\
-        --lengths 4096,16384,65536,262144 --max_positions 262400 --ppl_documents 4 --trials 4 \\
-        --max_seconds_per_point 90 --output_dir benchmarks/results/long_context_h100/quality && \\
-    python scripts/eval_long_context.py --model llama-1b --sections cost \\
-        --lengths 4096,8192,16384,32768,65536,131072,262144 --decode_tokens 32 \\
-        --max_seconds_per_point 60 --output_dir benchmarks/results/long_context_h100/cost
+    PYTHONUNBUFFERED=1 python scripts/eval_long_context.py --model runs/finetune_gpu/distill \
+        --sections perplexity,passkey --lengths 4096,16384,65536,262144 --max_positions 262400 \
+        --depths 0,0.5,1 --trials 3 --max_seconds_per_point 90 --output_dir $OUT/quality
+
+Cost on a ~1B-parameter Llama (Llama-3.2-1B shapes, 8k vocabulary: 0.99B parameters; random
+weights, bf16), fastmax to 512k tokens, sdpa until it runs out of memory or its predicted time
+per point passes 60 s:
+
+    PYTHONUNBUFFERED=1 python scripts/eval_long_context.py --model llama-1b --sections cost \
+        --lengths 4096,8192,16384,32768,65536,131072,262144,524288 --decode_tokens 32 \
+        --max_seconds_per_point 60 --output_dir $OUT/cost
 
 The default corpus path never imports `datasets`; no network is needed for built-in models.
 """
