@@ -488,7 +488,7 @@ def main(argv=None):
     # an explicit flag, else what `accelerate launch` was told, else bf16 on GPUs that have it
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or (
         "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    tensorboard = _tensorboard_available()
+    tensorboard = _installed("tensorboard")
     accelerator = Accelerator(mixed_precision=mixed, log_with="tensorboard" if tensorboard else None,
                               project_dir=args.output_dir)
     if accelerator.distributed_type == DistributedType.FSDP and (args.mode == "distill" or args.lora_rank > 0):
@@ -599,17 +599,19 @@ def write_results(out: Path, args, history, stages, tokens_per_step, config):
         train_time_s=history[-1]["elapsed_s"],
     )
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_losses(history, stages, out / "loss.png", f"{args.mode} ({args.attention if args.mode == 'scratch' else 'fastmax'})")
+    if _installed("matplotlib"):
+        plot_losses(history, stages, out / "loss.png", f"{args.mode} ({args.attention if args.mode == 'scratch' else 'fastmax'})")
+    else:
+        print("matplotlib is not installed: no loss.png (log.csv has the same numbers)")
     print(f"final validation loss {results['final']['val_loss']:.4f}, perplexity {results['final']['val_ppl']:.2f}; "
           f"model, log.csv, loss.png, results.json in {out}")
 
 
-def _tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _installed(package: str) -> bool:
+    """Optional outputs (tensorboard events, PNGs) are skipped where their package is missing."""
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 if __name__ == "__main__":

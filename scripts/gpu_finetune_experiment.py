@@ -2,15 +2,18 @@
 
     python scripts/gpu_finetune_experiment.py --out_dir results/finetune_gpu
 
-Four runs of scripts/finetune.py on the embedded stdlib corpus, one after the other:
+Five runs of scripts/finetune.py on the embedded stdlib corpus, one after the other:
 
 1. teacher   a softmax (sdpa) Llama (--model, ~30M parameters) pretrained from scratch
              for --pretrain_steps;
-2. swap      the teacher with its attention switched to fastmax, fine-tuned (full);
-3. distill   the teacher converted by attention transfer (q/k LoRA + query gains fitted
-             to each layer's softmax output), then fine-tuned (full); swap and distill
-             both get --convert_fraction of the teacher's tokens;
-4. scratch   the same architecture trained with fastmax from random initialisation,
+2. swap      the teacher with its attention switched to fastmax, fine-tuned (full) on
+             cross-entropy: the swap-and-finetune baseline;
+3. swap_kd   an ablation: swap, fine-tuned on cross-entropy mixed with the KL from the
+             teacher's predictions (--kd_weight), without attention transfer;
+4. distill   the conversion recipe: attention transfer (q/k LoRA + query gains fitted to
+             each layer's softmax output), then fine-tuning with the teacher KL as in 3;
+             swap, swap_kd and distill all get --convert_fraction of the teacher's tokens;
+5. scratch   the same architecture trained with fastmax from random initialisation,
              with the teacher's token budget.
 
 Writes, under --out_dir: one directory per run (model, log.csv, loss.png, results.json),
@@ -22,7 +25,9 @@ rewritten after each run, so a run cut short still leaves what finished.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -45,9 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--convert_lr", type=float, default=3e-4)
     p.add_argument("--distill_fraction", type=float, default=0.25, help="share of distill's steps in attention transfer")
     p.add_argument("--distill_lora_rank", type=int, default=8)
+    p.add_argument("--kd_weight", type=float, default=0.5, help="swap_kd and distill: weight of the teacher KL")
     p.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16", "fp16"))
     p.add_argument("--eval_blocks", type=int, default=100000, help="validation blocks per evaluation (default: all)")
-    p.add_argument("--runs", default="teacher,swap,distill,scratch", help="which runs, comma-separated, in order")
+    p.add_argument("--finetune_args", default="", help="more finetune.py arguments for every run, e.g. '--max_files 200'")
+    p.add_argument("--runs", default="teacher,swap,swap_kd,distill,scratch", help="which runs, comma-separated, in order")
     return p.parse_args(argv)
 
 
@@ -77,7 +84,7 @@ def finetune(args, name: str, extra: list[str]) -> dict:
     out = Path(args.out_dir) / name
     cmd = [sys.executable, str(FINETUNE), "--output_dir", str(out), "--seq_len", str(args.seq_len),
            "--batch_size", str(args.batch_size), "--mixed_precision", args.mixed_precision,
-           "--eval_blocks", str(args.eval_blocks), "--save_every", "0", *extra]
+           "--eval_blocks", str(args.eval_blocks), "--save_every", "0", *extra, *shlex.split(args.finetune_args)]
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -97,10 +104,12 @@ def plan(args) -> dict[str, list[str]]:
                     "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
                     "--eval_every", every(args.pretrain_steps)],
         "swap": ["--mode", "swap", "--model", teacher_dir, "--max_steps", str(convert_steps),
-                 "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)],
+                 "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", "0"],
+        "swap_kd": ["--mode", "swap", "--model", teacher_dir, "--max_steps", str(convert_steps),
+                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", str(args.kd_weight)],
         "distill": ["--mode", "distill", "--model", teacher_dir, "--max_steps", str(convert_steps),
                     "--distill_steps", str(distill_steps), "--distill_lora_rank", str(args.distill_lora_rank),
-                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)],
+                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", str(args.kd_weight)],
         "scratch": ["--mode", "scratch", "--attention", "fastmax", "--model", args.model,
                     "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
                     "--eval_every", every(args.pretrain_steps)],
@@ -130,6 +139,8 @@ def summarize(args, results: dict[str, dict]) -> dict:
             distill_tokens_at_most_10_percent=runs["distill"]["tokens_over_teacher"] <= 0.10 + 1e-9,
             distill_better_than_swap=runs["distill"]["val_ppl"] < runs["swap"]["val_ppl"],
         )
+    if {"swap_kd", "distill"} <= set(runs):  # what attention transfer adds on top of the teacher KL
+        summary["distill_over_swap_kd"] = runs["distill"]["val_ppl"] / runs["swap_kd"]["val_ppl"]
     return summary
 
 
@@ -145,6 +156,7 @@ def plot(results: dict[str, dict], path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     def curve(r):
         tokens_per_step = r["tokens"] / r["steps"]
@@ -155,7 +167,9 @@ def plot(results: dict[str, dict], path: Path):
         if name in results:
             left.plot(*curve(results[name]), "o-", label=label)
     left.set_title("pretraining")
-    for name, label in (("swap", "swap + fine-tune"), ("distill", "distill: attention transfer + fine-tune")):
+    conversions = (("swap", "swap + fine-tune"), ("swap_kd", "swap + fine-tune with teacher KL"),
+                   ("distill", "distill: attention transfer + fine-tune with teacher KL"))
+    for name, label in conversions:
         if name in results:
             right.plot(*curve(results[name]), "o-", label=label)
     if "distill" in results and len(results["distill"]["stages"]) > 1:
@@ -170,6 +184,8 @@ def plot(results: dict[str, dict], path: Path):
         ax.set_xlabel("training tokens (millions)")
         ax.set_ylabel("validation perplexity")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # plain numbers on the log axis
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -181,8 +197,8 @@ def main(argv=None):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = args.runs.split(",")
-    if any(r in runs for r in ("swap", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
-        raise SystemExit("swap and distill convert the teacher: run it too (--runs teacher,...)")
+    if any(r in runs for r in ("swap", "swap_kd", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
+        raise SystemExit("swap, swap_kd and distill convert the teacher: run it too (--runs teacher,...)")
     if "distill" in runs and args.distill_lora_rank > 0:
         try:
             import peft  # noqa: F401
@@ -204,7 +220,8 @@ def main(argv=None):
         results[name] = finetune(args, name, commands[name])
         summary = summarize(args, results)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        plot(results, out / "perplexity.png")
+        if importlib.util.find_spec("matplotlib") is not None:  # optional: summary.json has the numbers
+            plot(results, out / "perplexity.png")
     print(json.dumps({k: {m: v[m] for m in ("val_ppl", "ppl_over_teacher", "tokens") if m in v}
                       for k, v in summary["runs"].items()}, indent=2))
     print(json.dumps(summary.get("targets", {}), indent=2))
