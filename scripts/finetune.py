@@ -406,6 +406,15 @@ def checkpoint_dir(args, step: int) -> Path:
     return Path(args.output_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+# What fixes the data order, the schedule and the model's structure: a resumed run must match.
+RUN_DEFINING_ARGS = ("mode", "model", "attention", "dataset", "seq_len", "batch_size", "grad_accum", "max_steps",
+                     "distill_steps", "lora_rank", "distill_lora_rank", "kd_weight", "seed")
+
+
+def run_definition(args, accelerator) -> dict:
+    return {name: getattr(args, name) for name in RUN_DEFINING_ARGS} | {"num_processes": accelerator.num_processes}
+
+
 def save_checkpoint(accelerator, args, step: int, stage: Stage, history: list[dict], elapsed: float):
     """Accelerator state (model, optimizer, RNG) plus the step, stage and log so far.
 
@@ -414,7 +423,8 @@ def save_checkpoint(accelerator, args, step: int, stage: Stage, history: list[di
     path = checkpoint_dir(args, step)
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
-        state = dict(step=step, stage=stage.index, history=history, elapsed_s=elapsed)
+        state = dict(step=step, stage=stage.index, history=history, elapsed_s=elapsed,
+                     run=run_definition(args, accelerator))
         (path / "trainer_state.json").write_text(json.dumps(state))
     accelerator.wait_for_everyone()
 
@@ -529,6 +539,9 @@ def main(argv=None):
     history, step, elapsed, resume_stage = [], 0, 0.0, -1
     if resume is not None:
         state = json.loads((resume / "trainer_state.json").read_text())
+        changed = {k: (v, state["run"].get(k)) for k, v in run_definition(args, accelerator).items() if state["run"].get(k) != v}
+        if changed:
+            fail(f"--resume_from_checkpoint {resume} was written by a different run; now vs then: {changed}")
         history, step, elapsed, resume_stage = state["history"], state["step"], state["elapsed_s"], state["stage"]
         accelerator.print(f"resuming from {resume} at step {step}")
 

@@ -146,6 +146,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
 
     assert curve(resumed) == curve(straight)  # exactly: same data, weights, optimizer state
     assert [r["train_loss"] for r in read_log(resumed_dir)] == [r["train_loss"] for r in read_log(tmp_path / "straight")]
+    with pytest.raises(SystemExit, match="different run.*max_steps"):
+        run([*argv, "--max_steps", "12", "--resume_from_checkpoint", "latest"], resumed_dir)  # the last flag wins
 
 
 @pytest.mark.parametrize(
