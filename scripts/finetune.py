@@ -260,6 +260,10 @@ def build_model(args, config):
 
     if args.attention == "fastmax":
         fastmax_hf.set_fastmax_config(config, **fastmax_options(args))
+        if getattr(config, "sliding_window", None) is not None:  # Mistral, Qwen2: fastmax sees every past token
+            print(f"note: sliding_window={config.sliding_window} switched off: fastmax attends to every "
+                  "previous token", file=sys.stderr)
+            config.sliding_window = None
     attention = "sdpa" if args.mode == "distill" else args.attention
     if args.mode == "scratch" or args.model in data.BUILTIN_MODELS:
         if args.mode != "scratch":
@@ -371,7 +375,9 @@ def evaluate(model, blocks: torch.Tensor, args, accelerator, stage: Stage) -> tu
     During attention transfer the student (fastmax on gained queries) is evaluated.
     """
     model.eval()
-    picked = torch.arange(min(args.eval_blocks, len(blocks)))[accelerator.process_index::accelerator.num_processes]
+    # the same number of blocks on every process: FSDP runs collectives inside each forward
+    count = min(args.eval_blocks, len(blocks)) // accelerator.num_processes * accelerator.num_processes
+    picked = torch.arange(count)[accelerator.process_index::accelerator.num_processes]
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum of losses, tokens)
     student = (distill.attention_implementation(unwrap(model), distill.GAINED_ATTENTION)
                if stage.name == "transfer" else contextlib.nullcontext())
@@ -518,6 +524,9 @@ def main(argv=None):
     config = pretrained_config or data.builtin_model_config(args.model, len(tokenizer), eos_token_id=tokenizer.eos_token_id)
     check_model_config(args, config, len(tokenizer))
     blocks = load_blocks(args, tokenizer, accelerator)
+    if min(args.eval_blocks, len(blocks["validation"])) < accelerator.num_processes:
+        fail(f"evaluation needs at least one validation block per process ({accelerator.num_processes}): "
+             f"--eval_blocks {args.eval_blocks}, {len(blocks['validation'])} validation blocks")
     model = build_model(args, config)
     if args.mode == "distill":
         try:
