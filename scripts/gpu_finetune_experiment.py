@@ -17,8 +17,9 @@ Five runs of scripts/finetune.py on the embedded stdlib corpus, one after the ot
              with the teacher's token budget.
 
 Writes, under --out_dir: one directory per run (model, log.csv, loss.png, results.json),
-summary.json (validation perplexities, their ratios to the teacher's, tokens, times) and
-perplexity.png (validation perplexity against tokens for every run). The summary is
+summary.json (validation perplexities, their ratios to the teacher's, tokens, times),
+summary.md (the same as a markdown table) and perplexity.png (validation perplexity
+against tokens for every run). The summary is
 rewritten after each run, so a run cut short still leaves what finished.
 """
 
@@ -144,6 +145,17 @@ def summarize(args, results: dict[str, dict]) -> dict:
     return summary
 
 
+def markdown_table(summary: dict) -> str:
+    """The runs as a markdown table (for the README)."""
+    lines = ["| run | attention | tokens (M) | tokens / teacher | val. perplexity | / teacher | train time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in summary["runs"].items():
+        ratio = lambda key: f"{r[key]:.3f}" if key in r else "-"  # noqa: E731
+        lines.append(f"| {name} | {r['attention']} | {r['tokens'] / 1e6:.1f} | {ratio('tokens_over_teacher')} | "
+                     f"{r['val_ppl']:.2f} | {ratio('ppl_over_teacher')} | {r['train_time_s']:.0f} |")
+    return "\n".join(lines) + f"\n\n{summary['device']}, precision {summary['settings']['mixed_precision']}\n"
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
@@ -220,6 +232,7 @@ def main(argv=None):
         results[name] = finetune(args, name, commands[name])
         summary = summarize(args, results)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.md").write_text(markdown_table(summary))
         if importlib.util.find_spec("matplotlib") is not None:  # optional: summary.json has the numbers
             plot(results, out / "perplexity.png")
     print(json.dumps({k: {m: v[m] for m in ("val_ppl", "ppl_over_teacher", "tokens") if m in v}

@@ -209,6 +209,7 @@ def test_gpu_experiment_script_runs_at_a_tiny_scale(tmp_path, tiny):
     assert set(summary["targets"]) == {"distill_within_10_percent_of_teacher", "distill_tokens_at_most_10_percent",
                                        "distill_better_than_swap"}
     assert (tmp_path / "perplexity.png").is_file()
+    assert "| distill | fastmax |" in (tmp_path / "summary.md").read_text()
 
 
 # --------------------------------------------------------------------------- fastmax_hf.distill
