@@ -92,6 +92,21 @@ def _check_denominator(den, shapes, causal, key_padding_mask, p, a0, a1, a2):
         )
 
 
+def _autocast_inputs(q, k, v):
+    """Under autocast, take q, k, v in the autocast dtype, as SDPA does.
+
+    Mixed precision produces mixed inputs: Llama's RoPE multiplies bf16 projections by fp32
+    cos/sin tables, so q and k arrive in fp32 next to a bf16 v."""
+    tensors = (q, k, v)
+    if not all(isinstance(x, torch.Tensor) for x in tensors):
+        return tensors
+    device_type = q.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
+
+
 def fastmax(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -143,6 +158,7 @@ def fastmax(
         ValueError/TypeError naming the argument on bad input, and ValueError when the
         kernel's coefficients let a denominator reach 0 and it does.
     """
+    q, k, v = _autocast_inputs(q, k, v)
     three_d = isinstance(q, torch.Tensor) and q.dim() == 3
     if three_d:
         for name, x in (("k", k), ("v", v)):

@@ -158,3 +158,16 @@ def test_long_sequence_linear_memory():
     assert result.returncode == 0, result.stderr
     grown_mib = int(result.stdout.strip().splitlines()[-1])
     assert grown_mib < 1024, f"peak resident memory grew by {grown_mib} MiB"
+
+
+def test_autocast_takes_mixed_inputs(gen):
+    """Mixed precision hands fastmax fp32 q, k (after RoPE) next to a bf16 v, as it does SDPA."""
+    q, k = randn(gen, 1, 2, 9, 8, dtype=torch.float32), randn(gen, 1, 2, 9, 8, dtype=torch.float32)
+    v = randn(gen, 1, 2, 9, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastmax(q, k, v, causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = fastmax_reference(q.bfloat16().double(), k.bfloat16().double(), v.double(), causal=True)
+    assert rel_err(out, expected) < 3e-2
+    with pytest.raises(TypeError, match="share one dtype"):
+        fastmax(q, k, v)  # outside autocast, mixed dtypes are an error
