@@ -138,7 +138,7 @@ def parse_args(argv=None):
                    help="tokens per document (default: the longest length); fix it to add longer lengths later")
     p.add_argument("--stride", type=int, default=None, help="window step in tokens (default: half the length)")
     # passkey
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="where the key sits, fractions of the filler")
+    p.add_argument("--depths", default="0,0.5,1", help="where the key sits, fractions of the filler")
     p.add_argument("--trials", type=int, default=3, help="passkey prompts (random keys) per length and depth")
     p.add_argument("--passkey_new_tokens", type=int, default=8, help="tokens generated for the answer")
     # cost
