@@ -50,7 +50,8 @@ def _normalize_qk(q, k, lim, causal, key_padding_mask):
     """Scale q and k by lim / max ||x_n||; under a causal mask the maximum runs over n <= i.
 
     The running maximum keeps position i independent of later tokens, so training and
-    token-by-token decoding agree. Padded keys do not count towards the maximum.
+    token-by-token decoding agree. Padded keys do not count towards the maximum, nor do
+    padded queries when q and k are the same tokens (Nq == Nk).
     """
     tiny = torch.finfo(q.dtype).tiny
 
@@ -63,7 +64,8 @@ def _normalize_qk(q, k, lim, causal, key_padding_mask):
         factor = torch.where(peak > 0, lim / peak.clamp_min(tiny), torch.zeros_like(peak))
         return factor.to(x.dtype).unsqueeze(-1)
 
-    return q * factor(q, None), k * factor(k, key_padding_mask)
+    query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
+    return q * factor(q, query_mask), k * factor(k, key_padding_mask)
 
 
 def _visible_rows(shapes, causal, key_padding_mask, device):

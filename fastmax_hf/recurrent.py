@@ -123,7 +123,7 @@ def fastmax_step(
     if normalize:
         if state.q_peak is None:
             raise ValueError("`state` was built without normalize=True but `normalize` is set")
-        q, q_peak = _running_normalize(q, state.q_peak, lim)
+        q, q_peak = _running_normalize(q, state.q_peak, lim, key_padding_mask)
         k, k_peak = _running_normalize(k, state.k_peak, lim, key_padding_mask)
     else:
         q_peak = k_peak = None

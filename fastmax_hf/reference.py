@@ -64,7 +64,10 @@ def fastmax_reference(
     v = v.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, Dv)
 
     if normalize:
-        q = q * _norm_scale(q, lim, causal, None)[..., None]
+        # padded positions count towards no maximum; queries share the keys' padding when
+        # they are the same tokens (Nq == Nk)
+        query_mask = key_padding_mask if Nq == Nk else None
+        q = q * _norm_scale(q, lim, causal, query_mask)[..., None]
         k = k * _norm_scale(k, lim, causal, key_padding_mask)[..., None]
 
     scores = q @ k.transpose(-1, -2)  # (B, Hq, Nq, Nk)

@@ -237,6 +237,20 @@ def test_left_padded_rows_equal_each_alone(llama, gpt2):
             assert rel_err(logits[i, -len(row):], model(input_ids=row[None]).logits[0]) < 1e-12
 
 
+def test_left_padded_rows_equal_each_alone_with_normalize(llama, gpt2):
+    """normalize=True: padded positions enter neither the keys' nor the queries' running maximum."""
+    rows = prompts(5, 10, 4, 7)
+    ids, mask = left_pad(rows)
+    for model in (llama, gpt2):
+        fastmax_hf.set_fastmax_config(model.config, normalize=True, lim=1.5)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+            for i, row in enumerate(rows):
+                assert rel_err(logits[i, -len(row):], model(input_ids=row[None]).logits[0]) < 1e-12
+        finally:
+            fastmax_hf.set_fastmax_config(model.config)
+
+
 def test_dropout_only_in_training():
     model = build(llama_config(attention_dropout=0.3))
     ids = prompts(5, 8)[0][None]
