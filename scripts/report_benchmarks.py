@@ -100,6 +100,7 @@ def main():
     parser.add_argument("--crossover", default="benchmarks/results/crossover_h100_v1.json")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default="benchmarks/plots")
+    parser.add_argument("--analysis", default="benchmarks/analysis.md", help="hand-written notes appended at the end")
     args = parser.parse_args()
     results = json.loads(Path(args.results).read_text())
     crossover = json.loads(Path(args.crossover).read_text()).get("crossover", []) if Path(args.crossover).exists() else []
@@ -159,6 +160,9 @@ def main():
             lines.append(f"| {e['D']} | {e['context']:,} | {fm.get('ms', float('nan')):.3f} | {fm.get('state_mib', float('nan')):.1f} | "
                          f"{sd.get('ms', float('nan')):.3f} | {sd.get('cache_mib', float('nan')):.0f} |")
         parts.append("## Decoding one token, one layer (B=1, Hq=32, Hk=8, bf16)\n\n" + "\n".join(lines))
+    analysis = Path(args.analysis)
+    if analysis.exists():
+        parts.append(analysis.read_text().strip())
     Path(args.out).write_text("\n\n".join(parts) + "\n")
     print(f"wrote {args.out} and {plots}/")
 
