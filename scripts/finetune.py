@@ -16,7 +16,8 @@ Modes:
            only q/k-side parameters train: LoRA on q_proj/k_proj (--distill_lora_rank)
            and a per-head, per-RoPE-frequency query gain (fastmax_hf.distill.QueryGain).
            Both merge into q_proj/k_proj; stage 2 fine-tunes with fastmax (full or LoRA) on
-           cross-entropy mixed with the KL from the softmax model's predictions (--kd_weight).
+           the KL from the softmax model's next-token distributions (--kd_weight 1, the
+           default; below 1 it is mixed with the data's cross-entropy).
   swap and distill spend the same --max_steps, so their token budgets are equal.
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
@@ -81,7 +82,7 @@ def parse_args(argv=None):
     p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains and q/k LoRA")
     p.add_argument("--distill_lora_rank", type=int, default=8, help="distill: LoRA rank on q/k in attention transfer (0: gains only)")
     p.add_argument("--kd_weight", type=float, default=None,
-                   help="swap/distill fine-tuning: loss = (1-w) CE + w KL(softmax teacher || model); default 0.5 "
+                   help="swap/distill fine-tuning: loss = (1-w) CE + w KL(softmax teacher || model); default 1 "
                         "for distill of a pretrained model, else 0 (swap: the plain swap-and-finetune baseline)")
     p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
                    help="default: bf16 on CUDA, no on CPU (or what `accelerate launch` was told)")
@@ -108,7 +109,7 @@ def parse_args(argv=None):
     if args.mode == "distill" and args.distill_steps is None:
         args.distill_steps = args.max_steps // 4
     if args.kd_weight is None:
-        args.kd_weight = 0.5 if args.mode == "distill" and args.model not in data.BUILTIN_MODELS else 0.0
+        args.kd_weight = 1.0 if args.mode == "distill" and args.model not in data.BUILTIN_MODELS else 0.0
     return args
 
 

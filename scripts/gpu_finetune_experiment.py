@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--convert_lr", type=float, default=3e-4)
     p.add_argument("--distill_fraction", type=float, default=0.25, help="share of distill's steps in attention transfer")
     p.add_argument("--distill_lora_rank", type=int, default=8)
-    p.add_argument("--kd_weight", type=float, default=0.5, help="swap_kd and distill: weight of the teacher KL")
+    p.add_argument("--kd_weight", type=float, default=1.0, help="swap_kd and distill: weight of the teacher KL")
     p.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16", "fp16"))
     p.add_argument("--eval_blocks", type=int, default=100000, help="validation blocks per evaluation (default: all)")
     p.add_argument("--finetune_args", default="", help="more finetune.py arguments for every run, e.g. '--max_files 200'")
