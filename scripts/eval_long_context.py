@@ -809,10 +809,14 @@ def _pyplot():
     return plt
 
 
+def _tick(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def _length_axis(ax, lengths):
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths)
-    ax.set_xticklabels([f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths], rotation=45)
+    ax.set_xticklabels([_tick(n) for n in lengths], rotation=45)
     ax.set_xlabel("context length (tokens)")
 
 
@@ -861,7 +865,7 @@ def plot_passkey(grid: dict, path: Path, title: str):
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="lightgray")
     image = ax.imshow(accuracy.numpy(), cmap=cmap, vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)))
-    ax.set_xticklabels([f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xticklabels([_tick(n) for n in lengths])
     ax.set_yticks(range(len(depths)))
     ax.set_yticklabels([f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
@@ -885,7 +889,9 @@ def plot_cost(results: dict, path: Path, title: str):
     for ax, (label, value) in zip(axes, panels):
         for k, (name, points) in enumerate(results["cost"].items()):
             measured = sorted((int(n), value(r)) for n, r in points.items() if "prefill_s" in r and value(r) is not None)
-            line = ax.plot(*zip(*measured), "o-", label=name)[0] if measured else None
+            skipped = sorted(int(n) for n, r in points.items() if "skipped" in r)
+            legend = name + (f" (skipped from {_tick(skipped[0])})" if skipped else "")
+            line = ax.plot(*zip(*measured), "o-", label=legend)[0] if measured else None
             oom = [int(n) for n, r in points.items() if r.get("out_of_memory")]
             if oom:
                 color = line.get_color() if line else f"C{k}"
