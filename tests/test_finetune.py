@@ -180,12 +180,13 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny):
     # `accelerate launch --cpu` starts one process (several need mpirun); --multi_gpu with
     # ACCELERATE_USE_CPU=1 starts torchrun workers that join a gloo group on the CPU.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    bf16 = [a if a != "no" else "bf16" for a in tiny]  # --mixed_precision bf16: autocast on the CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-           *tiny, "--max_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path)]
+           "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(SCRIPT),
+           *bf16, "--max_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
+    assert "2 process(es)" in done.stdout and "precision bf16" in done.stdout
     rows = read_log(tmp_path)
     assert int(rows[-1]["tokens"]) == 4 * 4 * 2 * 32  # steps * batch * processes * seq_len
     assert json.loads((tmp_path / "results.json").read_text())["final"]["val_loss"] > 0
