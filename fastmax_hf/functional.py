@@ -46,26 +46,32 @@ def _triton_refusal(q, rpe_matrix) -> str | None:
     return None
 
 
+def norm_scale(x, lim, causal, valid=None, prev_peak=None):
+    """lim / max ||x_n|| for every position: (B, H, N, 1) in x's dtype, and the last peak (B, H).
+
+    Without a causal mask the maximum runs over the whole sequence (as in the seed); with
+    one, over n <= i, continuing ``prev_peak`` (the maximum over earlier tokens, for
+    decoding), so that no position reads the future. ``valid`` (B, N) leaves padded
+    positions out of the maximum."""
+    work = x.to(prev_peak.dtype) if prev_peak is not None else (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
+    norms = torch.linalg.vector_norm(work, dim=-1)  # (B, H, N)
+    if valid is not None:
+        norms = norms.masked_fill(~valid[:, None, :], 0.0)
+    peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
+    if prev_peak is not None:
+        peak = torch.maximum(peak, prev_peak[..., None])
+    # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
+    factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
+    return factor.to(x.dtype).unsqueeze(-1), peak[..., -1]
+
+
 def _normalize_qk(q, k, lim, causal, key_padding_mask):
-    """Scale q and k by lim / max ||x_n||; under a causal mask the maximum runs over n <= i.
+    """Scale q and k by lim / max ||x_n|| (see ``norm_scale``).
 
-    The running maximum keeps position i independent of later tokens, so training and
-    token-by-token decoding agree. Padded keys do not count towards the maximum, nor do
-    padded queries when q and k are the same tokens (Nq == Nk).
-    """
-    tiny = torch.finfo(q.dtype).tiny
-
-    def factor(x, valid):
-        norms = torch.linalg.vector_norm(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
-        if valid is not None:
-            norms = norms.masked_fill(~valid[:, None, :], 0.0)
-        peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
-        # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
-        factor = torch.where(peak > 0, lim / peak.clamp_min(tiny), torch.zeros_like(peak))
-        return factor.to(x.dtype).unsqueeze(-1)
-
+    Padded keys do not count towards the maximum, nor do padded queries when q and k are
+    the same tokens (Nq == Nk)."""
     query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
-    return q * factor(q, query_mask), k * factor(k, key_padding_mask)
+    return q * norm_scale(q, lim, causal, query_mask)[0], k * norm_scale(k, lim, causal, key_padding_mask)[0]
 
 
 def _visible_rows(shapes, causal, key_padding_mask, device):

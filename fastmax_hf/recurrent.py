@@ -56,12 +56,10 @@ class FastmaxState:
 
 def _running_normalize(x, prev_peak, lim, valid=None):
     """x (B, H, n, D) scaled by lim / max(prev_peak, running max ||x||); returns (x', new peak)."""
-    norms = torch.linalg.vector_norm(x.to(prev_peak.dtype), dim=-1)  # (B, H, n)
-    if valid is not None:
-        norms = norms.masked_fill(~valid[:, None, :], 0.0)
-    peaks = torch.maximum(torch.cummax(norms, dim=-1).values, prev_peak[..., None])
-    factor = torch.where(peaks > 0, lim / peaks.clamp_min(torch.finfo(peaks.dtype).tiny), torch.zeros_like(peaks))
-    return x * factor.to(x.dtype)[..., None], peaks[..., -1]
+    from .functional import norm_scale
+
+    factor, peak = norm_scale(x, lim, causal=True, valid=valid, prev_peak=prev_peak)
+    return x * factor, peak
 
 
 def _use_triton(q) -> bool:

@@ -31,6 +31,8 @@ rows per tile, keys unweighted.
 import triton
 import triton.language as tl
 
+from .common import kernel_slope, kernel_value
+
 
 @triton.jit
 def _operand(x, OP_BF16: tl.constexpr):
@@ -41,22 +43,6 @@ def _operand(x, OP_BF16: tl.constexpr):
         return x.to(tl.bfloat16)
     else:
         return x.to(tl.float32)
-
-
-@triton.jit
-def _kernel_value(s, a0, a1, a2, P: tl.constexpr):
-    if P == 2:
-        return a0 + s * (a1 + a2 * s)
-    else:
-        return a0 + a1 * s
-
-
-@triton.jit
-def _kernel_slope(s, a1, a2, P: tl.constexpr):
-    if P == 2:
-        return a1 + 2.0 * a2 * s
-    else:
-        return a1 + 0.0 * s
 
 
 @triton.jit
@@ -235,7 +221,7 @@ def _low_order_fwd(
                     q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (CHUNK, CHUNK)
                     vis = q_valid[:, None] & k_valid[None, :] & (keys[None, :] <= keys[:, None])
-                    w = tl.where(vis, _kernel_value(s, a0, a1, a2, P), 0.0)
+                    w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
                     part = tl.dot(_operand(w, OP_BF16), _operand(v, OP_BF16), input_precision=PRECISION)
                     part += (a1 * scale) * tl.dot(_operand(q, OP_BF16), S1_op, input_precision=PRECISION)
                     part += a0 * S0[None, :]
@@ -459,10 +445,10 @@ def _low_order_bwd_dq(
                 if CAUSAL:
                     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
                     vis = q_valid[:, None] & k_valid[None, :] & (keys[None, :] <= keys[:, None])
-                    w = tl.where(vis, _kernel_value(s, a0, a1, a2, P), 0.0)
+                    w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
                     dA = tl.dot(_operand(gr, OP_BF16), tl.trans(_operand(v, OP_BF16)), input_precision=PRECISION)
                     dA -= crow[:, None]
-                    ds = tl.where(vis, dA * _kernel_slope(s, a1, a2, P), 0.0) * scale
+                    ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0) * scale
                     dq += tl.dot(_operand(ds, OP_BF16), _operand(k, OP_BF16), input_precision=PRECISION)
                     dk += tl.dot(tl.trans(_operand(ds, OP_BF16)), _operand(q, OP_BF16), input_precision=PRECISION)
                     dv += tl.dot(tl.trans(_operand(w, OP_BF16)), _operand(gr, OP_BF16), input_precision=PRECISION)

@@ -19,21 +19,7 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _kernel_value(s, a0, a1, a2, P: tl.constexpr):
-    if P == 2:
-        return a0 + s * (a1 + a2 * s)
-    else:
-        return a0 + a1 * s
-
-
-@triton.jit
-def _kernel_slope(s, a1, a2, P: tl.constexpr):
-    if P == 2:
-        return a1 + 2.0 * a2 * s
-    else:
-        return a1 + 0.0 * s
+from .common import kernel_slope, kernel_value
 
 
 @triton.jit
@@ -89,7 +75,7 @@ def quadratic_fwd_kernel(
         v = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + cols_v[None, :] * svd,
                     mask=(keys[:, None] < Nk) & (cols_v[None, :] < DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        w = _kernel_value(s, a0, a1, a2, P)
+        w = kernel_value(s, a0, a1, a2, P)
         w = tl.where(_visible(q_pos, keys, k_valid, q_valid, CAUSAL), w, 0.0)
         acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
         den += tl.sum(w, 1)
@@ -156,10 +142,10 @@ def quadratic_bwd_dkdv_kernel(
 
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
             vis = _visible(rows + offset, keys, k_valid, q_valid, CAUSAL)
-            w = tl.where(vis, _kernel_value(s, a0, a1, a2, P), 0.0)
+            w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
             dv += tl.dot(tl.trans(w.to(q.dtype)), g_rows, input_precision=PRECISION)
             dA = tl.dot(g_rows, tl.trans(v), input_precision=PRECISION) - crow[:, None]
-            ds = tl.where(vis, dA * _kernel_slope(s, a1, a2, P), 0.0)
+            ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
 
     base = (b * Hk + hk) * Nk
@@ -219,7 +205,7 @@ def quadratic_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         vis = _visible(rows + offset, keys, k_valid, q_valid, CAUSAL)
         dA = tl.dot(g_rows, tl.trans(v), input_precision=PRECISION) - crow[:, None]
-        ds = tl.where(vis, dA * _kernel_slope(s, a1, a2, P), 0.0)
+        ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
     tl.store(DQ + (pid_bh * Nq + rows[:, None]) * D + cols_d[None, :], dq * scale,
