@@ -27,6 +27,7 @@ the key side. Local derivatives come from autograd on one chunk at a time.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -39,14 +40,20 @@ def feature_count(dim: int, p: int) -> int:
     return 1 + dim + (dim * (dim + 1) // 2 if p == 2 else 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _pair_index(dim: int, device: torch.device, dtype: torch.dtype):
+    """Rows, columns and weights (1 on the diagonal, sqrt(2) off it) of the m <= n pairs."""
+    rows, cols = torch.triu_indices(dim, dim, device=device)
+    weight = torch.full(rows.shape, math.sqrt(2.0), dtype=dtype, device=device)
+    weight[rows == cols] = 1.0
+    return rows, cols, weight
+
+
 def _key_features(x: torch.Tensor, p: int) -> torch.Tensor:
     """phi_k(x) = [1, x, sym(x (x) x)] along the last dim: (..., D) -> (..., F)."""
     parts = [torch.ones_like(x[..., :1]), x]
     if p == 2:
-        D = x.shape[-1]
-        rows, cols = torch.triu_indices(D, D, device=x.device)
-        weight = torch.full(rows.shape, math.sqrt(2.0), dtype=x.dtype, device=x.device)
-        weight[rows == cols] = 1.0
+        rows, cols, weight = _pair_index(x.shape[-1], x.device, x.dtype)
         parts.append(x[..., rows] * x[..., cols] * weight)
     return torch.cat(parts, dim=-1)
 
@@ -97,6 +104,18 @@ class _Problem:
             feats = feats * self.m[..., j0:j1, None]
         return feats
 
+    def fold_keys(self, S, z, j0, j1):
+        """The state (S, z) with keys [j0, j1) folded in."""
+        fk = self.phi_k(self.k[..., j0:j1, :], j0, j1)
+        return S + fk.transpose(-1, -2) @ self.v[..., j0:j1, :], z + fk.sum(-2)
+
+    def fold_queries(self, R, r, g, c, i0, i1):
+        """The reverse state (R, r) with queries [i0, i1) folded in, summed over each group."""
+        fq = self.phi_q(self.q[..., i0:i1, :])
+        R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
+        r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+        return R, r
+
     def tile(self, q, k, i0, j0):
         """A = f(scale q k^T) on visible pairs, for queries from i0 and keys from j0."""
         weights = _kernel(self.scale * (q @ k.transpose(-1, -2)), self.p, *self.a)
@@ -138,31 +157,30 @@ def _forward_quadratic(P: _Problem, chunk: int):
     return out, den
 
 
-def _forward_linear(P: _Problem, chunk: int, return_state: bool = False):
+def _forward_linear(P: _Problem, chunk: int, initial_state=None, return_state: bool = False):
+    """(numerator, denominator), and the final state (S, z) with ``return_state``;
+    ``initial_state`` = (S, z) (B, Hk, F, Dv), (B, Hk, F) is what came before the keys."""
     out = P.q.new_zeros(P.q.shape[:-1] + (P.v.shape[-1],))
     den = P.q.new_zeros(P.q.shape[:-1])
     B, Hk = P.k.shape[:2]
     F = P.wq.shape[0]
-    S = P.q.new_zeros(B, Hk, 1, F, P.v.shape[-1])
-    z = P.q.new_zeros(B, Hk, 1, F)
+    if initial_state is None:
+        S = P.q.new_zeros(B, Hk, 1, F, P.v.shape[-1])
+        z = P.q.new_zeros(B, Hk, 1, F)
+    else:
+        S, z = (t.to(P.compute_dtype).unsqueeze(2) for t in initial_state)
     if P.causal:
         for j0, j1, i0, i1 in P.key_chunks(chunk):
-            kc, vc = P.k[..., j0:j1, :], P.v[..., j0:j1, :]
             if i1 > i0:
-                qc = P.q[..., i0:i1, :]
+                qc, kc, vc = P.q[..., i0:i1, :], P.k[..., j0:j1, :], P.v[..., j0:j1, :]
                 fq = P.phi_q(qc)
                 A = P.tile(qc, kc, i0, j0)
                 out[..., i0:i1, :] = fq @ S + A @ vc
                 den[..., i0:i1] = (fq * z.unsqueeze(-2)).sum(-1) + A.sum(-1)
-            fk = P.phi_k(kc, j0, j1)
-            S = S + fk.transpose(-1, -2) @ vc
-            z = z + fk.sum(-2)
+            S, z = P.fold_keys(S, z, j0, j1)
     else:
         for j0 in range(0, P.Nk, chunk):
-            j1 = min(j0 + chunk, P.Nk)
-            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
-            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
-            z = z + fk.sum(-2)
+            S, z = P.fold_keys(S, z, j0, min(j0 + chunk, P.Nk))
         for i0 in range(0, P.Nq, chunk):
             i1 = min(i0 + chunk, P.Nq)
             fq = P.phi_q(P.q[..., i0:i1, :])
@@ -220,10 +238,7 @@ def _backward_linear(P: _Problem, g, c, chunk):
     z = P.q.new_zeros(B, Hk, 1, F)
     if not P.causal:
         for j0 in range(0, P.Nk, chunk):
-            j1 = min(j0 + chunk, P.Nk)
-            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
-            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
-            z = z + fk.sum(-2)
+            S, z = P.fold_keys(S, z, j0, min(j0 + chunk, P.Nk))
         query_chunks = [(None, None, i0, min(i0 + chunk, P.Nq)) for i0 in range(0, P.Nq, chunk)]
     else:
         query_chunks = list(P.key_chunks(chunk))
@@ -246,19 +261,14 @@ def _backward_linear(P: _Problem, g, c, chunk):
                     (gq,) = torch.autograd.grad(L, (qc,))
             dq[..., i0:i1, :] = gq
         if P.causal:
-            fk = P.phi_k(P.k[..., j0:j1, :], j0, j1)
-            S = S + fk.transpose(-1, -2) @ P.v[..., j0:j1, :]
-            z = z + fk.sum(-2)
+            S, z = P.fold_keys(S, z, j0, j1)
 
     # Reverse sweep: key side from the queries of later chunks (all queries if not causal).
     R = P.q.new_zeros(B, Hk, 1, F, Dv)
     r = P.q.new_zeros(B, Hk, 1, F)
     if not P.causal:
         for i0 in range(0, P.Nq, chunk):
-            i1 = min(i0 + chunk, P.Nq)
-            fq = P.phi_q(P.q[..., i0:i1, :])
-            R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
-            r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+            R, r = P.fold_queries(R, r, g, c, i0, min(i0 + chunk, P.Nq))
         key_chunks = [(j0, min(j0 + chunk, P.Nk), 0, 0) for j0 in range(0, P.Nk, chunk)]
     else:
         key_chunks = list(P.key_chunks(chunk))[::-1]
@@ -272,9 +282,7 @@ def _backward_linear(P: _Problem, g, c, chunk):
         dk[..., j0:j1, :] += gk
         dv[..., j0:j1, :] += gv
         if P.causal and i1 > i0:
-            fq = P.phi_q(P.q[..., i0:i1, :])
-            R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
-            r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+            R, r = P.fold_queries(R, r, g, c, i0, i1)
     return dq, dk, dv
 
 
@@ -323,6 +331,18 @@ def chunked_attention(
     if mode not in ("linear", "quadratic"):
         raise ValueError(f"`mode` must be 'auto', 'linear' or 'quadratic', got {mode!r}")
     return _ChunkedFastmax.apply(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2, mode, chunk_size)
+
+
+@torch.no_grad()
+def chunked_step(q, k, v, S, z, *, key_padding_mask, scale, p, a0, a1, a2, chunk_size=DEFAULT_CHUNK):
+    """New tokens attend causally to themselves and to the state (S, z), then join it.
+
+    One linear sweep: returns (out in q's dtype, S', z') with the state in S's dtype."""
+    P = _Problem(q, k, v, key_padding_mask, True, scale, p, a0, a1, a2)
+    raw, den, (S_new, z_new) = _forward_linear(P, chunk_size, initial_state=(S, z), return_state=True)
+    B, Hq, n, _ = q.shape
+    out = _normalise(raw, den).reshape(B, Hq, n, -1).to(q.dtype)
+    return out, S_new.to(S.dtype), z_new.to(z.dtype)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import chunked_attention, chunked_state, feature_count, state_readout
+from .chunked import chunked_step, feature_count
 
 
 @dataclass
@@ -133,11 +133,5 @@ def fastmax_step(
         out, S, z = triton_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
         return out, FastmaxState(S, z, q_peak, k_peak, "triton")
 
-    new_out, new_den = chunked_attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, **options)
-    past_num, past_den = state_readout(q, state.S, state.z, **options)
-    num = past_num + new_out.to(past_num.dtype) * new_den[..., None]
-    den = past_den + new_den
-    empty = den == 0
-    out = torch.where(empty[..., None], torch.zeros_like(num), num / torch.where(empty, 1.0, den)[..., None])
-    dS, dz = chunked_state(k, v, key_padding_mask=key_padding_mask, p=p)
-    return out.to(q.dtype), FastmaxState(state.S + dS.to(state.S.dtype), state.z + dz.to(state.z.dtype), q_peak, k_peak)
+    out, S, z = chunked_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
+    return out, FastmaxState(S, z, q_peak, k_peak)

@@ -207,10 +207,7 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
     den = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=q.device)
     if return_state:
         S_out = torch.empty(B, Hk, f_rows, Dv, dtype=torch.float32, device=q.device)
-        z_out = torch.empty(B, Hk, f_rows, dtype=torch.float32, device=q.device)
-        if block_d > D:  # rows of padded dims are never written by the kernel
-            S_out.zero_()
-            z_out.zero_()
+        z_out = torch.empty(B, Hk, f_rows, dtype=torch.float32, device=q.device)  # every row is written
     else:
         S_out = z_out = o_acc
     S_in, z_in = state_in if state_in is not None else (o_acc, den)
