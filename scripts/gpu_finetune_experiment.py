@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16", "fp16"))
     p.add_argument("--eval_blocks", type=int, default=100000, help="validation blocks per evaluation (default: all)")
     p.add_argument("--finetune_args", default="", help="more finetune.py arguments for every run, e.g. '--max_files 200'")
-    p.add_argument("--runs", default="teacher,swap,swap_kd,distill,scratch", help="which runs, comma-separated, in order")
+    p.add_argument("--runs", default="teacher,swap,swap_kd,distill,scratch",
+                   help="which runs, comma-separated, in order ('': only rebuild the summary of --out_dir)")
     return p.parse_args(argv)
 
 
@@ -190,11 +191,23 @@ def plot(results: dict[str, dict], path: Path):
     plt.close(fig)
 
 
+def write_summary(args, results: dict[str, dict], out: Path) -> dict:
+    summary = summarize(args, results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(markdown_table(summary))
+    if importlib.util.find_spec("matplotlib") is not None:  # optional: summary.json has the numbers
+        plot(results, out / "perplexity.png")
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs = args.runs.split(",")
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = sorted(set(runs) - set(plan(args)))
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(plan(args))}")
     if any(r in runs for r in ("swap", "swap_kd", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
         raise SystemExit("swap, swap_kd and distill convert the teacher: run it too (--runs teacher,...)")
     if "distill" in runs and args.distill_lora_rank > 0:
@@ -210,11 +223,11 @@ def main(argv=None):
             results[name] = json.loads((out / name / "results.json").read_text()) | {"wall_s": None}
     for name in runs:
         results[name] = finetune(args, name, commands[name])
-        summary = summarize(args, results)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        (out / "summary.md").write_text(markdown_table(summary))
-        if importlib.util.find_spec("matplotlib") is not None:  # optional: summary.json has the numbers
-            plot(results, out / "perplexity.png")
+        summary = write_summary(args, results, out)
+    if not runs:  # --runs '': only rebuild the summary of the runs in --out_dir
+        if not results:
+            raise SystemExit(f"--runs is empty and {out} holds no finished run to summarize")
+        summary = write_summary(args, results, out)
     print(json.dumps({k: {m: v[m] for m in ("val_ppl", "ppl_over_teacher", "tokens") if m in v}
                       for k, v in summary["runs"].items()}, indent=2))
     print(json.dumps(summary.get("targets", {}), indent=2))

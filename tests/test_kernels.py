@@ -121,6 +121,27 @@ def test_custom_op_registration(gen):
     assert torch.allclose(compiled(q, k, v), layer(q, k, v))
 
 
+@pytest.mark.parametrize("N, D, Hq, Hk, expected", [
+    (262144, 64, 16, 16, 16),  # 3 GiB of scratch: one launch
+    (524288, 64, 16, 16, 8),  # 6 GiB: two launches of 8 heads
+    (1048576, 64, 16, 16, 4),  # 12 GiB, budget 20% of 16 GiB of tensors: four launches of 4 heads
+    (1048576, 128, 16, 16, 4),
+    (1048576, 64, 32, 8, 2),  # GQA: 4 query heads' dq scratch per key/value head
+    (1048576, 64, 5, 5, 3),  # equal groups: 3 + 2, not 4 + 1 (the budget holds 4 heads)
+])
+def test_backward_head_group_size(N, D, Hq, Hk, expected):
+    """Scratch stays within its budget and the groups are as large, and as even, as it allows."""
+    from fastmax_hf.kernels import ops
+
+    q = torch.empty(1, Hq, N, D, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(1, Hk, N, D, dtype=torch.bfloat16, device="meta")
+    heads = ops._heads_per_launch(q, k, v)
+    assert heads == expected
+    scratch = 4 * heads * ((Hq // Hk) * N * D + 2 * N * D)
+    tensors = 2 * 2 * (Hq * N * 2 * D + Hk * N * 2 * D)
+    assert heads == Hk or scratch <= max(ops.SCRATCH_MIN_BYTES, ops.SCRATCH_FRACTION * tensors)
+
+
 def test_backward_in_head_groups(gen, monkeypatch):
     """Large backward passes run over groups of key/value heads: same gradients."""
     from fastmax_hf.kernels import ops
@@ -130,7 +151,9 @@ def test_backward_in_head_groups(gen, monkeypatch):
     expected = fastmax_reference(qe, ke, ve, **opts)
     do = randn(gen, *expected.shape).to(DEVICE)
     want = torch.autograd.grad(expected, (qe, ke, ve), do)
-    monkeypatch.setattr(ops, "SCRATCH_BYTES", 1)  # one key/value head per launch
+    monkeypatch.setattr(ops, "SCRATCH_MIN_BYTES", 1)  # one key/value head per launch
+    monkeypatch.setattr(ops, "SCRATCH_FRACTION", 0.0)
+    assert ops._heads_per_launch(q, k, v) == 1
     out, _ = triton_attention(q, k, v, regime="linear", **opts)
     got = torch.autograd.grad(out, (q, k, v), do.float())
     for a, b in zip(got, want):
