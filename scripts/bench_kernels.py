@@ -160,9 +160,11 @@ def section_long(args):
                 best = [entry[n]["ms"] for n in ("sdpa_flash", "sdpa_cudnn") if "ms" in entry[n]]
                 if best and "ms" in entry["fastmax"]:
                     entry["ratio_to_best_sdpa"] = entry["fastmax"]["ms"] / min(best)
-                if N >= 2**20 and backward:
+                if N >= 2**20 and backward and "peak_mib" in entry["fastmax"]:
                     io = 4 * 16 * N * D * 2 * 2  # q, k, v, o and their gradients, bf16
                     entry["io_mib"] = io / 2**20
+                    # peak_mib counts what the call allocates; q, k, v were there before it
+                    entry["peak_over_io"] = (entry["fastmax"]["peak_mib"] + 3 * 16 * N * D * 2 / 2**20) / entry["io_mib"]
                 rows.append(entry)
                 print(json.dumps(entry), flush=True)
     RESULTS["long"] = rows
