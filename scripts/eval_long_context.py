@@ -993,4 +993,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # long prefills allocate MLP activations of many GiB: without expandable segments a 1M-token
+    # prompt on a 1B model failed with 16 GiB reserved but unallocated (fragmentation)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     main()
