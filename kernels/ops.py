@@ -276,16 +276,16 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     for h0 in range(0, Hk, heads_per_launch):
         h1 = min(Hk, h0 + heads_per_launch)
         qs = slice(h0 * groups, h1 * groups)
-        parts = _linear_backward_heads(
+        _linear_backward_heads(
             q[:, qs], k[:, h0:h1], v[:, h0:h1], mask, grad_out[:, qs],
-            inv_den[:, qs].contiguous(), crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2)
-        dq[:, qs].copy_(parts[0])
-        dk[:, h0:h1].copy_(parts[1])
-        dv[:, h0:h1].copy_(parts[2])
+            inv_den[:, qs].contiguous(), crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2,
+            grads=(dq[:, qs], dk[:, h0:h1], dv[:, h0:h1]))
     return dq, dk, dv
 
 
-def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2):
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, grads=None):
+    """dq, dk, dv in the inputs' dtypes; written into ``grads`` (views of the whole gradients)
+    when given, so that no second copy of a head group's gradients is made."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     block_d, n_tiles, _ = linear_layout(D, p)
@@ -307,12 +307,15 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
     )
     _record("linear_bwd_dq", compiled)
-    dq = dq.to(q.dtype)  # finished: release the fp32 scratch before the second sweep
+    # finished: release the fp32 scratch before the second sweep
+    dq = grads[0].copy_(dq) if grads is not None else dq.to(q.dtype)
     compiled = linear_bwd_dkdv_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
     )
     _record("linear_bwd_dkdv", compiled)
+    if grads is not None:
+        return dq, grads[1].copy_(dk), grads[2].copy_(dv)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
