@@ -37,23 +37,28 @@ Their max_position_embeddings is set to what --lengths needs (RoPE has no positi
 a pretrained model's limit is checked, and can be raised with --max_positions (RoPE models).
 On a busy CPU, OMP_NUM_THREADS=1 can be several times faster for the small default model.
 
-GPU run, one H100 (torch 2.11, transformers 5.17; no `datasets` needed), two commands of a
-few minutes each. Quality on a model trained by scripts/finetune.py: here the distilled
-model of `python scripts/gpu_finetune_experiment.py --out_dir runs/finetune_gpu`, run
-earlier on the same machine (runs/ is git-ignored, so it stays while the machine is warm;
-any finetune.py output directory will do). It was trained on 512-token blocks with 4096
-positions, so --max_positions lets RoPE run past them:
+GPU runs, one H100 (torch 2.11, transformers 5.17; no `datasets` needed); results in
+benchmarks/quality_h100_v2/ and benchmarks/cost_h100/. Quality on a model trained by
+scripts/finetune.py: here the distilled model of `python scripts/gpu_finetune_experiment.py
+--out_dir runs/ft`, run earlier on the same machine, against its softmax teacher. They were
+trained on 512-token blocks, so --max_positions lets RoPE run past them; the stdlib
+corpus's validation split holds ~245k tokens, so perplexity takes documents of 64k:
 
-    PYTHONUNBUFFERED=1 python scripts/eval_long_context.py --model runs/finetune_gpu/distill \
-        --sections perplexity,passkey --lengths 4096,16384,65536,262144 --max_positions 262400 \
-        --depths 0,0.5,1 --trials 3 --max_seconds_per_point 90 --output_dir $OUT/quality
+    Q="--max_positions 262400 --max_seconds_per_point 30"
+    python scripts/eval_long_context.py --model runs/ft/distill --attn fastmax --sections perplexity \
+        --lengths 4096,16384,65536 --document_tokens 65536 $Q --output_dir $OUT/ppl_fastmax
+    python scripts/eval_long_context.py --model runs/ft/teacher --attn sdpa --sections perplexity \
+        --lengths 4096,16384,65536 --document_tokens 65536 $Q --output_dir $OUT/ppl_teacher_sdpa
+    python scripts/eval_long_context.py --model runs/ft/distill --attn fastmax --sections passkey \
+        --lengths 4096,16384,65536,262144 --depths 0,0.5,1 --trials 3 $Q --output_dir $OUT/passkey_fastmax
+    (and the same for the teacher with --attn sdpa)
 
 Cost on a ~1B-parameter Llama (Llama-3.2-1B shapes, 8k vocabulary: 0.99B parameters; random
-weights, bf16), fastmax to 512k tokens, sdpa until it runs out of memory or its predicted time
-per point passes 60 s:
+weights, bf16), to 1M tokens; sdpa until it runs out of memory or its predicted time per
+point passes 60 s (it reached 512k in 47 s):
 
-    PYTHONUNBUFFERED=1 python scripts/eval_long_context.py --model llama-1b --sections cost \
-        --lengths 4096,8192,16384,32768,65536,131072,262144,524288 --decode_tokens 32 \
+    python scripts/eval_long_context.py --model llama-1b --sections cost \
+        --lengths 4096,8192,16384,32768,65536,131072,262144,524288,1048576 --decode_tokens 32 \
         --max_seconds_per_point 60 --output_dir $OUT/cost
 
 The default corpus path never imports `datasets`; no network is needed for built-in models.
