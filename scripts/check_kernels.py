@@ -157,7 +157,13 @@ def main():
     parser.add_argument("--dims", default=None, help="only these head dims, e.g. 128,80")
     parser.add_argument("--no-long", action="store_true", help="skip the 16k and 128k cases")
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding checks")
+    parser.add_argument("--group-heads", action="store_true",
+                        help="run the linear backward one key/value head per launch (its path past ~256k tokens)")
     args = parser.parse_args()
+    if args.group_heads:
+        from fastmax_hf.kernels import ops
+
+        ops.SCRATCH_MIN_BYTES, ops.SCRATCH_FRACTION = 1, 0.0
     dtypes = args.dtypes.split(",") if args.dtypes else None
     dims = [int(d) for d in args.dims.split(",")] if args.dims else None
     gen = torch.Generator(device="cuda").manual_seed(int(time.time()))
@@ -181,7 +187,7 @@ def main():
             print(f"{'ok ' if res['pass'] else 'BAD'} decode {dtype} D={D}: out={res['out']:.1e} ({res['layout']})")
     summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "triton": __import__("triton").__version__, "fastmax_hf": fastmax_hf.__version__,
-               "cases": len(rows), "failed": sum(not r["pass"] for r in rows), "rows": rows}
+               "grouped_backward": args.group_heads, "cases": len(rows), "failed": sum(not r["pass"] for r in rows), "rows": rows}
     print(f"{summary['cases'] - summary['failed']} passed, {summary['failed']} failed")
     if args.out:
         with open(args.out, "w") as f:
