@@ -270,8 +270,6 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     groups = Hq // Hk
     inv_den, crow = _row_terms(out, den, grad_out)
     heads_per_launch = _heads_per_launch(q, k, v)
-    if heads_per_launch >= Hk:
-        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for h0 in range(0, Hk, heads_per_launch):
         h1 = min(Hk, h0 + heads_per_launch)
@@ -283,9 +281,9 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     return dq, dk, dv
 
 
-def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, grads=None):
-    """dq, dk, dv in the inputs' dtypes; written into ``grads`` (views of the whole gradients)
-    when given, so that no second copy of a head group's gradients is made."""
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, grads):
+    """Writes dq, dk, dv of these heads into ``grads`` (views of the whole gradients, in the
+    inputs' dtypes), so that no second copy of a head group's gradients is made."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     block_d, n_tiles, _ = linear_layout(D, p)
@@ -307,16 +305,15 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
     )
     _record("linear_bwd_dq", compiled)
-    # finished: release the fp32 scratch before the second sweep
-    dq = grads[0].copy_(dq) if grads is not None else dq.to(q.dtype)
+    grads[0].copy_(dq)
+    del dq  # finished: release the fp32 scratch before the second sweep
     compiled = linear_bwd_dkdv_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
     )
     _record("linear_bwd_dkdv", compiled)
-    if grads is not None:
-        return dq, grads[1].copy_(dk), grads[2].copy_(dv)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    grads[1].copy_(dk)
+    grads[2].copy_(dv)
 
 
 # ----------------------------------------------------------------------------------------

@@ -204,10 +204,11 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    commands = plan(args)
     runs = [r for r in args.runs.split(",") if r]
-    unknown = sorted(set(runs) - set(plan(args)))
+    unknown = sorted(set(runs) - set(commands))
     if unknown:
-        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(plan(args))}")
+        raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(commands)}")
     if any(r in runs for r in ("swap", "swap_kd", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
         raise SystemExit("swap, swap_kd and distill convert the teacher: run it too (--runs teacher,...)")
     if "distill" in runs and args.distill_lora_rank > 0:
@@ -216,7 +217,6 @@ def main(argv=None):
         except ImportError:
             raise SystemExit("distill with --distill_lora_rank > 0 needs peft (pip install peft), "
                              "or pass --distill_lora_rank 0") from None
-    commands = plan(args)
     results = {}
     for name in commands:  # runs finished earlier in --out_dir stay in the summary
         if name not in runs and (out / name / "results.json").exists():

@@ -1,4 +1,7 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,12 @@ def gen():
 def randn(gen, *shape, dtype=torch.float64, requires_grad=False):
     x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
     return x.requires_grad_(requires_grad)
+
+
+def load_script(path: Path, name: str):
+    """A script of scripts/ imported as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

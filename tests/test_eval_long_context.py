@@ -5,7 +5,6 @@ corpus path never imports `datasets`); the other tests call the script's functio
 main() with the measurements replaced by fakes that count their calls.
 """
 
-import importlib.util
 import json
 import os
 import re
@@ -21,20 +20,14 @@ from transformers import AutoModelForCausalLM
 import fastmax_hf  # noqa: F401  (registers "fastmax")
 from fastmax_hf import data
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "eval_long_context.py"
 VOCAB = 512
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_long_context_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluation = _load_script()
+evaluation = load_script(SCRIPT, "eval_long_context_script")
 
 LENGTHS = [224, 320]  # the 512-token BPE needs ~200 tokens for the shortest passkey prompt
 DEPTHS = [0.0, 1.0]

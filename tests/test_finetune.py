@@ -6,7 +6,6 @@ through `accelerate launch`.
 """
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,19 +19,13 @@ from transformers import AutoModelForCausalLM, GPT2Config
 import fastmax_hf
 from fastmax_hf import data, distill
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "finetune.py"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_script()
+finetune = load_script(SCRIPT, "finetune_script")
 
 
 @pytest.fixture(scope="module")
