@@ -23,9 +23,9 @@ against tokens for every run). The summary is rewritten after each run, so a run
 short still leaves what finished, and runs already in --out_dir that --runs leaves out
 stay in it (e.g. --runs scratch adds the fastmax-from-scratch run to a finished experiment).
 
-Time on one H100 (bf16, transformers 5.17): the teacher trains at ~43 ms/step (1500
-steps: 64 s, 98 s with start-up and evaluations), each conversion takes ~30 s; with the
-default 900 pretraining steps the five runs should take ~4-5 minutes.
+Time on one H100 (bf16, transformers 5.17): the teacher's 900 steps take ~45 s (~80 s
+with start-up and evaluations), each conversion (360 steps of 8 blocks) ~30 s, fastmax
+from scratch ~50 s: the five runs take ~5 minutes.
 """
 
 from __future__ import annotations
@@ -50,12 +50,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama-30m", help="a built-in config of fastmax_hf.data.BUILTIN_MODELS")
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--batch_size", type=int, default=32)
-    # 900 steps (14.7M tokens, under 2 epochs of the corpus): at 1500 the H100 teacher's validation
+    # 900 steps (14.7M tokens, 5.7 passes over the 2.6M training tokens of the stdlib corpus): at 1500 the H100 teacher's validation
     # perplexity went from 15.8 back up to 20.3 (it memorised the corpus; train loss 0.95)
     p.add_argument("--pretrain_steps", type=int, default=900, help="teacher (and fastmax-from-scratch) steps")
     p.add_argument("--pretrain_lr", type=float, default=1.5e-3)
     p.add_argument("--convert_fraction", type=float, default=0.1, help="swap / distill tokens over the teacher's")
-    p.add_argument("--convert_lr", type=float, default=3e-4)
+    # the best of the sweep in benchmarks/finetune_h100_v3/: LR 3e-4 / 5e-4 / 1e-3 / 2e-3, 4 / 8 / 16 / 32 blocks
+    p.add_argument("--convert_lr", type=float, default=1e-3)
+    p.add_argument("--convert_batch_size", type=int, default=8,
+                   help="blocks per step of swap / swap_kd / distill; their steps scale so that the "
+                        "token budget stays --convert_fraction of the teacher's (8 blocks: 4x the steps of 32)")
     p.add_argument("--distill_fraction", type=float, default=0.25, help="share of distill's steps in attention transfer")
     p.add_argument("--distill_lora_rank", type=int, default=8)
     p.add_argument("--kd_weight", type=float, default=1.0, help="swap_kd and distill: weight of the teacher KL")
@@ -84,20 +88,19 @@ def finetune(args, name: str, extra: list[str]) -> dict:
 def plan(args) -> dict[str, list[str]]:
     """The finetune.py arguments of each run."""
     teacher_dir = str(Path(args.out_dir) / "teacher")
-    convert_steps = max(2, round(args.pretrain_steps * args.convert_fraction))
+    convert_steps = max(2, round(args.pretrain_steps * args.convert_fraction * args.batch_size / args.convert_batch_size))
     distill_steps = max(1, round(convert_steps * args.distill_fraction))
     every = lambda steps: str(max(1, steps // 5))  # noqa: E731  (five evaluations per run)
+    conversion = ["--model", teacher_dir, "--batch_size", str(args.convert_batch_size), "--max_steps", str(convert_steps),
+                  "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)]
     return {
         "teacher": ["--mode", "scratch", "--attention", "sdpa", "--model", args.model,
                     "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
                     "--eval_every", every(args.pretrain_steps)],
-        "swap": ["--mode", "swap", "--model", teacher_dir, "--max_steps", str(convert_steps),
-                 "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", "0"],
-        "swap_kd": ["--mode", "swap", "--model", teacher_dir, "--max_steps", str(convert_steps),
-                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", str(args.kd_weight)],
-        "distill": ["--mode", "distill", "--model", teacher_dir, "--max_steps", str(convert_steps),
-                    "--distill_steps", str(distill_steps), "--distill_lora_rank", str(args.distill_lora_rank),
-                    "--lr", str(args.convert_lr), "--eval_every", every(convert_steps), "--kd_weight", str(args.kd_weight)],
+        "swap": ["--mode", "swap", *conversion, "--kd_weight", "0"],
+        "swap_kd": ["--mode", "swap", *conversion, "--kd_weight", str(args.kd_weight)],
+        "distill": ["--mode", "distill", *conversion, "--distill_steps", str(distill_steps),
+                    "--distill_lora_rank", str(args.distill_lora_rank), "--kd_weight", str(args.kd_weight)],
         "scratch": ["--mode", "scratch", "--attention", "fastmax", "--model", args.model,
                     "--max_steps", str(args.pretrain_steps), "--lr", str(args.pretrain_lr),
                     "--eval_every", every(args.pretrain_steps)],
