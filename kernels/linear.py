@@ -31,7 +31,7 @@ rows per tile, keys unweighted.
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value
+from .common import kernel_slope, kernel_value, key_valid, load_rows
 
 
 @triton.jit
@@ -43,13 +43,6 @@ def _operand(x, OP_BF16: tl.constexpr):
         return x.to(tl.bfloat16)
     else:
         return x.to(tl.float32)
-
-
-@triton.jit
-def _load_rows(ptr, rows, valid, stride_n, cols, ncols, stride_d):
-    """(len(rows), len(cols)) tile of a (N, C) matrix, zero outside."""
-    return tl.load(ptr + rows[:, None] * stride_n + cols[None, :] * stride_d,
-                   mask=valid[:, None] & (cols[None, :] < ncols), other=0.0)
 
 
 @triton.jit
@@ -74,23 +67,35 @@ def _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym,
                  CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
     """Weighted query features wsym[m,n] * coef * q[m] q[n] of one tile; coef = a2 scale^2
     goes onto q[m] before rounding, so the bf16 product carries no rounded coefficient."""
-    qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd).to(tl.float32) * coef
-    qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
+    qm = load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd).to(tl.float32) * coef
+    qn = load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
     return _pairs(qm, qn, CHUNK, BT, OP_BF16) * _operand(wsym, OP_BF16)[None, :]
-
-
-@triton.jit
-def _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK: tl.constexpr):
-    valid = keys < Nk
-    if HAS_MASK:
-        valid = valid & (tl.load(MASK + b * smb + keys * smn, mask=keys < Nk, other=0) != 0)
-    return valid
 
 
 @triton.jit
 def _chunk_has_queries(j0, CHUNK: tl.constexpr, offset, Nq):
     """Whether any query sits at a key position inside [j0, j0 + CHUNK)."""
     return (j0 + CHUNK - offset > 0) & (j0 - offset < Nq)
+
+
+@triton.jit
+def _tile_columns(TILE_M, TILE_N, pid_t, BT: tl.constexpr):
+    """Program pid_t's feature tile: the columns of x that its pairs x[m] x[n] read, and their weights."""
+    mb = tl.load(TILE_M + pid_t)
+    nb = tl.load(TILE_N + pid_t)
+    return mb * BT + tl.arange(0, BT), nb * BT + tl.arange(0, BT), _tile_weights(mb, nb, BT)
+
+
+@triton.jit
+def _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
+                    CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of keys folded into a tile's state: S += phi(k)^T v, z += sum phi(k)."""
+    kf = _pairs(load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
+                load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
+    v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+    S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
+    z += tl.sum(kf.to(tl.float32), 0)
+    return S, z
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,11 +113,7 @@ def _second_order_fwd(
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TF: tl.constexpr = BT * BT
-    mb = tl.load(TILE_M + pid_t)
-    nb = tl.load(TILE_N + pid_t)
-    m_cols = mb * BT + tl.arange(0, BT)
-    n_cols = nb * BT + tl.arange(0, BT)
-    wsym = _tile_weights(mb, nb, BT)
+    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
@@ -132,7 +133,7 @@ def _second_order_fwd(
 
     for j0 in range(0, Nk, CHUNK):
         keys = j0 + tl.arange(0, CHUNK)
-        k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
         if CAUSAL:
             if _chunk_has_queries(j0, CHUNK, offset, Nq):
                 rows = keys - offset
@@ -148,11 +149,8 @@ def _second_order_fwd(
                                   mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
                     if pid_v == 0:
                         tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
-        kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                    _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
-        v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-        S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
-        z += tl.sum(kf.to(tl.float32), 0)
+        S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
+                               CHUNK, BT, OP_BF16, PRECISION)
 
     if not CAUSAL:
         S_op = _operand(S, OP_BF16)
@@ -208,9 +206,9 @@ def _low_order_fwd(
 
     for j0 in range(0, Nk, CHUNK):
         keys = j0 + tl.arange(0, CHUNK)
-        k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = _load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-        v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
+        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         if CAUSAL:
             if _chunk_has_queries(j0, CHUNK, offset, Nq):
                 rows = keys - offset
@@ -218,7 +216,7 @@ def _low_order_fwd(
                 S1_op = _operand(S1, OP_BF16)
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
-                    q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+                    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (CHUNK, CHUNK)
                     vis = q_valid[:, None] & k_valid[None, :] & (keys[None, :] <= keys[:, None])
                     w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
@@ -243,7 +241,7 @@ def _low_order_fwd(
             q_valid = rows < Nq
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
-                q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                 part = (a1 * scale) * tl.dot(_operand(q, OP_BF16), S1_op, input_precision=PRECISION)
                 part += a0 * S0[None, :]
                 out_rows = (b * Hq + h) * Nq + rows
@@ -302,7 +300,7 @@ def linear_fwd_kernel(
 @triton.jit
 def _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid, sdob, sdoh, sdon, sdod, cols_v, DV, pid_v):
     """g = do / d (CHUNK, BLOCK_DV) fp32 and c = (do . o) / d, the latter only for dv-block 0."""
-    do = _load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
+    do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
     inv_den = tl.load(INV_DEN + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
     crow = tl.load(CROW + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
     crow = tl.where(pid_v == 0, crow, 0.0)
@@ -329,11 +327,7 @@ def _second_order_bwd_dq(
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TF: tl.constexpr = BT * BT
-    mb = tl.load(TILE_M + pid_t)
-    nb = tl.load(TILE_N + pid_t)
-    m_cols = mb * BT + tl.arange(0, BT)
-    n_cols = nb * BT + tl.arange(0, BT)
-    wsym = _tile_weights(mb, nb, BT)
+    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     Hq = Hk * GROUPS
@@ -346,12 +340,9 @@ def _second_order_bwd_dq(
     if not CAUSAL:
         for j0 in range(0, Nk, CHUNK):
             keys = j0 + tl.arange(0, CHUNK)
-            k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
-            v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-            S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
-            z += tl.sum(kf.to(tl.float32), 0)
+            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+            S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
+                                   CHUNK, BT, OP_BF16, PRECISION)
 
     n_steps = tl.cdiv(Nk, CHUNK) if CAUSAL else tl.cdiv(Nq, CHUNK)
     for step in range(0, n_steps):
@@ -374,17 +365,14 @@ def _second_order_bwd_dq(
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                 X = tl.dot(_operand(gr, OP_BF16), tl.trans(S_op), input_precision=PRECISION)  # (CHUNK, TF)
                 X -= crow[:, None] * z[None, :]
-                qm = _load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd)
-                qn = _load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
+                qm = load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd)
+                qn = load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
                 _add_pair_grads(DQ + ((b * Hq + h) * Nq + rows) * D, X * (coef * wsym)[None, :], qm, qn,
                                 m_cols, n_cols, q_valid, D, CHUNK, BT)
         if CAUSAL:
-            k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            kf = _pairs(_load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                        _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
-            v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-            S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
-            z += tl.sum(kf.to(tl.float32), 0)
+            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+            S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
+                                   CHUNK, BT, OP_BF16, PRECISION)
 
 
 @triton.jit
@@ -409,9 +397,9 @@ def _low_order_bwd_dq(
     if not CAUSAL:
         for j0 in range(0, Nk, CHUNK):
             keys = j0 + tl.arange(0, CHUNK)
-            k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            k = _load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-            v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+            k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
+            v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
             S1 += tl.dot(tl.trans(_operand(k, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
             z1 += tl.sum(k.to(tl.float32), 0)
 
@@ -423,9 +411,9 @@ def _low_order_bwd_dq(
             rows = keys - offset
             q_valid = (rows >= 0) & (rows < Nq)
             has_queries = _chunk_has_queries(j0, CHUNK, offset, Nq)
-            k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            k = _load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-            v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+            k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
+            v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         else:
             rows = j0 + tl.arange(0, CHUNK)
             q_valid = rows < Nq
@@ -437,7 +425,7 @@ def _low_order_bwd_dq(
                 dv = tl.zeros((CHUNK, BLOCK_DV), dtype=tl.float32)
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
-                q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                 gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                 dq = (a1 * scale) * (tl.dot(_operand(gr, OP_BF16), tl.trans(S1_op), input_precision=PRECISION)
@@ -511,11 +499,7 @@ def _second_order_bwd_dkdv(
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     TF: tl.constexpr = BT * BT
-    mb = tl.load(TILE_M + pid_t)
-    nb = tl.load(TILE_N + pid_t)
-    m_cols = mb * BT + tl.arange(0, BT)
-    n_cols = nb * BT + tl.arange(0, BT)
-    wsym = _tile_weights(mb, nb, BT)
+    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
     coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
@@ -543,11 +527,11 @@ def _second_order_bwd_dkdv(
     for step in range(0, n_chunks):
         j0 = (n_chunks - 1 - step) * CHUNK
         keys = j0 + tl.arange(0, CHUNK)
-        k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        km = _load_rows(K_h, keys, k_valid, skn, m_cols, D, skd)
-        kn = _load_rows(K_h, keys, k_valid, skn, n_cols, D, skd)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        km = load_rows(K_h, keys, k_valid, skn, m_cols, D, skd)
+        kn = load_rows(K_h, keys, k_valid, skn, n_cols, D, skd)
         kf = _pairs(km, kn, CHUNK, BT, OP_BF16)
-        v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         R_op = _operand(R, OP_BF16)
         key_rows = (b * Hk + hk) * Nk + keys
         dv = tl.dot(kf, R_op, input_precision=PRECISION)  # (CHUNK, BLOCK_DV)
@@ -597,7 +581,7 @@ def _low_order_bwd_dkdv(
             q_valid = rows < Nq
             for g in range(0, GROUPS):
                 h = hk * GROUPS + g
-                q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                 gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                         sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                 R1 += (a1 * scale) * tl.dot(tl.trans(_operand(q, OP_BF16)), _operand(gr, OP_BF16),
@@ -609,9 +593,9 @@ def _low_order_bwd_dkdv(
     for step in range(0, n_chunks):
         j0 = (n_chunks - 1 - step) * CHUNK
         keys = j0 + tl.arange(0, CHUNK)
-        k_valid = _key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = _load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-        v = _load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
+        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
         key_rows = (b * Hk + hk) * Nk + keys
         R1_op = _operand(R1, OP_BF16)
         dv = R0[None, :] + tl.dot(_operand(k, OP_BF16), R1_op, input_precision=PRECISION)
@@ -628,7 +612,7 @@ def _low_order_bwd_dkdv(
                 q_valid = (rows >= 0) & (rows < Nq)
                 for g in range(0, GROUPS):
                     h = hk * GROUPS + g
-                    q = _load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+                    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
                     gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
                                             sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
                     R1 += (a1 * scale) * tl.dot(tl.trans(_operand(q, OP_BF16)), _operand(gr, OP_BF16),

@@ -19,7 +19,7 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value
+from .common import kernel_slope, kernel_value, key_valid, load_rows
 
 
 @triton.jit
@@ -56,8 +56,7 @@ def quadratic_fwd_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     q_valid = rows < Nq
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols_d[None, :] * sqd,
-                mask=q_valid[:, None] & (cols_d[None, :] < D), other=0.0)
+    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
     q_pos = rows + offset
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -67,13 +66,9 @@ def quadratic_fwd_kernel(
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
     for j0 in range(0, k_end, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
-        k_valid = keys < Nk
-        if HAS_MASK:
-            k_valid = k_valid & (tl.load(MASK + b * smb + keys * smn, mask=keys < Nk, other=0) != 0)
-        k = tl.load(K + b * skb + hk * skh + keys[:, None] * skn + cols_d[None, :] * skd,
-                    mask=(keys[:, None] < Nk) & (cols_d[None, :] < D), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + cols_v[None, :] * svd,
-                    mask=(keys[:, None] < Nk) & (cols_v[None, :] < DV), other=0.0)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        k = load_rows(K + b * skb + hk * skh, keys, keys < Nk, skn, cols_d, D, skd)
+        v = load_rows(V + b * svb + hk * svh, keys, keys < Nk, svn, cols_v, DV, svd)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         w = kernel_value(s, a0, a1, a2, P)
         w = tl.where(_visible(q_pos, keys, k_valid, q_valid, CAUSAL), w, 0.0)
@@ -112,13 +107,9 @@ def quadratic_bwd_dkdv_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     k_in = keys < Nk
-    k_valid = k_in
-    if HAS_MASK:
-        k_valid = k_valid & (tl.load(MASK + b * smb + keys * smn, mask=k_in, other=0) != 0)
-    k = tl.load(K + b * skb + hk * skh + keys[:, None] * skn + cols_d[None, :] * skd,
-                mask=k_in[:, None] & (cols_d[None, :] < D), other=0.0)
-    v = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + cols_v[None, :] * svd,
-                mask=k_in[:, None] & (cols_v[None, :] < DV), other=0.0)
+    k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+    k = load_rows(K + b * skb + hk * skh, keys, k_in, skn, cols_d, D, skd)
+    v = load_rows(V + b * svb + hk * svh, keys, k_in, svn, cols_v, DV, svd)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
@@ -132,10 +123,8 @@ def quadratic_bwd_dkdv_kernel(
         for i0 in range(i_start, Nq, BLOCK_M):
             rows = i0 + tl.arange(0, BLOCK_M)
             q_valid = rows < Nq
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols_d[None, :] * sqd,
-                        mask=q_valid[:, None] & (cols_d[None, :] < D), other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdon + cols_v[None, :] * sdod,
-                         mask=q_valid[:, None] & (cols_v[None, :] < DV), other=0.0)
+            q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+            do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
             inv_den = tl.load(INV_DEN + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
             crow = tl.load(CROW + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
             g_rows = (do.to(tl.float32) * inv_den[:, None]).to(q.dtype)
@@ -181,10 +170,8 @@ def quadratic_bwd_dq_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     q_valid = rows < Nq
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + cols_d[None, :] * sqd,
-                mask=q_valid[:, None] & (cols_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdon + cols_v[None, :] * sdod,
-                 mask=q_valid[:, None] & (cols_v[None, :] < DV), other=0.0)
+    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+    do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
     inv_den = tl.load(INV_DEN + pid_bh * Nq + rows, mask=q_valid, other=0.0)
     crow = tl.load(CROW + pid_bh * Nq + rows, mask=q_valid, other=0.0)
     g_rows = (do.to(tl.float32) * inv_den[:, None]).to(q.dtype)
@@ -195,13 +182,9 @@ def quadratic_bwd_dq_kernel(
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
     for j0 in range(0, k_end, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
-        k_valid = keys < Nk
-        if HAS_MASK:
-            k_valid = k_valid & (tl.load(MASK + b * smb + keys * smn, mask=keys < Nk, other=0) != 0)
-        k = tl.load(K + b * skb + hk * skh + keys[:, None] * skn + cols_d[None, :] * skd,
-                    mask=(keys[:, None] < Nk) & (cols_d[None, :] < D), other=0.0)
-        v = tl.load(V + b * svb + hk * svh + keys[:, None] * svn + cols_v[None, :] * svd,
-                    mask=(keys[:, None] < Nk) & (cols_v[None, :] < DV), other=0.0)
+        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
+        k = load_rows(K + b * skb + hk * skh, keys, keys < Nk, skn, cols_d, D, skd)
+        v = load_rows(V + b * svb + hk * svh, keys, keys < Nk, svn, cols_v, DV, svd)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         vis = _visible(rows + offset, keys, k_valid, q_valid, CAUSAL)
         dA = tl.dot(g_rows, tl.trans(v), input_precision=PRECISION) - crow[:, None]
