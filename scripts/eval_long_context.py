@@ -19,7 +19,8 @@ with transformers; `import fastmax_hf` registers "fastmax"), over --lengths:
               the number; accuracy on a length x depth grid, --trials random keys per cell.
   cost        prefill time, per-token decode latency (generate(): fastmax from its
               constant-size recurrent state, FastmaxCache; softmax from the key/value cache)
-              and peak memory, on random token ids, by length. CUDA: CUDA events and
+              and peak memory, on random token ids, by length; each point twice (the same
+              generate() repeated, see measure_cost; --no_repeat: once). CUDA: CUDA events and
               max_memory_allocated; CPU: wall clock and the sampled resident set size.
 
 Outputs in --output_dir: results.json (rewritten after every measurement), perplexity.png,
@@ -38,7 +39,7 @@ a pretrained model's limit is checked, and can be raised with --max_positions (R
 On a busy CPU, OMP_NUM_THREADS=1 can be several times faster for the small default model.
 
 GPU runs, one H100 (torch 2.11, transformers 5.17; no `datasets` needed); results in
-benchmarks/quality_h100_v2/ and benchmarks/cost_h100/. Quality on a model trained by
+benchmarks/quality_h100_v2/ and benchmarks/cost_h100_v2/. Quality on a model trained by
 scripts/finetune.py: here the distilled model of `python scripts/gpu_finetune_experiment.py
 --out_dir runs/ft`, run earlier on the same machine, against its softmax teacher. They were
 trained on 512-token blocks, so --max_positions lets RoPE run past them; the stdlib
@@ -55,11 +56,11 @@ corpus's validation split holds ~245k tokens, so perplexity takes documents of 6
 
 Cost on a ~1B-parameter Llama (Llama-3.2-1B shapes, 8k vocabulary: 0.99B parameters; random
 weights, bf16), to 1M tokens; sdpa until it runs out of memory or its predicted time per
-point passes 60 s (it reached 512k in 47 s):
+point (two generate() calls) passes 150 s (it reached 512k in 96 s):
 
     python scripts/eval_long_context.py --model llama-1b --sections cost \
-        --lengths 4096,8192,16384,32768,65536,131072,262144,524288,1048576 --decode_tokens 32 \
-        --max_seconds_per_point 60 --output_dir $OUT/cost
+        --lengths 4096,32768,131072,524288,1048576 --decode_tokens 32 \
+        --max_seconds_per_point 150 --output_dir $OUT/cost
 
 The default corpus path never imports `datasets`; no network is needed for built-in models.
 """
@@ -148,6 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--passkey_new_tokens", type=int, default=8, help="tokens generated for the answer")
     # cost
     p.add_argument("--decode_tokens", type=int, default=16, help="tokens generated per cost measurement")
+    p.add_argument("--no_repeat", action="store_true",
+                   help="cost: one generate() per point; by default a second, identical one is timed too (see "
+                        "measure_cost: the first pays each attention backend's per-length set-up)")
     args = p.parse_args(argv)
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -316,7 +320,7 @@ def settings(args, device, dtype) -> dict:
                            split=args.split, max_files=args.max_files, documents=args.ppl_documents,
                            document_tokens=args.document_tokens, stride=args.stride),
         "passkey": dict(trials=args.trials, new_tokens=args.passkey_new_tokens, seed=args.seed),
-        "cost": dict(decode_tokens=args.decode_tokens, seed=args.seed),
+        "cost": dict(decode_tokens=args.decode_tokens, seed=args.seed, repeat=not args.no_repeat),
     }
 
 
@@ -669,46 +673,67 @@ def summarize_ms(seconds: list[float]) -> dict:
             "p90": ms[min(len(ms) - 1, math.ceil(0.9 * len(ms)) - 1)], "min": ms[0], "max": ms[-1]}
 
 
+def timed_generate(model, ids: torch.Tensor, decode_tokens: int) -> tuple[list[float], object]:
+    """Greedy generate() of ``decode_tokens`` tokens: (seconds from the call to each forward
+    pass's logits, one per pass, then to the call's end; generate()'s output)."""
+    clock = StepClock(model.device)
+    clock.mark()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens,
+                         min_new_tokens=decode_tokens, do_sample=False, num_beams=1, pad_token_id=0,
+                         logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
+    clock.mark()
+    return clock.seconds(), out
+
+
+def step_costs(marks: list[float], prefix: str = "") -> dict:
+    steps = marks[1:-1]  # after the start mark, one per forward pass; the last mark ends the call
+    return {f"prefill_s{prefix}": steps[0],
+            f"decode_ms_per_token{prefix}": summarize_ms([b - a for a, b in zip(steps, steps[1:])]) if len(steps) > 1 else None}
+
+
 @torch.inference_mode()
-def measure_cost(model, length: int, decode_tokens: int, seed: int) -> dict:
+def measure_cost(model, length: int, decode_tokens: int, seed: int, repeat: bool = False) -> dict:
     """Greedy generate() of ``decode_tokens`` tokens after a prompt of ``length`` random tokens.
 
     prefill_s: from the call to the first logits (the prompt's forward pass); decode: the time
     between consecutive logits, one per generated token after the first.
+
+    With ``repeat`` the same call runs a second time (``..._repeat`` keys). The two differ where
+    an attention backend sets itself up per sequence length: with torch 2.11 on an H100, SDPA
+    runs cuDNN attention, which builds an execution plan for every new key length, and every
+    decoding step has a new one. The first call is what generating new text costs in a process
+    that has not seen those lengths; the second is the kernels alone.
     """
     device = model.device
     g = torch.Generator().manual_seed(seed + length)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(device)
-    clock = StepClock(device)
     free_memory(device)
     with PeakMemory(device) as memory:
-        clock.mark()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=decode_tokens,
-                             min_new_tokens=decode_tokens, do_sample=False, num_beams=1, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True)
-        clock.mark()
-    marks = clock.seconds()
-    steps = marks[1:-1]  # after the start mark, one per forward pass; the last mark ends the call
+        marks, out = timed_generate(model, ids, decode_tokens)
     cache = getattr(out, "cache", None)  # transformers >= 5.24; 5.17 calls it past_key_values
     cache = cache if cache is not None else getattr(out, "past_key_values", None)
     record = {
-        "prefill_s": steps[0],
-        "prefill_tokens_per_s": length / steps[0],
-        "decode_ms_per_token": summarize_ms([b - a for a, b in zip(steps, steps[1:])]) if len(steps) > 1 else None,
+        **step_costs(marks),
         "generated_tokens": int(out.sequences.shape[1] - length),
         "peak_memory_bytes": memory.bytes,
         "cache_class": type(cache).__name__,
         "cache_bytes": cache_bytes(cache),
         "seconds": marks[-1],
     }
+    record["prefill_tokens_per_s"] = length / record["prefill_s"]
     del out, cache
+    if repeat:
+        marks, out = timed_generate(model, ids, decode_tokens)
+        record.update(step_costs(marks, "_repeat"))
+        record["seconds"] += marks[-1]
+        del out
     return record
 
 
 def cost_point(model, length: int, args) -> dict:
     """One measurement, an out-of-memory error recorded as such."""
     try:
-        return measure_cost(model, length, args.decode_tokens, args.seed)
+        return measure_cost(model, length, args.decode_tokens, args.seed, repeat=not args.no_repeat)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
@@ -902,6 +927,12 @@ def plot_cost(results: dict, path: Path, title: str):
                 color = line.get_color() if line else f"C{k}"
                 ax.plot(oom, [measured[-1][1] if measured else 1.0] * len(oom), "x", ms=10, mew=2, color=color,
                         label=f"{name}: out of memory")
+        if label.startswith("decode"):  # the repeated call (measure_cost), dashed in the same colour
+            for k, (name, points) in enumerate(results["cost"].items()):
+                repeat = sorted((int(n), r["decode_ms_per_token_repeat"]["median"]) for n, r in points.items()
+                                if (r.get("decode_ms_per_token_repeat") or {}).get("median") is not None)
+                if repeat:
+                    ax.plot(*zip(*repeat), "s--", color=f"C{k}", mfc="none", label=f"{name}, same call repeated")
         if lengths:
             _length_axis(ax, lengths)
         ax.set_yscale("log")

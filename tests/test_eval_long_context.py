@@ -105,6 +105,7 @@ def test_tiny_run_writes_results_and_plots(tiny_run):
             cost = results["cost"][name][str(length)]
             assert cost["prefill_s"] > 0 and cost["generated_tokens"] == DECODE_TOKENS
             assert cost["decode_ms_per_token"]["median"] > 0
+            assert cost["prefill_s_repeat"] > 0 and cost["decode_ms_per_token_repeat"]["median"] > 0  # timed twice
         # fastmax decodes from a state whose size does not depend on the length; sdpa's cache grows
         caches = [results["cost"][name][str(n)]["cache_bytes"] for n in LENGTHS]
         assert results["cost"][name][str(LENGTHS[0])]["cache_class"] == ("FastmaxCache" if name == "fastmax"
@@ -129,7 +130,7 @@ class Calls:
             self.passkey.append((length, depth))
             return {"key": key, "answer": key, "correct": True, "prompt_tokens": length}
 
-        def measure_cost(model, length, decode_tokens, seed):
+        def measure_cost(model, length, decode_tokens, seed, repeat=False):
             self.cost.append((model.config._attn_implementation, length))
             return {"prefill_s": 1e-3 * length, "decode_ms_per_token": {"median": 1.0}, "peak_memory_bytes": length,
                     "cache_bytes": 1, "seconds": 1e-3 * length}
@@ -192,10 +193,10 @@ def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeyp
     calls = Calls().install(monkeypatch)
     fake = evaluation.measure_cost
 
-    def measure_cost(model, length, decode_tokens, seed):
+    def measure_cost(model, length, decode_tokens, seed, repeat=False):
         if model.config._attn_implementation == "sdpa" and length >= 256:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
-        return fake(model, length, decode_tokens, seed)
+        return fake(model, length, decode_tokens, seed, repeat)
 
     monkeypatch.setattr(evaluation, "measure_cost", measure_cost)
     out = tmp_path / "out"
