@@ -327,8 +327,6 @@ def logit_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     teacher = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
-
-
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 

@@ -339,7 +339,6 @@ def train_step(model, optimizer, params, lr, blocks, step, stage, teacher, args,
     return accelerator.reduce(step_loss, reduction="mean").item()
 
 
-
 def stage_loss(model, input_ids: torch.Tensor, stage: Stage, teacher, args, accelerator) -> torch.Tensor:
     """Stage 1: the attention-transfer MSE. Otherwise next-token cross-entropy, mixed with
     KL(teacher || model) over the vocabulary when --kd_weight > 0."""
