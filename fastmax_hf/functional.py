@@ -214,10 +214,11 @@ def fastmax(
             if refusal is not None:
                 raise ValueError(f"backend='triton' cannot run this call: {refusal}")
             from .kernels import triton_attention
+            from .options import FastmaxOptions
 
             out, den = triton_attention(
-                q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                p=p, a0=a0, a1=a1, a2=a2,
+                q, k, v, FastmaxOptions(scale=scale, p=p, a0=a0, a1=a1, a2=a2),
+                causal=causal, key_padding_mask=key_padding_mask,
             )
         else:
             out, den = chunked_attention(

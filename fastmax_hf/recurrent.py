@@ -129,8 +129,9 @@ def fastmax_step(
     options = dict(scale=scale, p=p, a0=a0, a1=a1, a2=a2)
     if state.layout == "triton":
         from .kernels import triton_step
+        from .options import FastmaxOptions
 
-        out, S, z = triton_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
+        out, S, z = triton_step(q, k, v, state.S, state.z, FastmaxOptions(**options), key_padding_mask=key_padding_mask)
         return out, FastmaxState(S, z, q_peak, k_peak, "triton")
 
     out, S, z = chunked_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)

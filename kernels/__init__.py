@@ -1,12 +1,16 @@
 """Triton kernels for Fastmax attention (shipped as ``fastmax_hf.kernels``).
 
-They know nothing of transformers: plain tensors in, tensors out.
+They know nothing of transformers: plain tensors in, tensors out, and an options object
+with the attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` (``fastmax_hf.FastmaxOptions``).
 
 - ``triton_attention``: forward and backward (autograd) in two regimes, quadratic
-  (FlashAttention-like tiles) and linear (chunked fp32 state kept on chip).
+  (FlashAttention-like tiles) and linear (chunked fp32 state).
 - ``triton_step``: causal attention of new tokens continued from a state (S, z), and the
   new state: prefill and token-by-token decoding.
+- ``settings`` / ``current_settings``: launch parameters and scratch budgets.
 """
+
+from .settings import KernelSettings, current_settings, set_settings, settings
 
 try:
     import triton  # noqa: F401
@@ -18,4 +22,5 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
 if HAS_TRITON:
     from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step
 
-__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime"]
+__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime",
+           "KernelSettings", "current_settings", "set_settings", "settings"]

@@ -17,18 +17,33 @@ import triton
 
 from .linear import linear_bwd_dkdv_kernel, linear_bwd_dq_kernel, linear_fwd_kernel
 from .quadratic import quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadratic_fwd_kernel
+from .settings import current_settings
 
 # Tiles of the (m, n) grid of second-order features: BT x BT products per program.
 PAIR_TILE = 16
-# Launch parameters of the linear kernels: tokens per chunk, state columns per program
-# (Dv is split into blocks of this width), warps (None: by state size), pipeline stages.
-# Measured on an H100 (benchmarks/results/tune_*.json): chunk 64, 8 warps, one stage. Two
-# or more stages (Triton's software pipelining) gave wrong results in the forward kernel
-# (5e-2 relative error with Triton 3.6), so the linear kernels stay at one stage.
-LINEAR_CONFIG = {"chunk": 64, "block_dv": 64, "num_warps": 8, "num_stages": 1}
+# Launch parameters of the linear kernels when the settings leave them open: tokens per
+# chunk, state columns per program (Dv is split into blocks of this width), warps, pipeline
+# stages. Measured on an H100: chunk 64, 8 warps, one stage. Two or more stages (Triton's
+# software pipelining) gave wrong results in the forward kernel (5e-2 relative error with
+# Triton 3.6), so the linear kernels stay at one stage.
+LINEAR_DEFAULTS = {"chunk": 64, "block_dv": 64, "num_warps": 8, "num_stages": 1}
 # Query/key block sizes of the quadratic kernels (None stages: 3 for D <= 64, else 2,
 # the most that fits in shared memory).
-QUAD_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": None}
+QUAD_DEFAULTS = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": None}
+
+
+def _linear_config() -> dict:
+    s = current_settings()
+    chosen = {"chunk": s.linear_chunk, "block_dv": s.linear_block_dv, "num_warps": s.linear_warps,
+              "num_stages": s.linear_stages}
+    return {key: LINEAR_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
+
+
+def _quad_config() -> dict:
+    s = current_settings()
+    chosen = {"block_m": s.quad_block_m, "block_n": s.quad_block_n, "num_warps": s.quad_warps,
+              "num_stages": s.quad_stages}
+    return {key: QUAD_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
 # Registers and spills of the last compiled launch of each kernel (for the benchmarks).
 KERNEL_STATS: dict[str, tuple[int, int]] = {}
 
@@ -95,18 +110,18 @@ def _mask_args(mask):
 
 
 def _block_dv(dv: int) -> int:
-    return min(LINEAR_CONFIG["block_dv"], _pow2_at_least_16(dv))
+    return min(_linear_config()["block_dv"], _pow2_at_least_16(dv))
 
 
 def _linear_warps(block_d: int, block_dv: int) -> int:
-    if LINEAR_CONFIG["num_warps"] is not None:
-        return LINEAR_CONFIG["num_warps"]
+    if _linear_config()["num_warps"] is not None:
+        return _linear_config()["num_warps"]
     return 8 if block_d * block_dv >= 64 * 64 else 4
 
 
 def _quad_warps(block_d: int) -> int:
-    if QUAD_CONFIG["num_warps"] is not None:
-        return QUAD_CONFIG["num_warps"]
+    if _quad_config()["num_warps"] is not None:
+        return _quad_config()["num_warps"]
     return 4 if block_d <= 64 else 8
 
 
@@ -116,8 +131,9 @@ def _quad_blocks(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
     Shared memory holds `stages` copies of the streamed tiles: fp32 tiles at D > 64 with
     128-row blocks need 290 KB (seen on an H100, limit 227 KB), so fp32 takes 64-row blocks
     and, past D = 64, one stage."""
-    block_m, block_n = QUAD_CONFIG["block_m"], QUAD_CONFIG["block_n"]
-    stages = QUAD_CONFIG["num_stages"] or (3 if block_d <= 64 else 2)
+    config = _quad_config()
+    block_m, block_n = config["block_m"], config["block_n"]
+    stages = config["num_stages"] or (3 if block_d <= 64 else 2)
     if dtype == torch.float32:
         block_m = min(block_m, 64)
         block_n = min(block_n, 64)
@@ -158,17 +174,14 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     return out, den
 
 
-# fp32 elements per slice of heads in _row_terms: whole-tensor fp32 copies of o and do were
-# 12 GiB of temporaries at 1M tokens and 16 heads, the peak of the whole backward pass.
-ROW_TERMS_SLICE = 1 << 26
-
-
 def _row_terms(out, den, grad_out):
     """1/d and c = (do . o)/d per query row, fp32 contiguous (B, Hq, Nq); 0 where d = 0."""
     inv_den = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(den))
     B, H, N, Dv = out.shape
     crow = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
-    heads = max(1, ROW_TERMS_SLICE // max(1, B * N * Dv))
+    # a slice of heads at a time: whole-tensor fp32 copies of o and do were 12 GiB of
+    # temporaries at 1M tokens and 16 heads, the peak of the whole backward pass
+    heads = max(1, current_settings().row_terms_slice // max(1, B * N * Dv))
     for h0 in range(0, H, heads):
         h = slice(h0, h0 + heads)
         crow[:, h] = (grad_out[:, h].float() * out[:, h].float()).sum(-1)
@@ -208,7 +221,7 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
     """Returns (out, den) or (out, den, S, z). ``state_in`` = (S, z) continues a sequence."""
     B, Hq, Nq, D = q.shape
     # a decoding step has a token or a few: the smallest chunk the tensor cores take
-    chunk = 16 if k.shape[2] <= 16 else LINEAR_CONFIG["chunk"]
+    chunk = 16 if k.shape[2] <= 16 else _linear_config()["chunk"]
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     block_d, n_tiles, f_rows = linear_layout(D, p)
     block_dv = _block_dv(Dv)
@@ -231,7 +244,7 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
         LOAD_STATE=state_in is not None, STORE_STATE=return_state,
         CHUNK=chunk, BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
         OP_BF16=q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        num_warps=_linear_warps(block_d, block_dv), num_stages=LINEAR_CONFIG["num_stages"],
+        num_warps=_linear_warps(block_d, block_dv), num_stages=_linear_config()["num_stages"],
     )
     _record("linear_fwd", compiled)
     # in place: at 1M tokens each fp32 temporary of the output's size is 4 GiB per 16 heads
@@ -244,21 +257,19 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, r
 
 # The linear backward accumulates dq, dk, dv in fp32 scratch (its tile programs add into
 # the same rows). Scratch for every head at once costs up to 1.5x the size of q, k, v, o and
-# their gradients; past SCRATCH_MIN_BYTES the heads are cut into groups whose scratch stays
-# under SCRATCH_FRACTION of those tensors, so that 1M-token training peaks near 1.2x their
+# their gradients; past scratch_min_bytes the heads are cut into groups whose scratch stays
+# under scratch_fraction of those tensors, so that 1M-token training peaks near 1.2x their
 # size. Fewer heads per launch leave SMs idle (an H100 measured 3.7 s instead of 0.72 s at 1M
 # tokens, D = 64, with one head per launch), so groups are as large as the budget allows and
-# of equal size.
-SCRATCH_MIN_BYTES = 3 << 30
-SCRATCH_FRACTION = 0.2
+# of equal size. The budget is the settings' scratch_fraction and scratch_min_bytes.
 
 
-def _heads_per_launch(q, k, v) -> int:
+def heads_per_launch(q, k, v) -> int:
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     scratch_per_head = 4 * B * ((Hq // Hk) * Nq * D + Nk * (D + Dv))
     tensors = 2 * q.element_size() * B * (Hq * Nq * (D + Dv) + Hk * Nk * (D + Dv))  # q, o, k, v and gradients
-    budget = max(SCRATCH_MIN_BYTES, SCRATCH_FRACTION * tensors)
+    budget = max(current_settings().scratch_min_bytes, current_settings().scratch_fraction * tensors)
     most = max(1, min(Hk, int(budget // scratch_per_head)))
     launches = -(-Hk // most)
     return -(-Hk // launches)
@@ -269,10 +280,10 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     groups = Hq // Hk
     inv_den, crow = _row_terms(out, den, grad_out)
-    heads_per_launch = _heads_per_launch(q, k, v)
+    group = heads_per_launch(q, k, v)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for h0 in range(0, Hk, heads_per_launch):
-        h1 = min(Hk, h0 + heads_per_launch)
+    for h0 in range(0, Hk, group):
+        h1 = min(Hk, h0 + group)
         qs = slice(h0 * groups, h1 * groups)
         _linear_backward_heads(
             q[:, qs], k[:, h0:h1], v[:, h0:h1], mask, grad_out[:, qs],
@@ -296,10 +307,10 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     dv = torch.zeros(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
     grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
-    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=LINEAR_CONFIG["chunk"], BLOCK_D=block_d,
+    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=_linear_config()["chunk"], BLOCK_D=block_d,
                   BLOCK_DV=block_dv, BT=PAIR_TILE, OP_BF16=q.dtype == torch.bfloat16,
                   PRECISION=_precision(q.dtype), num_warps=_linear_warps(block_d, block_dv),
-                  num_stages=LINEAR_CONFIG["num_stages"])
+                  num_stages=_linear_config()["num_stages"])
     compiled = linear_bwd_dq_kernel[grid](
         q, k, v, mp, grad_out, inv_den, crow, dq, dk, dv, tile_m, tile_n, *strides,
         Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
@@ -375,28 +386,31 @@ torch.library.register_autograd("fastmax_hf::forward", _backward, setup_context=
 torch.library.register_autocast("fastmax_hf::forward", "cuda", torch.bfloat16)
 
 
-def triton_attention(q, k, v, *, causal, key_padding_mask, scale, p, a0, a1, a2, regime="auto"):
+def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, regime="auto"):
     """Fastmax core on the Triton kernels: (out in q's dtype, fp32 denominator (B, Hq, Nq)).
 
-    ``regime``: "auto" (quadratic while Nk is below the measured crossover), "quadratic"
-    or "linear". Arguments are assumed validated (``fastmax_hf.fastmax`` does that).
+    ``options``: the kernel's coefficients, any object with attributes ``scale``, ``p``,
+    ``a0``, ``a1``, ``a2`` (``fastmax_hf.FastmaxOptions``). ``regime``: "auto" (quadratic
+    while Nk is below the measured crossover), "quadratic" or "linear". Arguments are
+    assumed validated (``fastmax_hf.fastmax`` does that).
     """
     if regime == "auto":
         backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        regime = choose_regime(k.shape[2], q.shape[-1], p, backward)
+        regime = choose_regime(k.shape[2], q.shape[-1], options.p, backward)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
-    return fastmax_forward_op(q, k, v, key_padding_mask, bool(causal), float(scale), int(p),
-                              float(a0), float(a1), float(a2), regime)
+    return fastmax_forward_op(q, k, v, key_padding_mask, bool(causal), float(options.scale), int(options.p),
+                              float(options.a0), float(options.a1), float(options.a2), regime)
 
 
 @torch.no_grad()
-def triton_step(q, k, v, S, z, *, key_padding_mask, scale, p, a0, a1, a2):
+def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
     """n new tokens attend causally to themselves and the state (S, z); returns (out, S', z').
 
     The state layout is the linear kernels' (see ``linear_layout``); S, z are not modified.
     """
-    out, _, S_new, z_new = linear_forward(q, k, v, key_padding_mask, True, scale, p, a0, a1, a2,
+    out, _, S_new, z_new = linear_forward(q, k, v, key_padding_mask, True, options.scale, options.p,
+                                          options.a0, options.a1, options.a2,
                                           state_in=(S, z), return_state=True)
     return out, S_new, z_new
 

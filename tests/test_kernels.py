@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastmax_hf import fastmax, fastmax_reference
+from fastmax_hf.options import FastmaxOptions
 from fastmax_hf.recurrent import fastmax_step
 from conftest import randn, rel_err
 
@@ -50,7 +51,8 @@ def test_kernels_match_reference(gen, regime, causal, shape):
         opts = dict(causal=causal, key_padding_mask=mask, scale=0.3, p=p,
                     a0=coeffs[0], a1=coeffs[1], a2=coeffs[2])
         expected = fastmax_reference(qe, ke, ve, **opts)
-        out, den = triton_attention(q, k, v, regime=regime, **opts)
+        options = FastmaxOptions(scale=0.3, p=p, a0=coeffs[0], a1=coeffs[1], a2=coeffs[2])
+        out, den = triton_attention(q, k, v, options, causal=causal, key_padding_mask=mask, regime=regime)
         assert out.dtype == dtype and not torch.isnan(out).any()
         assert rel_err(out, expected) < TOL[dtype], (dtype, p)
         if shape[0] > 1:
@@ -72,8 +74,7 @@ def test_public_function_reads_strided_inputs(gen):
     assert not q.is_contiguous()
     expected = fastmax_reference(q.double(), k.double(), v.double(), causal=True)
     for regime in ("quadratic", "linear"):
-        out, _ = triton_attention(q, k, v, causal=True, key_padding_mask=None, scale=D ** -0.5,
-                                  p=2, a0=1.0, a1=1.0, a2=0.5, regime=regime)
+        out, _ = triton_attention(q, k, v, FastmaxOptions(scale=D ** -0.5), causal=True, regime=regime)
         assert rel_err(out, expected) < 1e-4
     assert rel_err(fastmax(q, k, v, causal=True, backend="triton"), expected) < 1e-4
 
@@ -135,14 +136,15 @@ def test_backward_head_group_size(N, D, Hq, Hk, expected):
 
     q = torch.empty(1, Hq, N, D, dtype=torch.bfloat16, device="meta")
     k = v = torch.empty(1, Hk, N, D, dtype=torch.bfloat16, device="meta")
-    heads = ops._heads_per_launch(q, k, v)
+    heads = ops.heads_per_launch(q, k, v)
     assert heads == expected
     scratch = 4 * heads * ((Hq // Hk) * N * D + 2 * N * D)
     tensors = 2 * 2 * (Hq * N * 2 * D + Hk * N * 2 * D)
-    assert heads == Hk or scratch <= max(ops.SCRATCH_MIN_BYTES, ops.SCRATCH_FRACTION * tensors)
+    budget = kernels.current_settings()
+    assert heads == Hk or scratch <= max(budget.scratch_min_bytes, budget.scratch_fraction * tensors)
 
 
-def test_backward_in_head_groups(gen, monkeypatch):
+def test_backward_in_head_groups(gen):
     """Large backward passes run over groups of key/value heads: same gradients."""
     from fastmax_hf.kernels import ops
 
@@ -151,11 +153,11 @@ def test_backward_in_head_groups(gen, monkeypatch):
     expected = fastmax_reference(qe, ke, ve, **opts)
     do = randn(gen, *expected.shape).to(DEVICE)
     want = torch.autograd.grad(expected, (qe, ke, ve), do)
-    monkeypatch.setattr(ops, "SCRATCH_MIN_BYTES", 1)  # one key/value head per launch
-    monkeypatch.setattr(ops, "SCRATCH_FRACTION", 0.0)
-    monkeypatch.setattr(ops, "ROW_TERMS_SLICE", 1)  # and (do . o) one head at a time
-    assert ops._heads_per_launch(q, k, v) == 1
-    out, _ = triton_attention(q, k, v, regime="linear", **opts)
-    got = torch.autograd.grad(out, (q, k, v), do.float())
+    # one key/value head per launch, and (do . o) one head at a time
+    with kernels.settings(scratch_min_bytes=1, scratch_fraction=0.0, row_terms_slice=1):
+        assert ops.heads_per_launch(q, k, v) == 1
+        out, _ = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=True, key_padding_mask=mask,
+                                  regime="linear")
+        got = torch.autograd.grad(out, (q, k, v), do.float())
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4

@@ -1,0 +1,96 @@
+"""Launch parameters and scratch budgets of the kernels: one frozen object, changed only through here.
+
+    from fastmax_hf import kernels
+    print(kernels.current_settings())
+    with kernels.settings(quad_block_n=128, linear_chunk=1024):   # a benchmark sweep
+        ...
+
+``None`` means "chosen by the launcher for the shapes and dtype" (the measured defaults).
+Unknown names or bad values raise a ValueError naming them; the previous settings are
+restored when the ``with`` block ends, also on an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    # quadratic (tile) kernels: query rows and key columns per tile, warps, pipeline depth
+    quad_block_m: int | None = None
+    quad_block_n: int | None = None
+    quad_warps: int | None = None
+    quad_stages: int | None = None
+    # linear (state) kernels: tokens per chunk, state columns per program, warps, pipeline depth
+    linear_chunk: int | None = None
+    linear_block_dv: int | None = None
+    linear_warps: int | None = None
+    linear_stages: int | None = None
+    # scratch of the linear backward: past scratch_min_bytes, heads run in groups whose scratch
+    # stays under scratch_fraction of the size of q, k, v, o and their gradients
+    scratch_fraction: float = 0.2
+    scratch_min_bytes: int = 3 << 30
+    # fp32 elements per slice of heads when the backward forms (do . o) per row
+    row_terms_slice: int = 1 << 26
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "scratch_fraction":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                    raise ValueError(f"kernel setting `scratch_fraction` must be a number in [0, 1], got {value!r}")
+                continue
+            if value is None and field.default is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"kernel setting `{field.name}` must be a positive integer"
+                                 f"{' or None' if field.default is None else ''}, got {value!r}")
+        for name in ("quad_block_m", "quad_block_n", "linear_chunk", "linear_block_dv", "quad_warps", "linear_warps"):
+            value = getattr(self, name)
+            if value is not None and value & (value - 1):
+                raise ValueError(f"kernel setting `{name}` must be a power of 2, got {value}")
+        for name in ("quad_block_m", "quad_block_n", "linear_chunk", "linear_block_dv"):
+            value = getattr(self, name)
+            if value is not None and value < 16:
+                raise ValueError(f"kernel setting `{name}` must be at least 16 (the tensor cores' tile), got {value}")
+
+
+_current = KernelSettings()
+
+
+def current_settings() -> KernelSettings:
+    """The settings the next launch uses."""
+    return _current
+
+
+def names() -> list[str]:
+    return [field.name for field in dataclasses.fields(KernelSettings)]
+
+
+def _replaced(changes: dict) -> KernelSettings:
+    unknown = sorted(set(changes) - set(names()))
+    if unknown:
+        raise ValueError(f"unknown kernel setting(s) {unknown}; known: {names()}")
+    return dataclasses.replace(_current, **changes)
+
+
+def set_settings(**changes) -> KernelSettings:
+    """Change settings for the rest of the process; returns the previous ones."""
+    global _current
+    previous, _current = _current, _replaced(changes)
+    return previous
+
+
+@contextlib.contextmanager
+def settings(**changes):
+    """Change settings inside a ``with`` block (benchmarks, checks of a rarely taken path)."""
+    global _current
+    previous = _current
+    _current = _replaced(changes)
+    try:
+        yield _current
+    finally:
+        _current = previous
