@@ -1,652 +1,518 @@
-"""Linear-regime Fastmax kernels: chunked causal (or global) states kept on chip.
+"""Linear-regime Fastmax kernels: chunk-parallel states, a scan over chunks, and readouts.
 
 The numerator of query i factorises over features of q and k:
 
-    sum_j f(s_ij) v_j = a0 S0 + a1 scale q_i^T S1 + a2 scale^2 sum_{m,n} q_i[m] q_i[n] S2[m,n]
-    S0 = sum_j v_j,  S1 = sum_j k_j v_j^T,  S2[m,n] = sum_j k_j[m] k_j[n] v_j^T
+    sum_j f(r_ij) v_j = phi_q(q_i)^T S,   S = sum_j phi_k(k_j) v_j^T,   z = sum_j phi_k(k_j)
+    phi_k(k) = [1, k, k[m] k[n] (m <= n)]
+    phi_q(q) = [a0, c1 q, c2 w_mn q[m] q[n]]     (w = 2 off the diagonal, 1 on it)
 
-(the denominator likewise with v_j -> 1). S2 is symmetric in (m, n), so only the
-pairs n >= m are kept, the query side weighted 2 off the diagonal. The (m, n) grid is
-cut into BT x BT tiles (tile (mb, nb) with nb >= mb); each program owns one tile's
-state, BT*BT rows of S2 by a BLOCK_DV slice of its columns, in fp32 registers for the
-whole sequence, and streams Q, K, V chunk by chunk: the products q[m] q[n] for its tile
-are formed in registers (never written to memory) and fed to the tensor cores. One more
-program per (head, dv-block) owns orders 0 and 1 and, under the causal mask, the
-masked CHUNK x CHUNK tile inside each chunk (all orders). The programs' partial
-numerators and denominators are summed with fp32 atomics into (B, Hq, Nq, Dv) buffers.
+with c1 = a1 scale and c2 = a2 scale^2 (the denominator likewise with v_j -> 1). The
+(m, n >= m) grid of pair features is cut into BT x BT tiles (tile (mb, nb), nb >= mb).
 
-Causal: a chunk's queries read the state of the chunks before it, then the chunk is
-folded in. Non-causal: the whole state first, then every query reads it.
+Causal attention splits the key timeline into chunks of CHUNK tokens and runs three
+kernels, each parallel over chunks as well as heads and feature tiles:
 
-Backward (no per-chunk states are stored; see fastmax_hf/chunked.py for the algebra):
-a forward sweep rebuilds S and differentiates the query side (dq) and the intra-chunk
-tiles (dq, dk, dv); a reverse sweep accumulates R = sum_i phi_q(q_i) g_i^T,
-r = sum_i phi_q(q_i) c_i over later queries and differentiates the key side (dk, dv).
+1. ``chunk_states_kernel``: every chunk's own state H_c = sum_{j in c} phi(k_j) v_j^T,
+   one program per (feature tile, chunk, value block, head); the pair features are
+   formed in registers and fed to the tensor cores, never written to memory.
+2. ``state_scan_kernel``: in place, H_c becomes the exclusive prefix sum_{c' < c} H_c'
+   (in fp32 registers; stored in the operand dtype), continuing a given state and
+   returning the final one when asked (prefill and decoding).
+3. ``linear_fwd_kernel``: a block of queries in chunk c attends to its own chunk with the
+   quadratic tile loop (keys from the chunk start to the diagonal) and reads the prefix
+   state of chunk c, all feature tiles in one program: no atomics, one write per output.
 
-State layout (prefill/decoding): S (B, Hk, F_ROWS, Dv) and z (B, Hk, F_ROWS) fp32 with
-row 0 the zeroth order, rows 1..BLOCK_D the first order and then one block of BT*BT
-rows per tile, keys unweighted.
+Without a causal mask the scan sums every chunk and each query reads the total.
+
+Backward (no state is kept from the forward; see fastmax_hf/chunked.py for the algebra),
+with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i:
+- dq: the prefix states again, then ``linear_bwd_dq_kernel``: X_i = S g_i - c_i z (the
+  gradient of phi_q(q_i)) pushed through the pair features, plus the chunk's own tile;
+- dk, dv: query-side states R_c = sum_{i in c} phi_q(q_i) g_i^T, r_c = sum phi_q(q_i) c_i
+  (``chunk_states_kernel`` on the queries), a reverse scan (the chunks after c), then
+  ``linear_bwd_dkdv_kernel``: dv_j = R^T phi_k(k_j), Y_j = R v_j - r pushed through the
+  pair features, plus the chunk's own tile.
+
+State layout (prefill/decoding and the scratch above): rows of F_ROWS = 1 + BLOCK_D +
+N_TILES * BT * BT: row 0 the zeroth order, rows 1..BLOCK_D the first order, then one
+block of BT*BT rows per tile; S (.., F_ROWS, Dv) and z (.., F_ROWS), keys unweighted.
 """
 
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value, key_valid, load_rows
+from .common import key_valid, load_tile, operand
+from .quadratic import attend_keys, dkdv_from_queries, dq_from_keys, scaled_grad_rows
 
 
 @triton.jit
-def _operand(x, OP_BF16: tl.constexpr):
-    """Tensor-core operand: bf16 for bf16 inputs, fp32 (tf32 or ieee dot) otherwise.
-
-    fp16 would overflow: the state grows with the number of tokens."""
-    if OP_BF16:
-        return x.to(tl.bfloat16)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _pairs(xm, xn, CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
-    """(CHUNK, BT) x (CHUNK, BT) -> (CHUNK, BT*BT) products x[m] x[n], feature m*BT + n.
-
-    Formed in the tensor-core operand type (bf16 products halve registers and shuffles)."""
-    return tl.reshape(_operand(xm, OP_BF16)[:, :, None] * _operand(xn, OP_BF16)[:, None, :], (CHUNK, BT * BT))
+def _tile(TILE_M, TILE_N, t, BT: tl.constexpr):
+    """Tile t of the pair grid: its block indices, the columns of x its pairs read, and the
+    symmetry weights w[m, n] (2 above the diagonal, 1 on it, 0 below; exact in bf16)."""
+    mb = tl.load(TILE_M + t)
+    nb = tl.load(TILE_N + t)
+    m_cols = mb * BT + tl.arange(0, BT)
+    n_cols = nb * BT + tl.arange(0, BT)
+    w = tl.where(n_cols[None, :] > m_cols[:, None], 2.0, tl.where(n_cols[None, :] == m_cols[:, None], 1.0, 0.0))
+    return mb, nb, m_cols, n_cols, tl.reshape(w, (BT * BT,))
 
 
 @triton.jit
-def _tile_weights(mb, nb, BT: tl.constexpr):
-    """Symmetry weights of tile (mb, nb): 2 above the diagonal, 1 on it, 0 below (exact in bf16)."""
-    m = mb * BT + tl.arange(0, BT)
-    n = nb * BT + tl.arange(0, BT)
-    w = tl.where(n[None, :] > m[:, None], 2.0, tl.where(n[None, :] == m[:, None], 1.0, 0.0))
-    return tl.reshape(w, (BT * BT,))
+def _pairs(xm, xn, ROWS: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
+    """(ROWS, BT) x (ROWS, BT) -> (ROWS, BT*BT) products x[m] x[n], feature m*BT + n."""
+    return tl.reshape(operand(xm, OP_BF16)[:, :, None] * operand(xn, OP_BF16)[:, None, :], (ROWS, BT * BT))
 
 
 @triton.jit
-def _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym,
-                 CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
-    """Weighted query features wsym[m,n] * coef * q[m] q[n] of one tile; coef = a2 scale^2
-    goes onto q[m] before rounding, so the bf16 product carries no rounded coefficient."""
-    qm = load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd).to(tl.float32) * coef
-    qn = load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
-    return _pairs(qm, qn, CHUNK, BT, OP_BF16) * _operand(wsym, OP_BF16)[None, :]
+def _pair_grads(grad3, Y, xm, xn, mb, nb, ROWS: tl.constexpr, BT: tl.constexpr, NBLK: tl.constexpr):
+    """grad3 (ROWS, NBLK, BT) += d/dx of sum_f Y_f x[m_f] x[n_f] for one tile (mb, nb).
 
-
-@triton.jit
-def _chunk_has_queries(j0, CHUNK: tl.constexpr, offset, Nq):
-    """Whether any query sits at a key position inside [j0, j0 + CHUNK)."""
-    return (j0 + CHUNK - offset > 0) & (j0 - offset < Nq)
-
-
-@triton.jit
-def _tile_columns(TILE_M, TILE_N, pid_t, BT: tl.constexpr):
-    """Program pid_t's feature tile: the columns of x that its pairs x[m] x[n] read, and their weights."""
-    mb = tl.load(TILE_M + pid_t)
-    nb = tl.load(TILE_N + pid_t)
-    return mb * BT + tl.arange(0, BT), nb * BT + tl.arange(0, BT), _tile_weights(mb, nb, BT)
-
-
-@triton.jit
-def _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
-                    CHUNK: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of keys folded into a tile's state: S += phi(k)^T v, z += sum phi(k)."""
-    kf = _pairs(load_rows(K_h, keys, k_valid, skn, m_cols, D, skd),
-                load_rows(K_h, keys, k_valid, skn, n_cols, D, skd), CHUNK, BT, OP_BF16)
-    v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-    S += tl.dot(tl.trans(kf), _operand(v, OP_BF16), input_precision=PRECISION)
-    z += tl.sum(kf.to(tl.float32), 0)
-    return S, z
+    Register tensors cannot be sliced by a run-time block index, so each half lands in its
+    column block through a comparison with the block index."""
+    Y3 = tl.reshape(Y, (ROWS, BT, BT))
+    d_m = tl.sum(Y3 * xn.to(tl.float32)[:, None, :], 2)  # (ROWS, BT): columns of block mb
+    d_n = tl.sum(Y3 * xm.to(tl.float32)[:, :, None], 1)  # (ROWS, BT): columns of block nb
+    blocks = tl.arange(0, NBLK)[None, :, None]
+    grad3 += tl.where(blocks == mb, d_m[:, None, :], 0.0)
+    grad3 += tl.where(blocks == nb, d_n[:, None, :], 0.0)
+    return grad3
 
 
 # ----------------------------------------------------------------------------------------
-# forward
+# 1. per-chunk states
 # ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _second_order_fwd(
-    Q, K, V, MASK, O_ACC, DEN_ACC, S_IN, Z_IN, S_OUT, Z_OUT, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-    pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, F_ROWS, scale, a2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+def chunk_states_kernel(
+    X, VAL, MASK, INV_DEN, CROW, H, Z, TILE_M, TILE_N,
+    stride_xb, stride_xh, stride_xn, stride_xd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    Hx, GROUPS, N_ROWS, ROW_SHIFT, N_CHUNKS, N_DV_BLOCKS, D, DV, F_ROWS, N_TILES,
+    a0, c1, c2,
+    IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
+    """Grid (N_TILES + 1, N_CHUNKS * N_DV_BLOCKS, B * Hk): H[bh, c] (F_ROWS, Dv), Z[bh, c] (F_ROWS).
+
+    Keys (IS_QUERY=False): X = k, VAL = v, rows = positions, unweighted features; padded keys
+    and keys past N_ROWS add nothing. Queries (IS_QUERY=True): X = q of the GROUPS heads of
+    each key/value head (summed), VAL = do with 1/d folded in (g = do / d), the features
+    weighted by (a0, c1, c2 w), and Z gets sum phi_q(q_i) c_i. Rows are positions - ROW_SHIFT
+    (the causal offset Nk - Nq for queries). Program N_TILES owns orders 0 and 1."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1) // N_DV_BLOCKS
+    pid_v = tl.program_id(1) % N_DV_BLOCKS
+    pid_bh = tl.program_id(2)
+    Hk = Hx // GROUPS
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
     TF: tl.constexpr = BT * BT
-    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
-    coef = a2 * scale * scale
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
-
-    frows = 1 + BLOCK_D + pid_t * TF + tl.arange(0, TF)
-    sbase = (b * Hk + hk) * F_ROWS
-    if LOAD_STATE:
-        S = tl.load(S_IN + (sbase + frows[:, None]) * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
-        z = tl.load(Z_IN + sbase + frows)
-    else:
-        S = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
-        z = tl.zeros((TF,), dtype=tl.float32)
-
-    for j0 in range(0, Nk, CHUNK):
-        keys = j0 + tl.arange(0, CHUNK)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        if CAUSAL:
-            if _chunk_has_queries(j0, CHUNK, offset, Nq):
-                rows = keys - offset
-                q_valid = (rows >= 0) & (rows < Nq)
-                S_op = _operand(S, OP_BF16)
-                for g in range(0, GROUPS):
-                    h = hk * GROUPS + g
-                    Q_h = Q + b * sqb + h * sqh
-                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
-                    part = tl.dot(qf, S_op, input_precision=PRECISION)
-                    out_rows = (b * Hq + h) * Nq + rows
-                    tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
-                                  mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
-                    if pid_v == 0:
-                        tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
-        S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
-                               CHUNK, BT, OP_BF16, PRECISION)
-
-    if not CAUSAL:
-        S_op = _operand(S, OP_BF16)
-        for i0 in range(0, Nq, CHUNK):
-            rows = i0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                Q_h = Q + b * sqb + h * sqh
-                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
-                part = tl.dot(qf, S_op, input_precision=PRECISION)
-                out_rows = (b * Hq + h) * Nq + rows
-                tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
-                              mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
-                if pid_v == 0:
-                    tl.atomic_add(DEN_ACC + out_rows, tl.sum(qf.to(tl.float32) * z[None, :], 1), mask=q_valid, sem="relaxed")
-
-    if STORE_STATE:
-        tl.store(S_OUT + (sbase + frows[:, None]) * DV + cols_v[None, :], S, mask=v_ok[None, :])
-        if pid_v == 0:
-            tl.store(Z_OUT + sbase + frows, z)
-
-
-@triton.jit
-def _low_order_fwd(
-    Q, K, V, MASK, O_ACC, DEN_ACC, S_IN, Z_IN, S_OUT, Z_OUT,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-    pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, F_ROWS, scale, a0, a1, a2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
     cols_d = tl.arange(0, BLOCK_D)
-    cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    v_ok = cols_v < DV
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
+    # positions of this chunk that hold rows
+    pos_lo = tl.maximum(pid_c * CHUNK, ROW_SHIFT)
+    pos_hi = tl.minimum(pid_c * CHUNK + CHUNK, N_ROWS + ROW_SHIFT)
+    chunk_base = (pid_bh.to(tl.int64) * N_CHUNKS + pid_c) * F_ROWS
+    MASK_b = MASK + b * stride_mb
 
-    sbase = (b * Hk + hk) * F_ROWS
-    if LOAD_STATE:
-        S1 = tl.load(S_IN + (sbase + 1 + cols_d[:, None]) * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
-        S0 = tl.load(S_IN + sbase * DV + cols_v, mask=v_ok, other=0.0)
-        z1 = tl.load(Z_IN + sbase + 1 + cols_d)
-        z0 = tl.load(Z_IN + sbase)
+    if pid_t < N_TILES:
+        mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, pid_t, BT)
+        acc = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
+        z = tl.zeros((TF,), dtype=tl.float32)
+        for g in range(0, GROUPS):
+            head = hk * GROUPS + g
+            X_h = X + b * stride_xb + head * stride_xh
+            V_h = VAL + b * stride_vb + head * stride_vh
+            for p0 in range(pos_lo, pos_hi, BLOCK_K):
+                pos = p0 + tl.arange(0, BLOCK_K)
+                rows = pos - ROW_SHIFT
+                ok = pos < pos_hi
+                if not IS_QUERY:
+                    ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+                xm = load_tile(X_h, rows, ok, stride_xn, m_cols, D, stride_xd, True, EVEN_D, I64)
+                xn = load_tile(X_h, rows, ok, stride_xn, n_cols, D, stride_xd, True, EVEN_D, I64)
+                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+                if IS_QUERY:
+                    row0 = (b * Hx + head) * N_ROWS
+                    inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
+                    crow = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
+                    val = val.to(tl.float32) * inv_den[:, None]
+                    # c2 goes onto x[m] before rounding, so the bf16 product carries no rounded coefficient
+                    f = _pairs(xm.to(tl.float32) * c2, xn, BLOCK_K, BT, OP_BF16) * operand(wsym, OP_BF16)[None, :]
+                    z += tl.sum(f.to(tl.float32) * crow[:, None], 0)
+                else:
+                    f = _pairs(xm, xn, BLOCK_K, BT, OP_BF16)  # (BLOCK_K, TF), zero on rows not ok
+                    z += tl.sum(f.to(tl.float32), 0)
+                acc = tl.dot(tl.trans(f), operand(val, OP_BF16), acc, input_precision=PRECISION)
+        frows = 1 + BLOCK_D + pid_t * TF + tl.arange(0, TF)
+        tl.store(H + (chunk_base + frows[:, None]) * DV + cols_v[None, :], acc.to(H.dtype.element_ty),
+                 mask=v_ok[None, :])
+        if pid_v == 0:
+            tl.store(Z + chunk_base + frows, z)
     else:
         S1 = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
         S0 = tl.zeros((BLOCK_DV,), dtype=tl.float32)
         z1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
         z0 = tl.sum(z1, 0)
-
-    for j0 in range(0, Nk, CHUNK):
-        keys = j0 + tl.arange(0, CHUNK)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-        if CAUSAL:
-            if _chunk_has_queries(j0, CHUNK, offset, Nq):
-                rows = keys - offset
-                q_valid = (rows >= 0) & (rows < Nq)
-                S1_op = _operand(S1, OP_BF16)
-                for g in range(0, GROUPS):
-                    h = hk * GROUPS + g
-                    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (CHUNK, CHUNK)
-                    vis = q_valid[:, None] & k_valid[None, :] & (keys[None, :] <= keys[:, None])
-                    w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
-                    part = tl.dot(_operand(w, OP_BF16), _operand(v, OP_BF16), input_precision=PRECISION)
-                    part += (a1 * scale) * tl.dot(_operand(q, OP_BF16), S1_op, input_precision=PRECISION)
-                    part += a0 * S0[None, :]
-                    out_rows = (b * Hq + h) * Nq + rows
-                    tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
-                                  mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
-                    if pid_v == 0:
-                        den = tl.sum(w, 1) + (a1 * scale) * tl.sum(q.to(tl.float32) * z1[None, :], 1) + a0 * z0
-                        tl.atomic_add(DEN_ACC + out_rows, den, mask=q_valid, sem="relaxed")
-        S1 += tl.dot(tl.trans(_operand(k, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-        S0 += tl.sum(v.to(tl.float32), 0)
-        z1 += tl.sum(k.to(tl.float32), 0)
-        z0 += tl.sum(k_valid.to(tl.float32), 0)
-
-    if not CAUSAL:
-        S1_op = _operand(S1, OP_BF16)
-        for i0 in range(0, Nq, CHUNK):
-            rows = i0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-                part = (a1 * scale) * tl.dot(_operand(q, OP_BF16), S1_op, input_precision=PRECISION)
-                part += a0 * S0[None, :]
-                out_rows = (b * Hq + h) * Nq + rows
-                tl.atomic_add(O_ACC + out_rows[:, None] * DV + cols_v[None, :], part,
-                              mask=q_valid[:, None] & v_ok[None, :], sem="relaxed")
-                if pid_v == 0:
-                    den = (a1 * scale) * tl.sum(q.to(tl.float32) * z1[None, :], 1) + a0 * z0
-                    tl.atomic_add(DEN_ACC + out_rows, den, mask=q_valid, sem="relaxed")
-
-    if STORE_STATE:
-        tl.store(S_OUT + (sbase + 1 + cols_d[:, None]) * DV + cols_v[None, :], S1, mask=v_ok[None, :])
-        tl.store(S_OUT + sbase * DV + cols_v, S0, mask=v_ok)
+        for g in range(0, GROUPS):
+            head = hk * GROUPS + g
+            X_h = X + b * stride_xb + head * stride_xh
+            V_h = VAL + b * stride_vb + head * stride_vh
+            for p0 in range(pos_lo, pos_hi, BLOCK_K):
+                pos = p0 + tl.arange(0, BLOCK_K)
+                rows = pos - ROW_SHIFT
+                ok = pos < pos_hi
+                if not IS_QUERY:
+                    ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+                x = load_tile(X_h, rows, ok, stride_xn, cols_d, D, stride_xd, True, EVEN_D, I64)  # (BLOCK_K, BLOCK_D)
+                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+                if IS_QUERY:
+                    row0 = (b * Hx + head) * N_ROWS
+                    inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
+                    zw = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
+                    val = val.to(tl.float32) * inv_den[:, None]
+                else:
+                    zw = ok.to(tl.float32)
+                S1 = tl.dot(tl.trans(operand(x, OP_BF16)), operand(val, OP_BF16), S1, input_precision=PRECISION)
+                S0 += tl.sum(val.to(tl.float32), 0)
+                z1 += tl.sum(x.to(tl.float32) * zw[:, None], 0)
+                z0 += tl.sum(zw, 0)
+        if IS_QUERY:
+            S1 = S1 * c1
+            S0 = S0 * a0
+            z1 = z1 * c1
+            z0 = z0 * a0
+        tl.store(H + (chunk_base + 1 + cols_d[:, None]) * DV + cols_v[None, :], S1.to(H.dtype.element_ty),
+                 mask=v_ok[None, :])
+        tl.store(H + chunk_base * DV + cols_v, S0.to(H.dtype.element_ty), mask=v_ok)
         if pid_v == 0:
-            tl.store(Z_OUT + sbase + 1 + cols_d, z1)
-            tl.store(Z_OUT + sbase, z0)
+            tl.store(Z + chunk_base + 1 + cols_d, z1)
+            tl.store(Z + chunk_base, z0)
+
+
+# ----------------------------------------------------------------------------------------
+# 2. scan over chunks
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scan_block(BUF, IN, OUT, bh, offs, width, N_CHUNKS,
+                MODE: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One block of elements of a (N_CHUNKS, width) buffer: exclusive prefix (MODE 0), exclusive
+    suffix (MODE 1) or the total into chunk 0 (MODE 2); accumulated in fp32."""
+    ok = offs < width
+    if LOAD_STATE:
+        running = tl.load(IN + bh * width + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        running = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    base = bh * N_CHUNKS * width
+    if MODE == 2:
+        for c in range(0, N_CHUNKS):
+            running += tl.load(BUF + base + c * width + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(BUF + base + offs, running.to(BUF.dtype.element_ty), mask=ok)
+    else:
+        for step in range(0, N_CHUNKS):
+            if MODE == 0:
+                c = step
+            else:
+                c = N_CHUNKS - 1 - step
+            ptr = BUF + base + c * width + offs
+            chunk = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, running.to(BUF.dtype.element_ty), mask=ok)
+            running += chunk
+    if STORE_STATE:
+        tl.store(OUT + bh * width + offs, running, mask=ok)
+
+
+@triton.jit
+def state_scan_kernel(
+    H, Z, S_IN, Z_IN, S_OUT, Z_OUT, N_CHUNKS, F_ROWS, DV, N_S_BLOCKS,
+    MODE: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Grid (N_S_BLOCKS + cdiv(F_ROWS, BLOCK_E), B * Hk): the S part (F_ROWS * Dv elements)
+    in the first N_S_BLOCKS programs, the z part (F_ROWS) in the rest."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    if pid < N_S_BLOCKS:
+        offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+        _scan_block(H, S_IN, S_OUT, bh, offs, F_ROWS * DV, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E)
+    else:
+        offs = (pid - N_S_BLOCKS) * BLOCK_E + tl.arange(0, BLOCK_E)
+        _scan_block(Z, Z_IN, Z_OUT, bh, offs, F_ROWS, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. readouts
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _query_block(pid_p, POS0, Nq, Nk, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Rows, validity, positions, first position and chunk-visibility of query block pid_p.
+
+    Under a causal mask blocks tile the key timeline from POS0 (a multiple of BLOCK_M, the
+    block of query 0), so that a block never straddles a chunk boundary; without one they
+    tile the rows."""
+    offset = Nk - Nq
+    if CAUSAL:
+        pos0 = POS0 + pid_p * BLOCK_M
+        rows = pos0 - offset + tl.arange(0, BLOCK_M)
+        has_keys = pos0 >= 0  # blocks before position 0 see no key
+    else:
+        pos0 = pid_p * BLOCK_M
+        rows = pos0 + tl.arange(0, BLOCK_M)
+        has_keys = Nk > 0
+    q_ok = (rows >= 0) & (rows < Nq)
+    return rows, q_ok, rows + offset, pos0, has_keys
 
 
 @triton.jit
 def linear_fwd_kernel(
-    Q, K, V, MASK, O_ACC, DEN_ACC, S_IN, Z_IN, S_OUT, Z_OUT, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-    Hk, GROUPS, Nq, Nk, D, DV, N_TILES, F_ROWS,
-    scale, a0, a1, a2,
+    Q, K, V, MASK, H, Z, O, DEN, TILE_M, TILE_N,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    Hq, GROUPS, Nq, Nk, D, DV, N_CHUNKS, F_ROWS, N_TILES, POS0, a0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    """Grid (N_TILES + 1, cdiv(Dv, BLOCK_DV), B * Hk): program N_TILES owns orders 0-1 and the intra-chunk tile."""
-    pid_t = tl.program_id(0)
+    """Grid (query blocks, cdiv(Dv, BLOCK_DV), B * Hq): out (B, Hq, Nq, Dv) and the fp32 denominator
+    (B * Hq, Nq), from the chunk's own tile and the scanned states H, Z (B * Hk, N_CHUNKS, F_ROWS, ..)."""
+    pid_p = tl.program_id(0)
     pid_v = tl.program_id(1)
     pid_bh = tl.program_id(2)
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
-    if pid_t < N_TILES:
-        _second_order_fwd(
-            Q, K, V, MASK, O_ACC, DEN_ACC, S_IN, Z_IN, S_OUT, Z_OUT, TILE_M, TILE_N,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-            pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, F_ROWS, scale, a2,
-            CAUSAL, HAS_MASK, LOAD_STATE, STORE_STATE, CHUNK, BLOCK_D, BLOCK_DV, BT, OP_BF16, PRECISION,
-        )
-    else:
-        _low_order_fwd(
-            Q, K, V, MASK, O_ACC, DEN_ACC, S_IN, Z_IN, S_OUT, Z_OUT,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn,
-            pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, F_ROWS, scale, a0, a1, a2,
-            P, CAUSAL, HAS_MASK, LOAD_STATE, STORE_STATE, CHUNK, BLOCK_D, BLOCK_DV, OP_BF16, PRECISION,
-        )
-
-
-# ----------------------------------------------------------------------------------------
-# backward, forward sweep: dq (all orders) and the intra-chunk dk, dv
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid, sdob, sdoh, sdon, sdod, cols_v, DV, pid_v):
-    """g = do / d (CHUNK, BLOCK_DV) fp32 and c = (do . o) / d, the latter only for dv-block 0."""
-    do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
-    inv_den = tl.load(INV_DEN + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
-    crow = tl.load(CROW + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
-    crow = tl.where(pid_v == 0, crow, 0.0)
-    return do.to(tl.float32) * inv_den[:, None], crow
-
-
-@triton.jit
-def _add_pair_grads(DST_ROWS, Y, xm, xn, m_cols, n_cols, valid, D, CHUNK: tl.constexpr, BT: tl.constexpr):
-    """d/dx of sum_f Y_f x[m_f] x[n_f], added into rows DST_ROWS (pointer per row, D columns)."""
-    Y3 = tl.reshape(Y, (CHUNK, BT, BT))
-    d_m = tl.sum(Y3 * xn.to(tl.float32)[:, None, :], 2)
-    d_n = tl.sum(Y3 * xm.to(tl.float32)[:, :, None], 1)
-    tl.atomic_add(DST_ROWS[:, None] + m_cols[None, :], d_m, mask=valid[:, None] & (m_cols[None, :] < D), sem="relaxed")
-    tl.atomic_add(DST_ROWS[:, None] + n_cols[None, :], d_n, mask=valid[:, None] & (n_cols[None, :] < D), sem="relaxed")
-
-
-@triton.jit
-def _second_order_bwd_dq(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DQ, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUPS
     TF: tl.constexpr = BT * BT
-    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
-    coef = a2 * scale * scale
-    cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
-    S = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
-    z = tl.zeros((TF,), dtype=tl.float32)
-
-    if not CAUSAL:
-        for j0 in range(0, Nk, CHUNK):
-            keys = j0 + tl.arange(0, CHUNK)
-            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
-                                   CHUNK, BT, OP_BF16, PRECISION)
-
-    n_steps = tl.cdiv(Nk, CHUNK) if CAUSAL else tl.cdiv(Nq, CHUNK)
-    for step in range(0, n_steps):
-        j0 = step * CHUNK
-        if CAUSAL:
-            keys = j0 + tl.arange(0, CHUNK)
-            rows = keys - offset
-            q_valid = (rows >= 0) & (rows < Nq)
-            has_queries = _chunk_has_queries(j0, CHUNK, offset, Nq)
-        else:
-            rows = j0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            has_queries = j0 < Nq
-        if has_queries:
-            S_op = _operand(S, OP_BF16)
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                Q_h = Q + b * sqb + h * sqh
-                gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                        sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                X = tl.dot(_operand(gr, OP_BF16), tl.trans(S_op), input_precision=PRECISION)  # (CHUNK, TF)
-                X -= crow[:, None] * z[None, :]
-                qm = load_rows(Q_h, rows, q_valid, sqn, m_cols, D, sqd)
-                qn = load_rows(Q_h, rows, q_valid, sqn, n_cols, D, sqd)
-                _add_pair_grads(DQ + ((b * Hq + h) * Nq + rows) * D, X * (coef * wsym)[None, :], qm, qn,
-                                m_cols, n_cols, q_valid, D, CHUNK, BT)
-        if CAUSAL:
-            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            S, z = _fold_key_pairs(S, z, K_h, V_h, keys, k_valid, skn, skd, svn, svd, m_cols, n_cols, cols_v, D, DV,
-                                   CHUNK, BT, OP_BF16, PRECISION)
-
-
-@triton.jit
-def _low_order_bwd_dq(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DQ, DK, DV_ACC,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a0, a1, a2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
+    rows, q_ok, q_pos, pos0, has_keys = _query_block(pid_p, POS0, Nq, Nk, BLOCK_M, CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     v_ok = cols_v < DV
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
-    S1 = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
-    z1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    Q_h = Q + b * stride_qb + h * stride_qh
+    q = load_tile(Q_h, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)  # (BLOCK_M, BLOCK_D)
 
-    if not CAUSAL:
-        for j0 in range(0, Nk, CHUNK):
-            keys = j0 + tl.arange(0, CHUNK)
-            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-            v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-            S1 += tl.dot(tl.trans(_operand(k, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-            z1 += tl.sum(k.to(tl.float32), 0)
-
-    n_steps = tl.cdiv(Nk, CHUNK) if CAUSAL else tl.cdiv(Nq, CHUNK)
-    for step in range(0, n_steps):
-        j0 = step * CHUNK
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    if has_keys:
         if CAUSAL:
-            keys = j0 + tl.arange(0, CHUNK)
-            rows = keys - offset
-            q_valid = (rows >= 0) & (rows < Nq)
-            has_queries = _chunk_has_queries(j0, CHUNK, offset, Nq)
-            k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-            k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-            v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
+            chunk = pos0 // CHUNK
+            chunk_lo = chunk * CHUNK
+            if HAS_MASK:
+                n_full = chunk_lo
+            else:
+                n_full = pos0 // BLOCK_N * BLOCK_N  # whole key blocks before the diagonal (CHUNK is a multiple of BLOCK_N)
+            K_h = K + b * stride_kb + hk * stride_kh
+            V_h = V + b * stride_vb + hk * stride_vh + pid_v * BLOCK_DV * stride_vd
+            MASK_b = MASK + b * stride_mb
+            DV_BLOCK = DV - pid_v * BLOCK_DV
+            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_mn, chunk_lo, n_full, Nk, D, DV_BLOCK, a0, c1, c2, P, False, True, HAS_MASK,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk, D, DV_BLOCK, a0, c1, c2, P,
+                                   True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
         else:
-            rows = j0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            has_queries = j0 < Nq
-        if has_queries:
-            S1_op = _operand(S1, OP_BF16)
-            if CAUSAL:
-                dk = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-                dv = tl.zeros((CHUNK, BLOCK_DV), dtype=tl.float32)
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-                gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                        sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                dq = (a1 * scale) * (tl.dot(_operand(gr, OP_BF16), tl.trans(S1_op), input_precision=PRECISION)
-                                     - crow[:, None] * z1[None, :])
-                if CAUSAL:
-                    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-                    vis = q_valid[:, None] & k_valid[None, :] & (keys[None, :] <= keys[:, None])
-                    w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
-                    dA = tl.dot(_operand(gr, OP_BF16), tl.trans(_operand(v, OP_BF16)), input_precision=PRECISION)
-                    dA -= crow[:, None]
-                    ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0) * scale
-                    dq += tl.dot(_operand(ds, OP_BF16), _operand(k, OP_BF16), input_precision=PRECISION)
-                    dk += tl.dot(tl.trans(_operand(ds, OP_BF16)), _operand(q, OP_BF16), input_precision=PRECISION)
-                    dv += tl.dot(tl.trans(_operand(w, OP_BF16)), _operand(gr, OP_BF16), input_precision=PRECISION)
-                tl.atomic_add(DQ + ((b * Hq + h) * Nq + rows[:, None]) * D + cols_d[None, :], dq,
-                              mask=q_valid[:, None] & (cols_d[None, :] < D), sem="relaxed")
-            if CAUSAL:
-                key_rows = (b * Hk + hk) * Nk + keys
-                tl.atomic_add(DK + key_rows[:, None] * D + cols_d[None, :], dk,
-                              mask=(keys[:, None] < Nk) & (cols_d[None, :] < D), sem="relaxed")
-                tl.atomic_add(DV_ACC + key_rows[:, None] * DV + cols_v[None, :], dv,
-                              mask=(keys[:, None] < Nk) & v_ok[None, :], sem="relaxed")
-        if CAUSAL:
-            S1 += tl.dot(tl.trans(_operand(k, OP_BF16)), _operand(v, OP_BF16), input_precision=PRECISION)
-            z1 += tl.sum(k.to(tl.float32), 0)
+            chunk = 0
+        base = ((b * (Hq // GROUPS) + hk) * N_CHUNKS + chunk) * F_ROWS  # the state this block reads
+        # orders 0 and 1
+        S0 = tl.load(H + base * DV + cols_v, mask=v_ok, other=0.0).to(tl.float32)
+        S1 = tl.load(H + (base + 1 + cols_d[:, None]) * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
+        z0 = tl.load(Z + base)
+        z1 = tl.load(Z + base + 1 + cols_d)
+        acc += a0 * S0[None, :]
+        acc = tl.dot(operand(q.to(tl.float32) * c1, OP_BF16), operand(S1, OP_BF16), acc, input_precision=PRECISION)
+        den += a0 * z0 + c1 * tl.sum(q.to(tl.float32) * z1[None, :], 1)
+        # order 2, one feature tile at a time
+        for t in range(0, N_TILES):
+            mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+            qm = load_tile(Q_h, rows, q_ok, stride_qn, m_cols, D, stride_qd, True, EVEN_D, I64)
+            qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
+            qf = _pairs(qm.to(tl.float32) * c2, qn, BLOCK_M, BT, OP_BF16) * operand(wsym, OP_BF16)[None, :]
+            frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
+            S_t = tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)  # (TF, BLOCK_DV)
+            z_t = tl.load(Z + frows)
+            acc = tl.dot(qf, operand(S_t, OP_BF16), acc, input_precision=PRECISION)
+            den += tl.sum(qf.to(tl.float32) * z_t[None, :], 1)
+
+    safe = tl.where(den == 0.0, 1.0, den)
+    out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
+    o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & v_ok[None, :])
+    if pid_v == 0:
+        tl.store(DEN + pid_bh.to(tl.int64) * Nq + rows, den, mask=q_ok)
 
 
 @triton.jit
 def linear_bwd_dq_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DQ, DK, DV_ACC, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    Hk, GROUPS, Nq, Nk, D, DV, N_TILES,
-    scale, a0, a1, a2,
+    Q, K, V, MASK, DO, INV_DEN, CROW, H, Z, DQ, TILE_M, TILE_N,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, GROUPS, Nq, Nk, D, DV, N_CHUNKS, F_ROWS, N_TILES, POS0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
-    if pid_t < N_TILES:
-        _second_order_bwd_dq(
-            Q, K, V, MASK, DO, INV_DEN, CROW, DQ, TILE_M, TILE_N,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-            pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a2,
-            CAUSAL, HAS_MASK, CHUNK, BLOCK_DV, BT, OP_BF16, PRECISION,
-        )
-    else:
-        _low_order_bwd_dq(
-            Q, K, V, MASK, DO, INV_DEN, CROW, DQ, DK, DV_ACC,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-            pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a0, a1, a2,
-            P, CAUSAL, HAS_MASK, CHUNK, BLOCK_D, BLOCK_DV, OP_BF16, PRECISION,
-        )
-
-
-# ----------------------------------------------------------------------------------------
-# backward, reverse sweep: dk, dv from the queries after each chunk
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _second_order_bwd_dkdv(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_ACC, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
+    """Grid (query blocks, B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) from the
+    chunk's own tile and the prefix states H, Z. BLOCK_DV covers all of Dv."""
+    pid_p = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUPS
     TF: tl.constexpr = BT * BT
-    m_cols, n_cols, wsym = _tile_columns(TILE_M, TILE_N, pid_t, BT)
-    coef = a2 * scale * scale
-    cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    v_ok = cols_v < DV
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
-    R = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
-    r = tl.zeros((TF,), dtype=tl.float32)
-
-    if not CAUSAL:
-        for i0 in range(0, Nq, CHUNK):
-            rows = i0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                Q_h = Q + b * sqb + h * sqh
-                qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
-                gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                        sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
-                r += tl.sum(qf.to(tl.float32) * crow[:, None], 0)
-
-    n_chunks = tl.cdiv(Nk, CHUNK)
-    for step in range(0, n_chunks):
-        j0 = (n_chunks - 1 - step) * CHUNK
-        keys = j0 + tl.arange(0, CHUNK)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        km = load_rows(K_h, keys, k_valid, skn, m_cols, D, skd)
-        kn = load_rows(K_h, keys, k_valid, skn, n_cols, D, skd)
-        kf = _pairs(km, kn, CHUNK, BT, OP_BF16)
-        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-        R_op = _operand(R, OP_BF16)
-        key_rows = (b * Hk + hk) * Nk + keys
-        dv = tl.dot(kf, R_op, input_precision=PRECISION)  # (CHUNK, BLOCK_DV)
-        tl.atomic_add(DV_ACC + key_rows[:, None] * DV + cols_v[None, :], dv,
-                      mask=k_valid[:, None] & v_ok[None, :], sem="relaxed")
-        Xk = tl.dot(_operand(v, OP_BF16), tl.trans(R_op), input_precision=PRECISION)  # (CHUNK, TF)
-        if pid_v == 0:
-            Xk -= r[None, :]
-        _add_pair_grads(DK + key_rows * D, Xk, km, kn, m_cols, n_cols, k_valid, D, CHUNK, BT)
-        if CAUSAL:
-            if _chunk_has_queries(j0, CHUNK, offset, Nq):
-                rows = keys - offset
-                q_valid = (rows >= 0) & (rows < Nq)
-                for g in range(0, GROUPS):
-                    h = hk * GROUPS + g
-                    Q_h = Q + b * sqb + h * sqh
-                    qf = _query_pairs(Q_h, rows, q_valid, sqn, m_cols, n_cols, D, sqd, coef, wsym, CHUNK, BT, OP_BF16)
-                    gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                            sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                    R += tl.dot(tl.trans(qf), _operand(gr, OP_BF16), input_precision=PRECISION)
-                    r += tl.sum(qf.to(tl.float32) * crow[:, None], 0)
-
-
-@triton.jit
-def _low_order_bwd_dkdv(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_ACC,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a0, a1,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-):
+    NBLK: tl.constexpr = BLOCK_D // BT
+    rows, q_ok, q_pos, pos0, has_keys = _query_block(pid_p, POS0, Nq, Nk, BLOCK_M, CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
-    cols_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    v_ok = cols_v < DV
-    Hq = Hk * GROUPS
-    offset = Nk - Nq
-    K_h = K + b * skb + hk * skh
-    V_h = V + b * svb + hk * svh
-    R1 = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
-    R0 = tl.zeros((BLOCK_DV,), dtype=tl.float32)
-    r1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    cols_v = tl.arange(0, BLOCK_DV)
+    Q_h = Q + b * stride_qb + h * stride_qh
+    q = load_tile(Q_h, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
+    row0 = pid_bh.to(tl.int64) * Nq
+    g, crow = scaled_grad_rows(DO + b * stride_dob + h * stride_doh, INV_DEN + row0, CROW + row0, rows, q_ok,
+                               stride_don, stride_dod, cols_v, DV, EVEN_DV, OP_BF16, I64)
 
-    if not CAUSAL:
-        for i0 in range(0, Nq, CHUNK):
-            rows = i0 + tl.arange(0, CHUNK)
-            q_valid = rows < Nq
-            for g in range(0, GROUPS):
-                h = hk * GROUPS + g
-                q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-                gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                        sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                R1 += (a1 * scale) * tl.dot(tl.trans(_operand(q, OP_BF16)), _operand(gr, OP_BF16),
-                                            input_precision=PRECISION)
-                R0 += a0 * tl.sum(gr, 0)
-                r1 += (a1 * scale) * tl.sum(q.to(tl.float32) * crow[:, None], 0)
-
-    n_chunks = tl.cdiv(Nk, CHUNK)
-    for step in range(0, n_chunks):
-        j0 = (n_chunks - 1 - step) * CHUNK
-        keys = j0 + tl.arange(0, CHUNK)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = load_rows(K_h, keys, k_valid, skn, cols_d, D, skd)
-        v = load_rows(V_h, keys, k_valid, svn, cols_v, DV, svd)
-        key_rows = (b * Hk + hk) * Nk + keys
-        R1_op = _operand(R1, OP_BF16)
-        dv = R0[None, :] + tl.dot(_operand(k, OP_BF16), R1_op, input_precision=PRECISION)
-        tl.atomic_add(DV_ACC + key_rows[:, None] * DV + cols_v[None, :], dv,
-                      mask=k_valid[:, None] & v_ok[None, :], sem="relaxed")
-        dk = tl.dot(_operand(v, OP_BF16), tl.trans(R1_op), input_precision=PRECISION)
-        if pid_v == 0:
-            dk -= r1[None, :]
-        tl.atomic_add(DK + key_rows[:, None] * D + cols_d[None, :], dk,
-                      mask=k_valid[:, None] & (cols_d[None, :] < D), sem="relaxed")
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    if has_keys:
         if CAUSAL:
-            if _chunk_has_queries(j0, CHUNK, offset, Nq):
-                rows = keys - offset
-                q_valid = (rows >= 0) & (rows < Nq)
-                for g in range(0, GROUPS):
-                    h = hk * GROUPS + g
-                    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-                    gr, crow = _scaled_grad(DO, INV_DEN, CROW, b, h, Hq, Nq, rows, q_valid,
-                                            sdob, sdoh, sdon, sdod, cols_v, DV, pid_v)
-                    R1 += (a1 * scale) * tl.dot(tl.trans(_operand(q, OP_BF16)), _operand(gr, OP_BF16),
-                                                input_precision=PRECISION)
-                    R0 += a0 * tl.sum(gr, 0)
-                    r1 += (a1 * scale) * tl.sum(q.to(tl.float32) * crow[:, None], 0)
+            chunk = pos0 // CHUNK
+            chunk_lo = chunk * CHUNK
+            if HAS_MASK:
+                n_full = chunk_lo
+            else:
+                n_full = pos0 // BLOCK_N * BLOCK_N  # whole key blocks before the diagonal (CHUNK is a multiple of BLOCK_N)
+            K_h = K + b * stride_kb + hk * stride_kh
+            V_h = V + b * stride_vb + hk * stride_vh
+            MASK_b = MASK + b * stride_mb
+            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                              stride_mn, chunk_lo, n_full, Nk, D, DV, c1, c2, P, False, False, HAS_MASK,
+                              BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                              stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk, D, DV, c1, c2, P, True, True,
+                              HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+        else:
+            chunk = 0
+        base = ((b * (Hq // GROUPS) + hk) * N_CHUNKS + chunk) * F_ROWS
+        v_ok = cols_v < DV
+        # order 1: X1 = S1 g - c z1
+        S1 = tl.load(H + (base + 1 + cols_d[:, None]) * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
+        z1 = tl.load(Z + base + 1 + cols_d)
+        X1 = tl.dot(g, tl.trans(operand(S1, OP_BF16)), input_precision=PRECISION) - crow[:, None] * z1[None, :]
+        dq += c1 * X1
+        if N_TILES > 0:
+            dq3 = tl.zeros((BLOCK_M, NBLK, BT), dtype=tl.float32)
+            for t in range(0, N_TILES):
+                mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+                frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
+                S_t = tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
+                z_t = tl.load(Z + frows)
+                X = tl.dot(g, tl.trans(operand(S_t, OP_BF16)), input_precision=PRECISION)  # (BLOCK_M, TF)
+                X = (X - crow[:, None] * z_t[None, :]) * (c2 * wsym)[None, :]
+                qm = load_tile(Q_h, rows, q_ok, stride_qn, m_cols, D, stride_qd, True, EVEN_D, I64)
+                qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
+                dq3 = _pair_grads(dq3, X, qm, qn, mb, nb, BLOCK_M, BT, NBLK)
+            dq += tl.reshape(dq3, (BLOCK_M, BLOCK_D))
+    tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_ok[:, None] & (cols_d[None, :] < D))
 
 
 @triton.jit
 def linear_bwd_dkdv_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_ACC, TILE_M, TILE_N,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-    Hk, GROUPS, Nq, Nk, D, DV, N_TILES,
-    scale, a0, a1, a2,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BT: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    Q, K, V, MASK, DO, INV_DEN, CROW, H, Z, DK, DV_OUT, TILE_M, TILE_N,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, Hk, GROUPS, Nq, Nk, D, DV, N_CHUNKS, F_ROWS, N_TILES, a0, c1, c2,
+    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
-    if pid_t < N_TILES:
-        _second_order_bwd_dkdv(
-            Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_ACC, TILE_M, TILE_N,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-            pid_t, pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a2,
-            CAUSAL, HAS_MASK, CHUNK, BLOCK_DV, BT, OP_BF16, PRECISION,
-        )
+    """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
+    from the chunk's own tile (every query head of the group) and the query-side states H, Z
+    (suffix over later chunks, or the total without a causal mask). BLOCK_DV covers all of Dv."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
+    TF: tl.constexpr = BT * BT
+    NBLK: tl.constexpr = BLOCK_D // BT
+    offset = Nk - Nq
+    n0 = pid_n * BLOCK_N
+    keys = n0 + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    v_ok = cols_v < DV
+    k_in = keys < Nk
+    K_h = K + b * stride_kb + hk * stride_kh
+    k = load_tile(K_h, keys, k_in, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)  # (BLOCK_N, BLOCK_D)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, keys, k_in, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    if CAUSAL:
+        chunk = n0 // CHUNK
+        # queries of this chunk at or after the block: rows [lo, row_end), the first ones on the diagonal
+        row_end = tl.minimum(tl.minimum(chunk * CHUNK + CHUNK, Nk) - offset, Nq)
+        lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
+        # (block-aligned, so that no row is in both loops; rows at or past row_end are masked)
+        diag_hi = tl.cdiv(tl.maximum(n0 + BLOCK_N - offset, 0), BLOCK_M) * BLOCK_M
+        for g in range(0, GROUPS):
+            h = hk * GROUPS + g
+            Q_h = Q + b * stride_qb + h * stride_qh
+            DO_h = DO + b * stride_dob + h * stride_doh
+            row0 = (b * Hq + h) * Nq
+            dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                       stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_end, D, DV,
+                                       a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                       OP_BF16, PRECISION, I64)
+            dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                       stride_qn, stride_qd, stride_don, stride_dod, diag_hi, row_end, offset, row_end,
+                                       D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                       OP_BF16, PRECISION, I64)
     else:
-        _low_order_bwd_dkdv(
-            Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_ACC,
-            sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smn, sdob, sdoh, sdon, sdod,
-            pid_v, b, hk, Hk, GROUPS, Nq, Nk, D, DV, scale, a0, a1,
-            CAUSAL, HAS_MASK, CHUNK, BLOCK_D, BLOCK_DV, OP_BF16, PRECISION,
-        )
+        chunk = 0
+    base = (pid_bh.to(tl.int64) * N_CHUNKS + chunk) * F_ROWS
+    v_op = operand(v, OP_BF16)
+    # orders 0 and 1: dv += R0 + R1^T k, dk += R1 v - r1
+    R0 = tl.load(H + base * DV + cols_v, mask=v_ok, other=0.0).to(tl.float32)
+    R1 = tl.load(H + (base + 1 + cols_d[:, None]) * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
+    r1 = tl.load(Z + base + 1 + cols_d)
+    dv += R0[None, :]
+    dv = tl.dot(operand(k, OP_BF16), operand(R1, OP_BF16), dv, input_precision=PRECISION)
+    dk += tl.dot(v_op, tl.trans(operand(R1, OP_BF16)), input_precision=PRECISION) - r1[None, :]
+    if N_TILES > 0:
+        dk3 = tl.zeros((BLOCK_N, NBLK, BT), dtype=tl.float32)
+        for t in range(0, N_TILES):
+            mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+            km = load_tile(K_h, keys, k_in, stride_kn, m_cols, D, stride_kd, True, EVEN_D, I64)
+            kn = load_tile(K_h, keys, k_in, stride_kn, n_cols, D, stride_kd, True, EVEN_D, I64)
+            kf = _pairs(km, kn, BLOCK_N, BT, OP_BF16)  # (BLOCK_N, TF)
+            frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
+            R_t = operand(tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0), OP_BF16)
+            r_t = tl.load(Z + frows)
+            dv = tl.dot(kf, R_t, dv, input_precision=PRECISION)
+            Y = tl.dot(v_op, tl.trans(R_t), input_precision=PRECISION) - r_t[None, :]  # (BLOCK_N, TF)
+            dk3 = _pair_grads(dk3, Y, km, kn, mb, nb, BLOCK_N, BT, NBLK)
+        dk += tl.reshape(dk3, (BLOCK_N, BLOCK_D))
+
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
+    key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
+    tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
+             mask=k_in[:, None] & (cols_d[None, :] < D))
+    tl.store(DV_OUT + key_rows * DV + cols_v[None, :], tl.where(real[:, None], dv, 0.0).to(DV_OUT.dtype.element_ty),
+             mask=k_in[:, None] & v_ok[None, :])

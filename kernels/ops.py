@@ -1,71 +1,41 @@
 """Launchers for the Fastmax kernels, registered as PyTorch custom operators.
 
 ``fastmax_hf::forward`` and ``fastmax_hf::backward`` are opaque to torch.compile (no
-graph break: they have fake implementations for shape propagation), cast to the
-autocast dtype under autocast, and connect through ``register_autograd``.
+graph break: they have fake implementations for shape propagation), cast to bf16 under
+autocast, and connect through ``register_autograd``.
 
 Inputs are read through their strides: q (B, Hq, Nq, D) may be a transposed view of
-the (B, Nq, Hq, D) memory that Hugging Face models produce.
+the (B, Nq, Hq, D) memory that Hugging Face models produce. Block sizes, warps and
+pipeline depths come from ``settings.current_settings()`` where set, else from the
+defaults below (measured on an H200: BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 
-from .linear import linear_bwd_dkdv_kernel, linear_bwd_dq_kernel, linear_fwd_kernel
-from .quadratic import quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadratic_fwd_kernel
+from .linear import (
+    chunk_states_kernel,
+    linear_bwd_dkdv_kernel,
+    linear_bwd_dq_kernel,
+    linear_fwd_kernel,
+    state_scan_kernel,
+)
+from .quadratic import backward_rows_kernel, quadratic_bwd_dkdv_kernel, quadratic_bwd_dq_kernel, quadratic_fwd_kernel
 from .settings import current_settings
 
-# Tiles of the (m, n) grid of second-order features: BT x BT products per program.
+# Tiles of the (m, n) grid of second-order features: BT x BT pair products per tile.
 PAIR_TILE = 16
-# Launch parameters of the linear kernels when the settings leave them open: tokens per
-# chunk, state columns per program (Dv is split into blocks of this width), warps, pipeline
-# stages. Measured on an H100: chunk 64, 8 warps, one stage. Two or more stages (Triton's
-# software pipelining) gave wrong results in the forward kernel (5e-2 relative error with
-# Triton 3.6), so the linear kernels stay at one stage.
-LINEAR_DEFAULTS = {"chunk": 64, "block_dv": 64, "num_warps": 8, "num_stages": 1}
-# Query/key block sizes of the quadratic kernels (None stages: 3 for D <= 64, else 2,
-# the most that fits in shared memory).
-QUAD_DEFAULTS = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": None}
-
-
-def _linear_config() -> dict:
-    s = current_settings()
-    chosen = {"chunk": s.linear_chunk, "block_dv": s.linear_block_dv, "num_warps": s.linear_warps,
-              "num_stages": s.linear_stages}
-    return {key: LINEAR_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
-
-
-def _quad_config() -> dict:
-    s = current_settings()
-    chosen = {"block_m": s.quad_block_m, "block_n": s.quad_block_n, "num_warps": s.quad_warps,
-              "num_stages": s.quad_stages}
-    return {key: QUAD_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
-# Registers and spills of the last compiled launch of each kernel (for the benchmarks).
-KERNEL_STATS: dict[str, tuple[int, int]] = {}
+# Registers and spills of the last compiled launch of each kernel (see ``compiled_stats``).
+_KERNEL_STATS: dict[str, tuple[int, int]] = {}
 
 
 def _pow2_at_least_16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products; fp16 ones go through tf32 (fp16 would overflow
-    # the growing state; tf32 keeps fp16's mantissa with fp32's range).
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_tiles(block_d: int, device_str: str):
-    """Tiles (mb, nb), nb >= mb, of the upper triangle of the (m, n) grid."""
-    blocks = block_d // PAIR_TILE
-    pairs = [(mb, nb) for mb in range(blocks) for nb in range(mb, blocks)]
-    tile_m = torch.tensor([p[0] for p in pairs] or [0], dtype=torch.int32, device=device_str)
-    tile_n = torch.tensor([p[1] for p in pairs] or [0], dtype=torch.int32, device=device_str)
-    return tile_m, tile_n, len(pairs)
 
 
 def linear_layout(dim: int, p: int):
@@ -83,17 +53,15 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
     """Up to this many keys the quadratic kernel is cheaper (measured: BENCHMARKS.md).
 
     ``backward``: the crossover of forward+backward (training) rather than forward alone
-    (inference), which stays quadratic longer."""
+    (inference)."""
     measured = CROSSOVER.get((p, _pow2_at_least_16(dim)))
     if measured is None:
         return 1 + dim + dim * (dim + 1) // 2 if p == 2 else 1 + dim
     return measured[1] if backward else measured[0]
 
 
-# Crossovers in keys, (forward, forward+backward), measured on an H100 in bf16 with the
-# causal mask (benchmarks/results/crossover_h100_v1.json), interpolating between the
-# measured lengths with the quadratic cost growing as N^2 and the linear one as N.
-# p = 1 has 1 + D features: the linear form is the cheaper one from short lengths on.
+# Crossovers in keys, (forward, forward+backward), bf16 with the causal mask. p = 1 has
+# 1 + D features: the linear form is the cheaper one from short lengths on.
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
     (2, 16): (22000, 10000),
     (2, 32): (22000, 9500),
@@ -102,229 +70,433 @@ CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
 }
 
 
-def _mask_args(mask):
+def choose_regime(len_k: int, dim: int, p: int, backward: bool = True) -> str:
+    return "quadratic" if len_k <= crossover_length(dim, p, backward) else "linear"
+
+
+def compiled_stats() -> dict[str, tuple[int, int]]:
+    """(registers per thread, spilled registers) of the last compiled launch of each kernel."""
+    return dict(_KERNEL_STATS)
+
+
+def _record(name, compiled):
+    n_regs = getattr(compiled, "n_regs", None)  # None in the interpreter
+    if n_regs is not None:
+        _KERNEL_STATS[name] = (n_regs, getattr(compiled, "n_spills", 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_tiles(block_d: int, device_str: str):
+    """Tiles (mb, nb), nb >= mb, of the upper triangle of the (m, n) grid."""
+    blocks = block_d // PAIR_TILE
+    pairs = [(mb, nb) for mb in range(blocks) for nb in range(mb, blocks)]
+    tile_m = torch.tensor([p[0] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+    tile_n = torch.tensor([p[1] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+    return tile_m, tile_n
+
+
+# ----------------------------------------------------------------------------------------
+# what every launch derives from its inputs
+# ----------------------------------------------------------------------------------------
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Sizes, padded block widths and dtype flags of one call."""
+
+    B: int
+    Hq: int
+    Hk: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+    dtype: torch.dtype
+    i64: bool
+
+    @classmethod
+    def of(cls, q, k, v, *others):
+        B, Hq, Nq, D = q.shape
+        big = max(_max_offset(t) for t in (q, k, v, *others) if t is not None) >= 2**31 - 1
+        big = big or max(B * Hq * Nq, 1) * max(D, v.shape[-1]) >= 2**31 - 1  # the contiguous outputs
+        return cls(B, Hq, k.shape[1], Nq, k.shape[2], D, v.shape[-1], q.dtype, big)
+
+    @property
+    def groups(self) -> int:
+        return self.Hq // self.Hk
+
+    @property
+    def block_d(self) -> int:
+        return _pow2_at_least_16(self.D)
+
+    @property
+    def block_dv(self) -> int:
+        return _pow2_at_least_16(self.Dv)
+
+    @property
+    def op_bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    @property
+    def precision(self) -> str:
+        # fp32 inputs get exact fp32 products; fp16 ones accumulate through fp32 operands in
+        # tf32 (fp16 would overflow the growing state and underflow the shrinking gradients)
+        return "ieee" if self.dtype == torch.float32 else "tf32"
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+
+    def flags(self, block_dv: int | None = None) -> dict:
+        block_dv = self.block_dv if block_dv is None else block_dv
+        return dict(BLOCK_D=self.block_d, BLOCK_DV=block_dv, EVEN_D=self.D == self.block_d,
+                    EVEN_DV=self.Dv % block_dv == 0, PRECISION=self.precision, I64=self.i64)
+
+
+def _mask_args(mask, like):
     if mask is None:
-        return None, 0, 0
+        return like, 0, 0
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     return m, m.stride(0), m.stride(1)
 
 
-def _block_dv(dv: int) -> int:
-    return min(_linear_config()["block_dv"], _pow2_at_least_16(dv))
+def _chosen(defaults: dict, **from_settings) -> dict:
+    return {key: defaults[key] if from_settings.get(key) is None else from_settings[key] for key in defaults}
 
 
-def _linear_warps(block_d: int, block_dv: int) -> int:
-    if _linear_config()["num_warps"] is not None:
-        return _linear_config()["num_warps"]
-    return 8 if block_d * block_dv >= 64 * 64 else 4
+def _quad_config(pb: _Problem, backward: bool) -> dict:
+    """Block sizes, warps and stages of the quadratic kernels: measured defaults, then settings."""
+    s = current_settings()
+    wide = pb.dtype == torch.float32 or (backward and pb.dtype == torch.float16)  # fp32 operands
+    if not backward:
+        if wide:
+            defaults = dict(block_m=64, block_n=32, warps=4, stages=2 if pb.block_d <= 64 else 1)
+        elif pb.block_d <= 64:
+            defaults = dict(block_m=128, block_n=64, warps=4, stages=3)
+        elif pb.block_d <= 128:
+            defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
+        else:
+            defaults = dict(block_m=64, block_n=32, warps=4, stages=1)
+        return _chosen(defaults, block_m=s.quad_fwd_block_m, block_n=s.quad_fwd_block_n,
+                       warps=s.quad_fwd_warps, stages=s.quad_fwd_stages)
+    if wide:
+        defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
+    elif pb.block_d <= 64:
+        defaults = dict(block_m=64, block_n=64, warps=8, stages=2)
+    elif pb.block_d <= 128:
+        defaults = dict(block_m=64, block_n=64, warps=8, stages=1)
+    else:
+        defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
+    return _chosen(defaults, block_m=s.quad_bwd_block_m, block_n=s.quad_bwd_block_n,
+                   warps=s.quad_bwd_warps, stages=s.quad_bwd_stages)
 
 
-def _quad_warps(block_d: int) -> int:
-    if _quad_config()["num_warps"] is not None:
-        return _quad_config()["num_warps"]
-    return 4 if block_d <= 64 else 8
-
-
-def _quad_blocks(dtype: torch.dtype, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, stages) of the quadratic kernels for this element size and head dim.
-
-    Shared memory holds `stages` copies of the streamed tiles: fp32 tiles at D > 64 with
-    128-row blocks need 290 KB (seen on an H100, limit 227 KB), so fp32 takes 64-row blocks
-    and, past D = 64, one stage."""
-    config = _quad_config()
-    block_m, block_n = config["block_m"], config["block_n"]
-    stages = config["num_stages"] or (3 if block_d <= 64 else 2)
-    if dtype == torch.float32:
-        block_m = min(block_m, 64)
-        block_n = min(block_n, 64)
-        stages = stages if block_d <= 64 else 1
-    return block_m, block_n, stages
-
-
-def _record(name, compiled):
-    """Keep the register count and spills of a compiled launch (None in the interpreter)."""
-    n_regs = getattr(compiled, "n_regs", None)
-    if n_regs is not None:
-        KERNEL_STATS[name] = (n_regs, getattr(compiled, "n_spills", 0))
+def _linear_config(pb: _Problem) -> dict:
+    """Chunk, block sizes, warps and stages of the linear kernels: measured defaults, then settings."""
+    s = current_settings()
+    wide = pb.dtype != torch.bfloat16  # fp32 operands (fp16 inputs included)
+    defaults = dict(
+        chunk=512,
+        state_block_k=32 if wide else 64,
+        state_block_dv=min(64, pb.block_dv),
+        state_warps=8,
+        state_stages=1,
+        block_m=32 if wide else (128 if pb.block_d <= 64 else 64),
+        block_n=32 if wide else 64,
+        warps=8 if pb.block_d >= 64 else 4,
+        stages=1,
+    )
+    config = _chosen(defaults, chunk=s.linear_chunk, state_block_k=s.linear_state_block_k,
+                     state_block_dv=s.linear_state_block_dv, state_warps=s.linear_state_warps,
+                     state_stages=s.linear_state_stages, block_m=s.linear_block_m, block_n=s.linear_block_n,
+                     warps=s.linear_warps, stages=s.linear_stages)
+    config["readout_block_dv"] = pb.block_dv if not wide and pb.block_dv <= 128 else min(64, pb.block_dv)
+    for name in ("state_block_k", "block_m", "block_n"):
+        if config["chunk"] % config[name]:
+            raise ValueError(f"kernel setting linear_chunk={config['chunk']} must be a multiple of "
+                             f"linear_{name}={config[name]}")
+    return config
 
 
 # ----------------------------------------------------------------------------------------
-# raw launchers (no autograd)
+# quadratic regime
 # ----------------------------------------------------------------------------------------
 
 
 def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-    den = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    m, smb, smn = _mask_args(mask)
-    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    block_m, block_n, stages = _quad_blocks(q.dtype, block_d)
-    grid = (triton.cdiv(Nq, block_m), B * Hq)
+    pb = _Problem.of(q, k, v)
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    m, smb, smn = _mask_args(mask, q)
+    cfg = _quad_config(pb, backward=False)
+    grid = (triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)
     compiled = quadratic_fwd_kernel[grid](
-        q, k, v, m if m is not None else q, out, den,
+        q, k, v, m, out, den,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
-        Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2,
-        P=p, CAUSAL=causal, HAS_MASK=m is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PRECISION=_precision(q.dtype), num_warps=_quad_warps(block_d), num_stages=stages,
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, a1 * scale, a2 * scale * scale,
+        P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+        **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     _record("quadratic_fwd", compiled)
     return out, den
 
 
-def _row_terms(out, den, grad_out):
-    """1/d and c = (do . o)/d per query row, fp32 contiguous (B, Hq, Nq); 0 where d = 0."""
-    inv_den = torch.where(den > 0, 1.0 / den.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(den))
-    B, H, N, Dv = out.shape
-    crow = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
-    # a slice of heads at a time: whole-tensor fp32 copies of o and do were 12 GiB of
-    # temporaries at 1M tokens and 16 heads, the peak of the whole backward pass
-    heads = max(1, current_settings().row_terms_slice // max(1, B * N * Dv))
-    for h0 in range(0, H, heads):
-        h = slice(h0, h0 + heads)
-        crow[:, h] = (grad_out[:, h].float() * out[:, h].float()).sum(-1)
-    return inv_den.contiguous(), crow.mul_(inv_den)
+def _backward_rows(out, den, grad_out, pb: _Problem):
+    """1/d and c = (do . o)/d per query row: fp32 (B, Hq, Nq) contiguous, 0 where d = 0."""
+    inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=out.device)
+    crow = torch.empty_like(inv_den)
+    block_m = 64 if pb.block_dv <= 128 else 16
+    compiled = backward_rows_kernel[(triton.cdiv(pb.Nq, block_m), pb.B * pb.Hq)](
+        out, grad_out, den.contiguous(), inv_den, crow, *out.stride(), *grad_out.stride(), pb.Hq, pb.Nq, pb.Dv,
+        BLOCK_M=block_m, BLOCK_DV=pb.block_dv, EVEN_DV=pb.Dv == pb.block_dv, I64=pb.i64, num_warps=4,
+    )
+    _record("backward_rows", compiled)
+    return inv_den, crow
 
 
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    inv_den, crow = _row_terms(out, den, grad_out)
-    m, smb, smn = _mask_args(mask)
-    block_d, block_dv = _pow2_at_least_16(D), _pow2_at_least_16(Dv)
-    dq = torch.empty(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
-    dk = torch.empty(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
-    dv = torch.empty(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
-    bm, bn, stages = _quad_blocks(q.dtype, block_d)
-    common = dict(P=p, CAUSAL=causal, HAS_MASK=m is not None, BLOCK_M=bm, BLOCK_N=bn,
-                  BLOCK_D=block_d, BLOCK_DV=block_dv, PRECISION=_precision(q.dtype),
-                  num_warps=_quad_warps(block_d), num_stages=stages)
-    mp = m if m is not None else q
-    compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(Nk, bn), B * Hk)](
-        q, k, v, mp, grad_out, inv_den, crow, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
-        Hq, Hk, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
+    pb = _Problem.of(q, k, v, grad_out)
+    inv_den, crow = _backward_rows(out, den, grad_out, pb)
+    m, smb, smn = _mask_args(mask, q)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
+    cfg = _quad_config(pb, backward=True)
+    common = dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                  OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
+    c1, c2 = a1 * scale, a2 * scale * scale
+    compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+        q, k, v, m, grad_out, inv_den, crow, dk, dv, *strides,
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **common,
     )
     _record("quadratic_bwd_dkdv", compiled)
-    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(Nq, bm), B * Hq)](
-        q, k, v, mp, grad_out, inv_den, crow, dq,
-        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
-        Hq, Hq // Hk, Nq, Nk, D, Dv, scale, a0, a1, a2, **common,
+    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, v, m, grad_out, inv_den, crow, dq, *strides,
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **common,
     )
     _record("quadratic_bwd_dq", compiled)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2, state_in=None, return_state=False):
-    """Returns (out, den) or (out, den, S, z). ``state_in`` = (S, z) continues a sequence."""
-    B, Hq, Nq, D = q.shape
-    # a decoding step has a token or a few: the smallest chunk the tensor cores take
-    chunk = 16 if k.shape[2] <= 16 else _linear_config()["chunk"]
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    block_d, n_tiles, f_rows = linear_layout(D, p)
-    block_dv = _block_dv(Dv)
-    tile_m, tile_n, _ = _pair_tiles(block_d, str(q.device))
-    o_acc = torch.zeros(B, Hq, Nq, Dv, dtype=torch.float32, device=q.device)
-    den = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=q.device)
-    if return_state:
-        S_out = torch.empty(B, Hk, f_rows, Dv, dtype=torch.float32, device=q.device)
-        z_out = torch.empty(B, Hk, f_rows, dtype=torch.float32, device=q.device)  # every row is written
-    else:
-        S_out = z_out = o_acc
-    S_in, z_in = state_in if state_in is not None else (o_acc, den)
-    m, smb, smn = _mask_args(mask)
-    grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
-    compiled = linear_fwd_kernel[grid](
-        q, k, v, m if m is not None else q, o_acc, den, S_in, z_in, S_out, z_out, tile_m, tile_n,
-        *q.stride(), *k.stride(), *v.stride(), smb, smn,
-        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, f_rows, scale, a0, a1, a2,
-        P=p, CAUSAL=causal, HAS_MASK=m is not None,
-        LOAD_STATE=state_in is not None, STORE_STATE=return_state,
-        CHUNK=chunk, BLOCK_D=block_d, BLOCK_DV=block_dv, BT=PAIR_TILE,
-        OP_BF16=q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype),
-        num_warps=_linear_warps(block_d, block_dv), num_stages=_linear_config()["num_stages"],
-    )
-    _record("linear_fwd", compiled)
-    # in place: at 1M tokens each fp32 temporary of the output's size is 4 GiB per 16 heads
-    empty = (den == 0).unsqueeze(-1)
-    out = o_acc.div_(den.unsqueeze(-1)).masked_fill_(empty, 0.0).to(q.dtype)
-    if return_state:
-        return out, den, S_out, z_out
-    return out, den
-
-
-# The linear backward accumulates dq, dk, dv in fp32 scratch (its tile programs add into
-# the same rows). Scratch for every head at once costs up to 1.5x the size of q, k, v, o and
-# their gradients; past scratch_min_bytes the heads are cut into groups whose scratch stays
-# under scratch_fraction of those tensors, so that 1M-token training peaks near 1.2x their
-# size. Fewer heads per launch leave SMs idle (an H100 measured 3.7 s instead of 0.72 s at 1M
-# tokens, D = 64, with one head per launch), so groups are as large as the budget allows and
-# of equal size. The budget is the settings' scratch_fraction and scratch_min_bytes.
-
-
-def heads_per_launch(q, k, v) -> int:
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    scratch_per_head = 4 * B * ((Hq // Hk) * Nq * D + Nk * (D + Dv))
-    tensors = 2 * q.element_size() * B * (Hq * Nq * (D + Dv) + Hk * Nk * (D + Dv))  # q, o, k, v and gradients
-    budget = max(current_settings().scratch_min_bytes, current_settings().scratch_fraction * tensors)
-    most = max(1, min(Hk, int(budget // scratch_per_head)))
-    launches = -(-Hk // most)
-    return -(-Hk // launches)
-
-
-def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    groups = Hq // Hk
-    inv_den, crow = _row_terms(out, den, grad_out)
-    group = heads_per_launch(q, k, v)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    for h0 in range(0, Hk, group):
-        h1 = min(Hk, h0 + group)
-        qs = slice(h0 * groups, h1 * groups)
-        _linear_backward_heads(
-            q[:, qs], k[:, h0:h1], v[:, h0:h1], mask, grad_out[:, qs],
-            inv_den[:, qs].contiguous(), crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2,
-            grads=(dq[:, qs], dk[:, h0:h1], dv[:, h0:h1]))
     return dq, dk, dv
 
 
-def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, grads):
-    """Writes dq, dk, dv of these heads into ``grads`` (views of the whole gradients, in the
-    inputs' dtypes), so that no second copy of a head group's gradients is made."""
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    block_d, n_tiles, _ = linear_layout(D, p)
-    block_dv = _block_dv(Dv)
-    tile_m, tile_n, _ = _pair_tiles(block_d, str(q.device))
-    m, smb, smn = _mask_args(mask)
-    mp = m if m is not None else q
-    dq = torch.zeros(B, Hq, Nq, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, Hk, Nk, D, dtype=torch.float32, device=q.device)
-    dv = torch.zeros(B, Hk, Nk, Dv, dtype=torch.float32, device=q.device)
-    grid = (n_tiles + 1, triton.cdiv(Dv, block_dv), B * Hk)
+# ----------------------------------------------------------------------------------------
+# linear regime
+# ----------------------------------------------------------------------------------------
+
+
+def _state_bytes_per_head(pb: _Problem, n_rows: int, p: int, chunk: int) -> int:
+    f_rows = feature_rows(pb.D, p)
+    n_chunks = triton.cdiv(max(n_rows, 1), chunk)
+    return n_chunks * f_rows * (pb.Dv * torch.empty((), dtype=pb.state_dtype).element_size() + 4)
+
+
+def _scratch_budget(pb: _Problem) -> float:
+    s = current_settings()
+    # q, k, v, o and their gradients
+    tensors = 2 * torch.empty((), dtype=pb.dtype).element_size() * pb.B * (
+        pb.Hq * pb.Nq * (pb.D + pb.Dv) + pb.Hk * pb.Nk * (pb.D + pb.Dv))
+    return max(s.scratch_min_bytes, s.scratch_fraction * tensors)
+
+
+def linear_plan(pb: _Problem, p: int, causal: bool) -> tuple[int, int]:
+    """(chunk, key/value heads per launch): the per-chunk states of a launch stay within the
+    scratch budget. Longer chunks first (fewer states, more work in each chunk's own tile, up
+    to 4096 tokens), then fewer heads per launch, in groups of equal size."""
+    cfg = _linear_config(pb)
+    chunk = cfg["chunk"]
+    n_rows = max(pb.Nk, pb.Nq)
+    budget = _scratch_budget(pb)
+    per_head = lambda c: pb.B * _state_bytes_per_head(pb, n_rows, p, c)  # noqa: E731
+    while current_settings().linear_chunk is None and chunk < 4096 and per_head(chunk) * 2 > budget:
+        chunk *= 2
+    most = max(1, min(pb.Hk, int(budget // per_head(chunk))))
+    launches = -(-pb.Hk // most)
+    return chunk, -(-pb.Hk // launches)
+
+
+def heads_per_launch(q, k, v, p: int = 2) -> int:
+    """Key/value heads per launch of the linear kernels for these inputs (the scratch budget)."""
+    return linear_plan(_Problem.of(q, k, v), p, True)[1]
+
+
+def _chunk_states(x, val, mask, inv_den, crow, pb: _Problem, cfg, p, a0, c1, c2, *, is_query, chunk, n_chunks,
+                  row_shift):
+    """Per-chunk states H (B*Hk, n_chunks, F_ROWS, Dv) in the state dtype and Z (.., F_ROWS) fp32."""
+    block_d, n_tiles, f_rows = linear_layout(pb.D, p)
+    H = torch.empty(pb.B * pb.Hk, n_chunks, f_rows, pb.Dv, dtype=pb.state_dtype, device=x.device)
+    Z = torch.empty(pb.B * pb.Hk, n_chunks, f_rows, dtype=torch.float32, device=x.device)
+    tile_m, tile_n = _pair_tiles(block_d, str(x.device))
+    m, smb, smn = _mask_args(mask, x)
+    block_dv = cfg["state_block_dv"]
+    n_dv = triton.cdiv(pb.Dv, block_dv)
+    dummy = Z
+    compiled = chunk_states_kernel[(n_tiles + 1, n_chunks * n_dv, pb.B * pb.Hk)](
+        x, val, m, inv_den if is_query else dummy, crow if is_query else dummy, H, Z, tile_m, tile_n,
+        *x.stride(), *val.stride(), smb, smn,
+        x.shape[1], pb.groups if is_query else 1, x.shape[2], row_shift, n_chunks, n_dv, pb.D, pb.Dv, f_rows,
+        n_tiles, a0, c1, c2,
+        IS_QUERY=is_query, HAS_MASK=mask is not None and not is_query, CHUNK=chunk,
+        BLOCK_K=cfg["state_block_k"], BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags(block_dv),
+        num_warps=cfg["state_warps"], num_stages=cfg["state_stages"],
+    )
+    _record("chunk_states_query" if is_query else "chunk_states", compiled)
+    return H, Z
+
+
+def _scan(H, Z, mode: int, state_in=None, state_out=None):
+    """In place over chunks: exclusive prefix (0), exclusive suffix (1) or total into chunk 0 (2)."""
+    BH, n_chunks, f_rows, dv = H.shape
+    block_e = 1024
+    n_s_blocks = triton.cdiv(f_rows * dv, block_e)
+    S_in, z_in = state_in if state_in is not None else (Z, Z)
+    S_out, z_out = state_out if state_out is not None else (Z, Z)
+    compiled = state_scan_kernel[(n_s_blocks + triton.cdiv(f_rows, block_e), BH)](
+        H, Z, S_in, z_in, S_out, z_out, n_chunks, f_rows, dv, n_s_blocks,
+        MODE=mode, LOAD_STATE=state_in is not None, STORE_STATE=state_out is not None, BLOCK_E=block_e, num_warps=4,
+    )
+    _record("state_scan", compiled)
+
+
+def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, state_in=None, state_out=None):
+    """Forward of one group of heads: (out (B, Hq, Nq, Dv), den (B, Hq, Nq) fp32), contiguous."""
+    pb = _Problem.of(q, k, v)
+    cfg = _linear_config(pb)
+    block_d, n_tiles, f_rows = linear_layout(pb.D, p)
+    c1, c2 = a1 * scale, a2 * scale * scale
+    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
+    H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
+                         n_chunks=n_chunks, row_shift=0)
+    _scan(H, Z, 0 if causal else 2, state_in, state_out)
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    m, smb, smn = _mask_args(mask, q)
+    tile_m, tile_n = _pair_tiles(block_d, str(q.device))
+    block_m, block_dv = cfg["block_m"], cfg["readout_block_dv"]
+    pos0 = (pb.Nk - pb.Nq) // block_m * block_m  # the block of query 0 on the key timeline (floor)
+    n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
+    compiled = linear_fwd_kernel[(n_blocks, triton.cdiv(pb.Dv, block_dv), pb.B * pb.Hq)](
+        q, k, v, m, H, Z, out, den, tile_m, tile_n,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, a0, c1, c2,
+        P=p, CAUSAL=causal, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+        BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags(block_dv), num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    _record("linear_fwd", compiled)
+    return out, den
+
+
+def _head_groups(pb: _Problem, heads: int):
+    """Slices (query heads, key/value heads) of each launch."""
+    for h0 in range(0, pb.Hk, heads):
+        h1 = min(pb.Hk, h0 + heads)
+        yield slice(h0 * pb.groups, h1 * pb.groups), slice(h0, h1)
+
+
+def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
+    pb = _Problem.of(q, k, v)
+    chunk, heads = linear_plan(pb, p, causal)
+    if heads == pb.Hk:
+        return _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk)
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    for qs, ks in _head_groups(pb, heads):
+        o_g, d_g = _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], mask, causal, scale, p, a0, a1, a2, chunk)
+        out[:, qs] = o_g
+        den[:, qs] = d_g
+    return out, den
+
+
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk):
+    """dq, dk, dv of one group of heads, contiguous in the inputs' dtype."""
+    pb = _Problem.of(q, k, v, grad_out)
+    cfg = _linear_config(pb)
+    block_d, n_tiles, f_rows = linear_layout(pb.D, p)
+    c1, c2 = a1 * scale, a2 * scale * scale
+    m, smb, smn = _mask_args(mask, q)
+    tile_m, tile_n = _pair_tiles(block_d, str(q.device))
+    common = dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_M=cfg["block_m"],
+                  BLOCK_N=cfg["block_n"], BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags(),
+                  num_warps=cfg["warps"], num_stages=cfg["stages"])
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
-    common = dict(CAUSAL=causal, HAS_MASK=m is not None, CHUNK=_linear_config()["chunk"], BLOCK_D=block_d,
-                  BLOCK_DV=block_dv, BT=PAIR_TILE, OP_BF16=q.dtype == torch.bfloat16,
-                  PRECISION=_precision(q.dtype), num_warps=_linear_warps(block_d, block_dv),
-                  num_stages=_linear_config()["num_stages"])
-    compiled = linear_bwd_dq_kernel[grid](
-        q, k, v, mp, grad_out, inv_den, crow, dq, dk, dv, tile_m, tile_n, *strides,
-        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, P=p, **common,
+
+    # dq from the prefix states of the keys (recomputed: nothing is kept from the forward)
+    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
+    H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
+                         n_chunks=n_chunks, row_shift=0)
+    _scan(H, Z, 0 if causal else 2)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    block_m = cfg["block_m"]
+    pos0 = (pb.Nk - pb.Nq) // block_m * block_m
+    n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
+    compiled = linear_bwd_dq_kernel[(n_blocks, pb.B * pb.Hq)](
+        q, k, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides,
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, c1, c2, **common,
     )
     _record("linear_bwd_dq", compiled)
-    grads[0].copy_(dq)
-    del dq  # finished: release the fp32 scratch before the second sweep
-    compiled = linear_bwd_dkdv_kernel[grid](
-        q, k, v, mp, grad_out, inv_den, crow, dk, dv, tile_m, tile_n, *strides,
-        Hk, Hq // Hk, Nq, Nk, D, Dv, n_tiles, scale, a0, a1, a2, **common,
+    del H, Z
+
+    # dk, dv from the query-side states: the chunks after each key (all of them without a causal mask)
+    offset = pb.Nk - pb.Nq
+    if causal:
+        n_chunks, row_shift = triton.cdiv(max(pb.Nk, 1), chunk), offset
+    else:
+        n_chunks, row_shift = triton.cdiv(max(pb.Nq, 1), chunk), 0
+    H, Z = _chunk_states(q, grad_out, None, inv_den, crow, pb, cfg, p, a0, c1, c2, is_query=True, chunk=chunk,
+                         n_chunks=n_chunks, row_shift=row_shift)
+    _scan(H, Z, 1 if causal else 2)
+    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
+    compiled = linear_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+        q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides,
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, a0, c1, c2, **common,
     )
     _record("linear_bwd_dkdv", compiled)
-    grads[1].copy_(dk)
-    grads[2].copy_(dv)
+    return dq, dk, dv
+
+
+def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+    pb = _Problem.of(q, k, v, grad_out)
+    inv_den, crow = _backward_rows(out, den, grad_out, pb)
+    chunk, heads = linear_plan(pb, p, causal)
+    if heads == pb.Hk:
+        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for qs, ks in _head_groups(pb, heads):
+        grads = _linear_backward_heads(
+            q[:, qs], k[:, ks], v[:, ks], mask, grad_out[:, qs], inv_den[:, qs].contiguous(),
+            crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2, chunk)
+        for whole, part, heads_slice in zip((dq, dk, dv), grads, (qs, ks, ks)):
+            whole[:, heads_slice] = part
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# prefill and decoding from a state
+# ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
+    """n new tokens attend causally to themselves and the state (S, z); returns (out, S', z').
+
+    The state layout is the linear kernels' (see ``linear_layout`` and kernels/linear.py);
+    S (B, Hk, F_ROWS, Dv) and z (B, Hk, F_ROWS) are fp32 and are not modified."""
+    pb = _Problem.of(q, k, v)
+    chunk = _linear_config(pb)["chunk"]
+    S_out, z_out = torch.empty_like(S), torch.empty_like(z)
+    out, _ = _linear_forward_heads(q, k, v, key_padding_mask, True, options.scale, options.p, options.a0,
+                                   options.a1, options.a2, chunk, state_in=(S, z), state_out=(S_out, z_out))
+    return out, S_out, z_out
+
+
+def empty_state(batch, heads_kv, dim, dim_v, p, device):
+    rows = feature_rows(dim, p)
+    return (torch.zeros(batch, heads_kv, rows, dim_v, dtype=torch.float32, device=device),
+            torch.zeros(batch, heads_kv, rows, dtype=torch.float32, device=device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,18 +504,13 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
 # ----------------------------------------------------------------------------------------
 
 
-def choose_regime(len_k: int, dim: int, p: int, backward: bool = True) -> str:
-    return "quadratic" if len_k <= crossover_length(dim, p, backward) else "linear"
-
-
 @torch.library.custom_op("fastmax_hf::forward", mutates_args=(), device_types=("cuda", "cpu"))
 def fastmax_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if regime == "quadratic":
-        return quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2)
-    return linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2)
+    impl = quadratic_forward if regime == "quadratic" else linear_forward
+    return impl(q, k, v, mask, causal, scale, p, a0, a1, a2)
 
 
 @fastmax_forward_op.register_fake
@@ -377,13 +544,35 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_den):
     q, k, v, mask, out, den = ctx.saved_tensors
     causal, scale, p, a0, a1, a2, regime = ctx.options
-    dq, dk, dv = fastmax_backward_op(q, k, v, mask, out, den, grad_out.contiguous(),
-                                     causal, scale, p, a0, a1, a2, regime)
+    dq, dk, dv = fastmax_backward_op(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastmax_hf::forward", _backward, setup_context=_setup_context)
 torch.library.register_autocast("fastmax_hf::forward", "cuda", torch.bfloat16)
+
+
+class _FastmaxFunction(torch.autograd.Function):
+    """The same forward and backward as the custom operators, for eager mode: the custom
+    operators' dispatch costs several hundred microseconds of host time per training step
+    (measured on the H200 machine: BENCHMARKS.md), more than the kernels take at 1k tokens."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal, scale, p, a0, a1, a2, regime):
+        impl = quadratic_forward if regime == "quadratic" else linear_forward
+        out, den = impl(q, k, v, mask, causal, scale, p, a0, a1, a2)
+        ctx.save_for_backward(q, k, v, mask, out, den)
+        ctx.options = (causal, scale, p, a0, a1, a2, regime)
+        ctx.mark_non_differentiable(den)
+        return out, den
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_den):
+        q, k, v, mask, out, den = ctx.saved_tensors
+        causal, scale, p, a0, a1, a2, regime = ctx.options
+        impl = quadratic_backward if regime == "quadratic" else linear_backward
+        dq, dk, dv = impl(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, regime="auto"):
@@ -393,32 +582,26 @@ def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, r
     ``a0``, ``a1``, ``a2`` (``fastmax_hf.FastmaxOptions``). ``regime``: "auto" (quadratic
     while Nk is below the measured crossover), "quadratic" or "linear". Arguments are
     assumed validated (``fastmax_hf.fastmax`` does that).
+
+    Under torch.compile the call goes through the custom operator ``fastmax_hf::forward``
+    (opaque to the compiler); in eager mode through an autograd Function with the same
+    kernels and less host overhead. Under CUDA autocast both take bf16 inputs.
     """
     if regime == "auto":
         backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         regime = choose_regime(k.shape[2], q.shape[-1], options.p, backward)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
-    return fastmax_forward_op(q, k, v, key_padding_mask, bool(causal), float(options.scale), int(options.p),
-                              float(options.a0), float(options.a1), float(options.a2), regime)
+    args = (key_padding_mask, bool(causal), float(options.scale), int(options.p),
+            float(options.a0), float(options.a1), float(options.a2), regime)
+    if torch.compiler.is_compiling():
+        return fastmax_forward_op(q, k, v, *args)
+    if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+        with torch.autocast("cuda", enabled=False):
+            return _FastmaxFunction.apply(q, k, v, *args)
+    return _FastmaxFunction.apply(q, k, v, *args)
 
 
-@torch.no_grad()
-def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
-    """n new tokens attend causally to themselves and the state (S, z); returns (out, S', z').
-
-    The state layout is the linear kernels' (see ``linear_layout``); S, z are not modified.
-    """
-    out, _, S_new, z_new = linear_forward(q, k, v, key_padding_mask, True, options.scale, options.p,
-                                          options.a0, options.a1, options.a2,
-                                          state_in=(S, z), return_state=True)
-    return out, S_new, z_new
-
-
-def empty_state(batch, heads_kv, dim, dim_v, p, device):
-    rows = feature_rows(dim, p)
-    return (torch.zeros(batch, heads_kv, rows, dim_v, dtype=torch.float32, device=device),
-            torch.zeros(batch, heads_kv, rows, dtype=torch.float32, device=device))
-
-
-__all__ = ["triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime"]
+__all__ = ["triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime", "compiled_stats",
+           "heads_per_launch"]

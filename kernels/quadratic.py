@@ -1,15 +1,26 @@
-"""Quadratic-regime Fastmax kernels: FlashAttention-style tiles with f(s) in place of exp.
+"""Quadratic-regime Fastmax kernels: FlashAttention-style tiles with f in place of exp.
 
-f(s) = a0 + a1 s + a2 s^2 is a polynomial, so no running maximum is needed: each query
-block accumulates sum_j f(s_ij) v_j and sum_j f(s_ij) over its visible key blocks and
-divides once at the end. Cost ~ 2 Nk (D + Dv) FLOPs per query; cheaper than the linear
-form while Nk is below about F = 1 + D + D(D+1)/2.
+f(r) = a0 + c1 r + c2 r^2 is a polynomial (r = q . k, the scale folded into c1, c2), so no
+running maximum and no rescaling are needed: a query block accumulates sum_j f(r_ij) v_j
+and sum_j f(r_ij) over its visible key blocks and divides once at the end. Cost ~ 2 Nk
+(D + Dv) FLOPs per query: cheaper than the linear form while Nk is below about
+F = 1 + D + D(D+1)/2.
 
-Backward follows FlashAttention-2: with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i,
-    dA_ij = g_i . v_j - c_i,    ds_ij = dA_ij f'(s_ij),    f'(s) = a1 + 2 a2 s,
-    dv_j = sum_i A_ij g_i,  dk_j = scale sum_i ds_ij q_i,  dq_i = scale sum_j ds_ij k_j,
-one kernel over key blocks (dk, dv: all query heads of a key/value head group, no atomics)
-and one over query blocks (dq).
+Masks cost work, so the key range of a query block is cut in two: blocks that every query
+of the block sees in full (before the causal diagonal, inside the sequence, no padding
+mask) run without any mask; the rest (the diagonal, the ragged end, or everything when a
+padding mask is given) mask each score.
+
+Backward, with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i (``backward_rows_kernel``):
+    dA_ij = g_i . v_j - c_i,    ds_ij = dA_ij f'(r_ij),    f'(r) = c1 + 2 c2 r,
+    dv_j = sum_i f(r_ij) g_i,   dk_j = sum_i ds_ij q_i,    dq_i = sum_j ds_ij k_j;
+one kernel over key blocks (dk, dv, summed over the query heads of a key/value head: no
+atomics) and one over query blocks (dq). Keys that are padding or past the sequence are
+loaded as zeros in the dq kernel, which makes their ds_ij k_j vanish without a mask; the
+dk, dv kernel writes zeros for them.
+
+The inner loops (``attend_keys``, ``dq_from_keys``, ``dkdv_from_queries``) take any key or
+query range: the linear kernels use them for the causal tile inside each chunk.
 
 Layouts: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), read through strides;
 query head h reads key/value head h // GROUPS. Positions: query i sits at key position
@@ -19,177 +30,321 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value, key_valid, load_rows
+from .common import kernel_slope, kernel_value, key_valid, load_tile, operand
+
+
+# ----------------------------------------------------------------------------------------
+# inner loops
+# ----------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _visible(q_pos, k_pos, k_valid, q_valid, CAUSAL: tl.constexpr):
-    """(BLOCK_M, BLOCK_N) bool: key k_pos visible to the query at q_pos."""
-    vis = q_valid[:, None] & k_valid[None, :]
-    if CAUSAL:
-        vis = vis & (k_pos[None, :] <= q_pos[:, None])
-    return vis
+def attend_keys(
+    acc, den, q, q_pos, K_h, V_h, MASK_b,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    lo, hi, Nk, D, DV, a0, c1, c2,
+    P: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+):
+    """acc += sum_j f(r_ij) v_j and den += sum_j f(r_ij) over the keys j in [lo, hi).
+
+    CHECK=False: every key of the range is real and visible to every query (no mask at all).
+    CHECK=True: keys past Nk, padding and (CAUSAL) keys after a query's position are masked."""
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        k_in = keys < Nk
+        k = load_tile(K_h, keys, k_in, stride_kn, cols_d, D, stride_kd, CHECK, EVEN_D, I64)  # (BLOCK_N, BLOCK_D)
+        v = load_tile(V_h, keys, k_in, stride_vn, cols_v, DV, stride_vd, CHECK, EVEN_DV, I64)  # (BLOCK_N, BLOCK_DV)
+        r = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        w = kernel_value(r, a0, c1, c2, P)
+        if CHECK:
+            vis = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)[None, :]
+            if CAUSAL:
+                vis = vis & (keys[None, :] <= q_pos[:, None])
+            w = tl.where(vis, w, 0.0)
+        acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PRECISION)
+        den += tl.sum(w, 1)
+    return acc, den
+
+
+@triton.jit
+def dq_from_keys(
+    dq, q, g, crow, q_pos, K_h, V_h, MASK_b,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    lo, hi, Nk, D, DV, c1, c2,
+    P: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """dq += sum_j (g_i . v_j - c_i) f'(r_ij) k_j over the keys j in [lo, hi).
+
+    g (BLOCK_M, BLOCK_DV) is an operand already; keys that are padding or past Nk load as
+    zeros (CHECK), so only the causal diagonal needs a mask."""
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        ok = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, ok, stride_kn, cols_d, D, stride_kd, CHECK, EVEN_D, I64)
+        v = load_tile(V_h, keys, ok, stride_vn, cols_v, DV, stride_vd, CHECK, EVEN_DV, I64)
+        r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dA = tl.dot(g, tl.trans(operand(v, OP_BF16)), input_precision=PRECISION) - crow[:, None]
+        ds = dA * kernel_slope(r, c1, c2, P)
+        if CAUSAL:
+            ds = tl.where(keys[None, :] <= q_pos[:, None], ds, 0.0)
+        dq = tl.dot(operand(ds, OP_BF16), operand(k, OP_BF16), dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols_v, DV,
+                     EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, I64: tl.constexpr):
+    """g = do / d as an operand (len(rows), BLOCK_DV), and c = (do . o) / d; zero outside ``ok``."""
+    do = load_tile(DO_h, rows, ok, stride_don, cols_v, DV, stride_dod, True, EVEN_DV, I64)
+    inv_den = tl.load(INV_h + rows, mask=ok, other=0.0)
+    crow = tl.load(CROW_h + rows, mask=ok, other=0.0)
+    return operand(do.to(tl.float32) * inv_den[:, None], OP_BF16), crow
+
+
+@triton.jit
+def dkdv_from_queries(
+    dk, dv, k, v, keys, Q_h, DO_h, INV_h, CROW_h,
+    stride_qn, stride_qd, stride_don, stride_dod,
+    lo, hi, offset, row_limit, D, DV, a0, c1, c2,
+    P: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+):
+    """dv_j += sum_i f(r_ij) g_i and dk_j += sum_i ds_ij q_i over the query rows i in [lo, hi).
+
+    Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows that see no key
+    (d = 0), load g = c = 0 and add nothing; only the causal diagonal (CAUSAL) needs a mask."""
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    v_op = operand(v, OP_BF16)
+    for i0 in range(lo, hi, BLOCK_M):
+        rows = i0 + tl.arange(0, BLOCK_M)
+        ok = rows < row_limit
+        q = load_tile(Q_h, rows, ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
+        g, crow = scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols_v, DV,
+                                   EVEN_DV, OP_BF16, I64)
+        r = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        w = kernel_value(r, a0, c1, c2, P)
+        dA = tl.dot(g, tl.trans(v_op), input_precision=PRECISION) - crow[:, None]
+        ds = dA * kernel_slope(r, c1, c2, P)
+        if CAUSAL:
+            vis = keys[None, :] <= (rows + offset)[:, None]
+            w = tl.where(vis, w, 0.0)
+            ds = tl.where(vis, ds, 0.0)
+        dv = tl.dot(tl.trans(operand(w, OP_BF16)), g, dv, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(operand(ds, OP_BF16)), operand(q, OP_BF16), dk, input_precision=PRECISION)
+    return dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
 
 
 @triton.jit
 def quadratic_fwd_kernel(
     Q, K, V, MASK, O, DEN,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sob, soh, son, sod,
-    Hq, GROUPS, Nq, Nk, D, DV,
-    scale, a0, a1, a2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_on, stride_od,
+    Hq, GROUPS, Nq, Nk, D, DV, a0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): out (B, Hq, Nq, Dv) and the fp32 denominator (B * Hq, Nq)."""
+    # the last query blocks see the most keys under a causal mask: launch them first
+    pid_m = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUPS
     offset = Nk - Nq
+    Q_h = Q + b * stride_qb + h * stride_qh
+    K_h = K + b * stride_kb + hk * stride_kh
+    V_h = V + b * stride_vb + hk * stride_vh
+    MASK_b = MASK + b * stride_mb
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
-    q_valid = rows < Nq
-    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
+    q_ok = rows < Nq
+    q = load_tile(Q_h, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
     q_pos = rows + offset
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    k_end = Nk
     if CAUSAL:
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
-    for j0 in range(0, k_end, BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = load_rows(K + b * skb + hk * skh, keys, keys < Nk, skn, cols_d, D, skd)
-        v = load_rows(V + b * svb + hk * svh, keys, keys < Nk, svn, cols_v, DV, svd)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        w = kernel_value(s, a0, a1, a2, P)
-        w = tl.where(_visible(q_pos, keys, k_valid, q_valid, CAUSAL), w, 0.0)
-        acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-        den += tl.sum(w, 1)
+        first_partial = tl.maximum(pid_m * BLOCK_M + offset, 0)  # the first key some query of the block cannot see
+    else:
+        k_end = Nk
+        first_partial = Nk
+    if HAS_MASK:
+        n_full = 0
+    else:
+        n_full = tl.minimum(first_partial, Nk) // BLOCK_N * BLOCK_N
+    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_mn, 0, n_full, Nk, D, DV, a0, c1, c2, P, False, CAUSAL, HAS_MASK,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_mn, n_full, k_end, Nk, D, DV, a0, c1, c2, P, True, CAUSAL, HAS_MASK,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
 
     safe = tl.where(den == 0.0, 1.0, den)
     out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
-    tl.store(O + b * sob + h * soh + rows[:, None] * son + cols_v[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=q_valid[:, None] & (cols_v[None, :] < DV))
-    tl.store(DEN + pid_bh * Nq + rows, den, mask=q_valid)
+    o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
+    tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & (cols_v[None, :] < DV))
+    tl.store(DEN + pid_bh.to(tl.int64) * Nq + rows, den, mask=q_ok)
+
+
+@triton.jit
+def backward_rows_kernel(
+    O, DO, DEN, INV_DEN, CROW,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, Nq, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, I64: tl.constexpr,
+):
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): 1/d and c = (do . o)/d per query row, fp32 (B * Hq, Nq); 0 where d = 0."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_v = tl.arange(0, BLOCK_DV)
+    ok = rows < Nq
+    o = load_tile(O + b * stride_ob + h * stride_oh, rows, ok, stride_on, cols_v, DV, stride_od, True, EVEN_DV, I64)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, ok, stride_don, cols_v, DV, stride_dod,
+                   True, EVEN_DV, I64)
+    row0 = pid_bh.to(tl.int64) * Nq
+    den = tl.load(DEN + row0 + rows, mask=ok, other=0.0)
+    inv_den = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+    crow = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * inv_den
+    tl.store(INV_DEN + row0 + rows, inv_den, mask=ok)
+    tl.store(CROW + row0 + rows, crow, mask=ok)
 
 
 @triton.jit
 def quadratic_bwd_dkdv_kernel(
     Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sdob, sdoh, sdon, sdod,
-    Hq, Hk, GROUPS, Nq, Nk, D, DV,
-    scale, a0, a1, a2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, Hk, GROUPS, Nq, Nk, D, DV, a0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    I64: tl.constexpr,
 ):
-    """dK, dV (fp32, (B, Hk, Nk, D|Dv) contiguous) for one key block of one key/value head."""
-    pid_n = tl.program_id(0)
+    """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
+    of one key block, summed over the GROUPS query heads that read it."""
+    pid_n = tl.program_id(0)  # the first key blocks are seen by the most queries: launched first
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
     offset = Nk - Nq
-
-    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    keys = n0 + tl.arange(0, BLOCK_N)
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     k_in = keys < Nk
-    k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-    k = load_rows(K + b * skb + hk * skh, keys, k_in, skn, cols_d, D, skd)
-    v = load_rows(V + b * svb + hk * svh, keys, k_in, svn, cols_v, DV, svd)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, keys, k_in, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, keys, k_in, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
-    i_start = 0
+    n_rows = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
     if CAUSAL:
-        # first query that can see this block's first key: i + offset >= pid_n * BLOCK_N
-        i_start = tl.maximum(pid_n * BLOCK_N - offset, 0)
-        i_start = (i_start // BLOCK_M) * BLOCK_M
+        # rows that see part of the block, then rows that see all of it
+        lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
+        diag_hi = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - offset, 0), BLOCK_M) * BLOCK_M, n_rows)
+    else:
+        lo = 0
+        diag_hi = 0
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
-        for i0 in range(i_start, Nq, BLOCK_M):
-            rows = i0 + tl.arange(0, BLOCK_M)
-            q_valid = rows < Nq
-            q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-            do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
-            inv_den = tl.load(INV_DEN + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
-            crow = tl.load(CROW + (b * Hq + h) * Nq + rows, mask=q_valid, other=0.0)
-            g_rows = (do.to(tl.float32) * inv_den[:, None]).to(q.dtype)
+        Q_h = Q + b * stride_qb + h * stride_qh
+        DO_h = DO + b * stride_dob + h * stride_doh
+        row0 = (b * Hq + h) * Nq
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, Nq, D, DV,
+                                   a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   stride_qn, stride_qd, stride_don, stride_dod, diag_hi, n_rows, offset, Nq, D, DV,
+                                   a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
 
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-            vis = _visible(rows + offset, keys, k_valid, q_valid, CAUSAL)
-            w = tl.where(vis, kernel_value(s, a0, a1, a2, P), 0.0)
-            dv += tl.dot(tl.trans(w.to(q.dtype)), g_rows, input_precision=PRECISION)
-            dA = tl.dot(g_rows, tl.trans(v), input_precision=PRECISION) - crow[:, None]
-            ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-
-    base = (b * Hk + hk) * Nk
-    tl.store(DK + (base + keys[:, None]) * D + cols_d[None, :], dk * scale,
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
+    key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
+    tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
              mask=k_in[:, None] & (cols_d[None, :] < D))
-    tl.store(DV_OUT + (base + keys[:, None]) * DV + cols_v[None, :], dv,
+    tl.store(DV_OUT + key_rows * DV + cols_v[None, :], tl.where(real[:, None], dv, 0.0).to(DV_OUT.dtype.element_ty),
              mask=k_in[:, None] & (cols_v[None, :] < DV))
 
 
 @triton.jit
 def quadratic_bwd_dq_kernel(
     Q, K, V, MASK, DO, INV_DEN, CROW, DQ,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    smb, smn,
-    sdob, sdoh, sdon, sdod,
-    Hq, GROUPS, Nq, Nk, D, DV,
-    scale, a0, a1, a2,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, GROUPS, Nq, Nk, D, DV, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    I64: tl.constexpr,
 ):
-    """dQ (fp32, (B, Hq, Nq, D) contiguous) for one query block."""
-    pid_m = tl.program_id(0)
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) of one query block."""
+    pid_m = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
     hk = h // GROUPS
     offset = Nk - Nq
-
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
-    q_valid = rows < Nq
-    q = load_rows(Q + b * sqb + h * sqh, rows, q_valid, sqn, cols_d, D, sqd)
-    do = load_rows(DO + b * sdob + h * sdoh, rows, q_valid, sdon, cols_v, DV, sdod)
-    inv_den = tl.load(INV_DEN + pid_bh * Nq + rows, mask=q_valid, other=0.0)
-    crow = tl.load(CROW + pid_bh * Nq + rows, mask=q_valid, other=0.0)
-    g_rows = (do.to(tl.float32) * inv_den[:, None]).to(q.dtype)
+    q_ok = rows < Nq
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
+    row0 = pid_bh.to(tl.int64) * Nq
+    g, crow = scaled_grad_rows(DO + b * stride_dob + h * stride_doh, INV_DEN + row0, CROW + row0, rows, q_ok,
+                               stride_don, stride_dod, cols_v, DV, EVEN_DV, OP_BF16, I64)
+    q_pos = rows + offset
+    K_h = K + b * stride_kb + hk * stride_kh
+    V_h = V + b * stride_vb + hk * stride_vh
+    MASK_b = MASK + b * stride_mb
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    k_end = Nk
     if CAUSAL:
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
-    for j0 in range(0, k_end, BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        k_valid = key_valid(MASK, b, smb, smn, keys, Nk, HAS_MASK)
-        k = load_rows(K + b * skb + hk * skh, keys, keys < Nk, skn, cols_d, D, skd)
-        v = load_rows(V + b * svb + hk * svh, keys, keys < Nk, svn, cols_v, DV, svd)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = _visible(rows + offset, keys, k_valid, q_valid, CAUSAL)
-        dA = tl.dot(g_rows, tl.trans(v), input_precision=PRECISION) - crow[:, None]
-        ds = tl.where(vis, dA * kernel_slope(s, a1, a2, P), 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-
-    tl.store(DQ + (pid_bh * Nq + rows[:, None]) * D + cols_d[None, :], dq * scale,
-             mask=q_valid[:, None] & (cols_d[None, :] < D))
+        n_full = tl.minimum(tl.maximum(pid_m * BLOCK_M + offset, 0), Nk) // BLOCK_N * BLOCK_N
+    else:
+        k_end = Nk
+        n_full = Nk // BLOCK_N * BLOCK_N
+    if HAS_MASK:
+        n_full = 0
+    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                      stride_mn, 0, n_full, Nk, D, DV, c1, c2, P, False, False, HAS_MASK,
+                      BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                      stride_mn, n_full, k_end, Nk, D, DV, c1, c2, P, True, CAUSAL, HAS_MASK,
+                      BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+    tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_ok[:, None] & (cols_d[None, :] < D))

@@ -2,7 +2,7 @@
 
     from fastmax_hf import kernels
     print(kernels.current_settings())
-    with kernels.settings(quad_block_n=128, linear_chunk=1024):   # a benchmark sweep
+    with kernels.settings(quad_fwd_block_n=128, linear_chunk=1024):   # a benchmark sweep
         ...
 
 ``None`` means "chosen by the launcher for the shapes and dtype" (the measured defaults).
@@ -19,22 +19,32 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class KernelSettings:
-    # quadratic (tile) kernels: query rows and key columns per tile, warps, pipeline depth
-    quad_block_m: int | None = None
-    quad_block_n: int | None = None
-    quad_warps: int | None = None
-    quad_stages: int | None = None
-    # linear (state) kernels: tokens per chunk, state columns per program, warps, pipeline depth
+    # quadratic (tile) kernels: query rows and key rows per tile, warps, pipeline depth
+    quad_fwd_block_m: int | None = None
+    quad_fwd_block_n: int | None = None
+    quad_fwd_warps: int | None = None
+    quad_fwd_stages: int | None = None
+    quad_bwd_block_m: int | None = None
+    quad_bwd_block_n: int | None = None
+    quad_bwd_warps: int | None = None
+    quad_bwd_stages: int | None = None
+    # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
+    # step, value columns per program, warps and stages; the readouts' query rows and key rows
+    # per tile, warps and stages
     linear_chunk: int | None = None
-    linear_block_dv: int | None = None
+    linear_state_block_k: int | None = None
+    linear_state_block_dv: int | None = None
+    linear_state_warps: int | None = None
+    linear_state_stages: int | None = None
+    linear_block_m: int | None = None
+    linear_block_n: int | None = None
     linear_warps: int | None = None
     linear_stages: int | None = None
-    # scratch of the linear backward: past scratch_min_bytes, heads run in groups whose scratch
-    # stays under scratch_fraction of the size of q, k, v, o and their gradients
+    # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
+    # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and
+    # their gradients
     scratch_fraction: float = 0.2
     scratch_min_bytes: int = 3 << 30
-    # fp32 elements per slice of heads when the backward forms (do . o) per row
-    row_terms_slice: int = 1 << 26
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -48,13 +58,13 @@ class KernelSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"kernel setting `{field.name}` must be a positive integer"
                                  f"{' or None' if field.default is None else ''}, got {value!r}")
-        for name in ("quad_block_m", "quad_block_n", "linear_chunk", "linear_block_dv", "quad_warps", "linear_warps"):
-            value = getattr(self, name)
-            if value is not None and value & (value - 1):
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if value is None or not (name.endswith("_warps") or "block" in name or name == "linear_chunk"):
+                continue
+            if value & (value - 1):
                 raise ValueError(f"kernel setting `{name}` must be a power of 2, got {value}")
-        for name in ("quad_block_m", "quad_block_n", "linear_chunk", "linear_block_dv"):
-            value = getattr(self, name)
-            if value is not None and value < 16:
+            if ("block" in name or name == "linear_chunk") and value < 16:
                 raise ValueError(f"kernel setting `{name}` must be at least 16 (the tensor cores' tile), got {value}")
 
 

@@ -46,6 +46,16 @@ from tqdm.auto import tqdm
 import fastmax_hf
 from fastmax_hf import data, distill
 
+# What this script shares with scripts/eval_long_context.py is in script_common.py beside it.
+# `python scripts/finetune.py` and `accelerate launch` put this folder on sys.path; runpy and
+# importlib (the tests) do not.
+SCRIPTS = str(Path(__file__).resolve().parent)
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+import script_common  # noqa: E402
+from script_common import check_vocabulary, fail, max_positions  # noqa: E402
+
 MODES = ("scratch", "swap", "distill")
 
 
@@ -116,11 +126,6 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- checks before training
 
 
-def fail(message: str):
-    """Stop before training with a message instead of a traceback."""
-    raise SystemExit(f"finetune.py: error: {message}")
-
-
 def check_args(args):
     if args.mode != "scratch" and args.attention != "fastmax":
         fail(f"--attention {args.attention} only applies to --mode scratch; {args.mode} always ends in fastmax")
@@ -138,20 +143,7 @@ def check_args(args):
 
 def load_model_config(args):
     """The config of a hub id / local path --model (built-in ones are made from the tokenizer)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(args.model)
-    except Exception as err:
-        fail(f"--model {args.model!r} is not a built-in config {sorted(data.BUILTIN_MODELS)}, a local model "
-             f"directory, nor a hub id that can be loaded ({type(err).__name__}: {err})")
-
-
-def max_positions(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None
+    return script_common.load_pretrained_config(args.model, data.BUILTIN_MODELS)
 
 
 def check_model_config(args, config, vocab_size: int):
@@ -160,9 +152,7 @@ def check_model_config(args, config, vocab_size: int):
     limit = max_positions(config)
     if limit is not None and args.seq_len > limit:
         fail(f"--seq_len {args.seq_len} exceeds the model's {limit} positions")
-    if vocab_size > config.vocab_size:
-        fail(f"the tokenizer has {vocab_size} tokens but the model's embedding only {config.vocab_size}: "
-             "pass the model's own --tokenizer")
+    check_vocabulary(config, vocab_size)
     families = fastmax_hf.integration.FAMILIES  # the model types whose attention fastmax_hf patches
     if args.attention == "fastmax" and config.model_type not in families:
         fail(f"fastmax cannot convert model type {config.model_type!r}; supported: {sorted(families)}")
@@ -172,16 +162,8 @@ def check_model_config(args, config, vocab_size: int):
 
 
 def load_tokenizer(args, accelerator):
-    """--tokenizer, else the model's own, else (built-in models) the default BPE.
-
-    The main process goes first so that a default tokenizer is trained and cached once.
-    """
-    name = args.tokenizer or (data.DEFAULT if args.model in data.BUILTIN_MODELS else args.model)
-    with accelerator.main_process_first():
-        try:
-            return data.load_tokenizer(name, args.cache_dir, args.vocab_size)
-        except ValueError as err:
-            fail(str(err))
+    """--tokenizer, else the model's own, else (built-in models) the default BPE, trained once."""
+    return script_common.load_tokenizer(args, accelerator, builtin=args.model in data.BUILTIN_MODELS)
 
 
 def load_blocks(args, tokenizer, accelerator) -> dict[str, torch.Tensor]:
@@ -452,10 +434,7 @@ def find_checkpoint(args) -> Path | None:
 
 def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str):
     """Train and validation loss by step; the attention-transfer MSE, if any, on a log axis at the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = script_common.pyplot()
 
     def points(key, stage_names):
         return [(r["step"], r[key]) for r in history if r.get(key) is not None and r["stage"] in stage_names]

@@ -1,8 +1,9 @@
 """scripts/eval_long_context.py on CPU: a tiny Llama, a 512-token BPE, prompts of a few hundred tokens.
 
 The end-to-end run goes through a subprocess (so that it can also check that the default
-corpus path never imports `datasets`); the other tests call the script's functions, or its
-main() with the measurements replaced by fakes that count their calls.
+corpus path never imports `datasets`); the other tests call the functions of its sections
+(scripts/long_context/), or its main() with the measurements replaced by fakes that count
+their calls.
 """
 
 import json
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import fastmax_hf  # noqa: F401  (registers "fastmax")
 from fastmax_hf import data
+from fastmax_hf.integration import FastmaxCacheLayer
 
 from conftest import load_script
 
@@ -27,7 +29,8 @@ SCRIPT = ROOT / "scripts" / "eval_long_context.py"
 VOCAB = 512
 
 
-evaluation = load_script(SCRIPT, "eval_long_context_script")
+evaluation = load_script(SCRIPT, "eval_long_context_script")  # which puts scripts/ on sys.path
+from long_context import cost, models, passkey, perplexity, sweep  # noqa: E402
 
 LENGTHS = [224, 320]  # the 512-token BPE needs ~200 tokens for the shortest passkey prompt
 DEPTHS = [0.0, 1.0]
@@ -111,6 +114,10 @@ def test_tiny_run_writes_results_and_plots(tiny_run):
         assert results["cost"][name][str(LENGTHS[0])]["cache_class"] == ("FastmaxCache" if name == "fastmax"
                                                                          else "DynamicCache")
         assert (caches[0] == caches[1]) if name == "fastmax" else (caches[0] < caches[1])
+        # checked before timing: generate()'s logits are those of the stateless forward pass
+        check = results["checks"]["cached_decoding"][name]
+        assert (check["prompt_tokens"], check["new_tokens"]) == (LENGTHS[0], DECODE_TOKENS)
+        assert check["logits_rel_err"] < 1e-5 and check["tolerance"] == 1e-3
     for png in ("perplexity.png", "passkey_fastmax.png", "passkey_sdpa.png", "cost.png"):
         assert (tiny_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
@@ -135,9 +142,9 @@ class Calls:
             return {"prefill_s": 1e-3 * length, "decode_ms_per_token": {"median": 1.0}, "peak_memory_bytes": length,
                     "cache_bytes": 1, "seconds": 1e-3 * length}
 
-        monkeypatch.setattr(evaluation, "window_nll", window_nll)
-        monkeypatch.setattr(evaluation, "passkey_trial", passkey_trial)
-        monkeypatch.setattr(evaluation, "measure_cost", measure_cost)
+        monkeypatch.setattr(perplexity, "window_nll", window_nll)
+        monkeypatch.setattr(passkey, "passkey_trial", passkey_trial)
+        monkeypatch.setattr(cost, "measure_cost", measure_cost)
         return self
 
 
@@ -170,8 +177,8 @@ def test_unknown_implementation_fails_fast(tiny, tmp_path, monkeypatch):
     def too_late(*args, **kwargs):
         raise AssertionError("the arguments should have been refused before any loading")
 
-    monkeypatch.setattr(evaluation, "load_tokenizer", too_late)
-    monkeypatch.setattr(evaluation, "load_model", too_late)
+    monkeypatch.setattr(models, "load_tokenizer", too_late)
+    monkeypatch.setattr(models, "load_model", too_late)
     with pytest.raises(SystemExit, match=r"unknown attention implementation.*'nope'"):
         evaluation.main([*tiny, "--attn", "fastmax,nope", "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -191,32 +198,60 @@ def test_length_beyond_the_model_fails_fast(tiny, tmp_path, cache_dir):
 
 def test_out_of_memory_is_recorded_and_the_sweep_goes_on(tiny, tmp_path, monkeypatch):
     calls = Calls().install(monkeypatch)
-    fake = evaluation.measure_cost
+    fake = cost.measure_cost
 
     def measure_cost(model, length, decode_tokens, seed, repeat=False):
         if model.config._attn_implementation == "sdpa" and length >= 256:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
         return fake(model, length, decode_tokens, seed, repeat)
 
-    monkeypatch.setattr(evaluation, "measure_cost", measure_cost)
+    monkeypatch.setattr(cost, "measure_cost", measure_cost)
     out = tmp_path / "out"
     evaluation.main([*tiny, "--sections", "cost", "--lengths", "128,256,512", "--output_dir", str(out)])
-    cost = read_results(out)["cost"]
-    assert set(cost["fastmax"]) == {"128", "256", "512"} and all("prefill_s" in r for r in cost["fastmax"].values())
-    assert "prefill_s" in cost["sdpa"]["128"] and cost["sdpa"]["256"]["out_of_memory"]
-    assert cost["sdpa"]["512"] == {"skipped": "out of memory at 256 tokens"}  # not tried
+    points = read_results(out)["cost"]
+    assert set(points["fastmax"]) == {"128", "256", "512"} and all("prefill_s" in r for r in points["fastmax"].values())
+    assert "prefill_s" in points["sdpa"]["128"] and points["sdpa"]["256"]["out_of_memory"]
+    assert points["sdpa"]["512"] == {"skipped": "out of memory at 256 tokens"}  # not tried
     assert (512, "sdpa") not in {(n, i) for i, n in calls.cost}
     assert (out / "cost.png").exists()
 
 
+def forget_the_state_when_decoding(monkeypatch):
+    """A broken FastmaxCache: every generated token attends to itself only, not to the prompt."""
+    step = FastmaxCacheLayer.step
+
+    def forgetful(self, query, *args, **kwargs):  # query (B, Hq, n, D): n = 1 when decoding
+        if query.shape[2] == 1:
+            self.state = None
+        return step(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(FastmaxCacheLayer, "step", forgetful)
+
+
+def test_cached_decoding_is_checked_before_timing(tiny_model, tiny, tmp_path, monkeypatch):
+    for implementation in ("fastmax", "sdpa"):
+        tiny_model.set_attn_implementation(implementation)
+        assert cost.cached_decoding_error(tiny_model, 224, DECODE_TOKENS, 0) < 1e-5
+    tiny_model.set_attn_implementation("fastmax")
+    forget_the_state_when_decoding(monkeypatch)
+    assert cost.cached_decoding_error(tiny_model, 224, DECODE_TOKENS, 0) > 0.1
+
+    calls = Calls().install(monkeypatch)  # the check itself is real
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--attn fastmax: generate\(\)'s logits lie .* its cached decoding is wrong"):
+        evaluation.main([*tiny, "--sections", "cost", "--output_dir", str(out)])
+    assert calls.cost == []  # neither warmed up nor timed
+    assert not any(read_results(out)["cost"].values())
+
+
 def test_time_budget_extrapolates_from_the_last_two_lengths():
     quadratic = {"1024": {"seconds": 10.0}, "2048": {"seconds": 40.0}}
-    assert evaluation.skip_reason(quadratic, 4096, None) is None
-    assert evaluation.skip_reason(quadratic, 4096, 200.0) is None  # predicted 160 s
-    assert "predicted 160 s" in evaluation.skip_reason(quadratic, 4096, 100.0)
+    assert sweep.skip_reason(quadratic, 4096, None) is None
+    assert sweep.skip_reason(quadratic, 4096, 200.0) is None  # predicted 160 s
+    assert "predicted 160 s" in sweep.skip_reason(quadratic, 4096, 100.0)
     linear = {"1024": {"seconds": 10.0}, "2048": {"seconds": 20.0}}
-    assert evaluation.skip_reason(linear, 4096, 50.0) is None  # predicted 40 s
-    assert evaluation.skip_reason({"1024": {"out_of_memory": True}}, 2048, None) == "out of memory at 1024 tokens"
+    assert sweep.skip_reason(linear, 4096, 50.0) is None  # predicted 40 s
+    assert sweep.skip_reason({"1024": {"out_of_memory": True}}, 2048, None) == "out of memory at 1024 tokens"
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -228,7 +263,7 @@ def test_perplexity_equals_a_direct_computation(tiny_model, tokenizer, implement
     ids = torch.tensor(tokenizer("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n")["input_ids"])
     with torch.no_grad():
         direct = torch.exp(tiny_model(ids[None], labels=ids[None]).loss).item()
-        nll, tokens, windows = evaluation.sliding_window_nll(tiny_model, ids, length=len(ids), stride=len(ids))
+        nll, tokens, windows = perplexity.sliding_window_nll(tiny_model, ids, length=len(ids), stride=len(ids))
         assert (tokens, windows) == (len(ids) - 1, 1)
         assert abs(torch.exp(torch.tensor(nll / tokens)).item() - direct) < 1e-4 * direct
 
@@ -246,7 +281,7 @@ def test_perplexity_equals_a_direct_computation(tiny_model, tokenizer, implement
             counted, prev_end = counted + n, end
             if end == len(document):
                 break
-        nll, tokens, windows = evaluation.sliding_window_nll(tiny_model, document, length, stride)
+        nll, tokens, windows = perplexity.sliding_window_nll(tiny_model, document, length, stride)
     assert tokens == counted == len(document) - 1 and windows == 7
     assert abs(nll - expected) < 1e-4 * expected
 
@@ -255,35 +290,36 @@ def test_perplexity_equals_a_direct_computation(tiny_model, tokenizer, implement
 
 
 def test_passkey_prompt_layout(tokenizer):
-    filler = len(tokenizer(evaluation.PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
+    filler = len(tokenizer(passkey.FILLER, add_special_tokens=False)["input_ids"])
     for length in (224, 300, 1000):
         positions = []
         for depth in (0.0, 0.5, 1.0):
-            prompt = evaluation.passkey_prompt(tokenizer, length, depth, "12345")
+            prompt = passkey.passkey_prompt(tokenizer, length, depth, "12345")
             assert length - filler < len(prompt.input_ids) <= length  # as many filler groups as fit
             assert tokenizer.decode(prompt.input_ids) == prompt.text
-            assert prompt.text.startswith(evaluation.PASSKEY_TASK)
+            assert prompt.text.startswith(passkey.TASK)
             assert prompt.text.endswith("What is the pass key? The pass key is")
             assert prompt.text.count("The pass key is 12345. Remember it. 12345 is the pass key.") == 1
             positions.append(prompt.key_token)
-        task = len(tokenizer(evaluation.PASSKEY_TASK)["input_ids"])
-        needle = len(tokenizer(evaluation.PASSKEY_NEEDLE.format(key="12345"), add_special_tokens=False)["input_ids"])
-        question = len(tokenizer(evaluation.PASSKEY_QUESTION, add_special_tokens=False)["input_ids"])
+        task = len(tokenizer(passkey.TASK)["input_ids"])
+        needle = len(tokenizer(passkey.NEEDLE.format(key="12345"), add_special_tokens=False)["input_ids"])
+        question = len(tokenizer(passkey.QUESTION, add_special_tokens=False)["input_ids"])
         assert positions[0] == task  # depth 0: right after the task
         assert positions[2] == len(prompt.input_ids) - question - needle  # depth 1: right before the question
         assert positions[0] <= positions[1] <= positions[2] and (positions[0] < positions[1] or length < 300)
     with pytest.raises(ValueError, match="needs more than"):
-        evaluation.passkey_prompt(tokenizer, 100, 0.5, "12345")
+        passkey.passkey_prompt(tokenizer, 100, 0.5, "12345")
 
 
 def test_passkey_scoring():
-    assert evaluation.score_answer(" 12345. Remember", "12345")
-    assert evaluation.score_answer("12345", "12345")
-    assert not evaluation.score_answer(" 123456", "12345")
-    assert not evaluation.score_answer(" 1234 5", "12345")
-    assert not evaluation.score_answer(" the grass is green", "12345")
-    assert not evaluation.score_answer("", "12345")
-    assert evaluation.passkey(0, 1024, 0.5, 1) == evaluation.passkey(0, 1024, 0.5, 1) != evaluation.passkey(0, 1024, 0.5, 2)
+    assert passkey.score_answer(" 12345. Remember", "12345")
+    assert passkey.score_answer("12345", "12345")
+    assert not passkey.score_answer(" 123456", "12345")
+    assert not passkey.score_answer(" 1234 5", "12345")
+    assert not passkey.score_answer(" the grass is green", "12345")
+    assert not passkey.score_answer("", "12345")
+    key = passkey.random_key
+    assert key(0, 1024, 0.5, 1) == key(0, 1024, 0.5, 1) != key(0, 1024, 0.5, 2)
 
 
 def test_passkey_accuracy_with_stub_generators(tokenizer):
@@ -303,21 +339,21 @@ def test_passkey_accuracy_with_stub_generators(tokenizer):
 
     for length in (224, 400):
         for depth in (0.0, 0.3, 1.0):
-            cell = evaluation.passkey_cell(echo, tokenizer, length, depth, trials=4, seed=0)
+            cell = passkey.passkey_cell(echo, tokenizer, length, depth, trials=4, seed=0)
             assert (cell["accuracy"], cell["correct"], cell["trials"]) == (1.0, 4, 4)
             assert len({s["key"] for s in cell["samples"]}) > 1  # a fresh key per trial
-            assert evaluation.passkey_cell(never, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
-            assert evaluation.passkey_cell(wrong, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
+            assert passkey.passkey_cell(never, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
+            assert passkey.passkey_cell(wrong, tokenizer, length, depth, trials=4, seed=0)["accuracy"] == 0.0
     assert all(shape[0] == 1 and shape[1] <= 400 for shape in seen)
 
 
 def test_model_generator_answers_greedily(tiny_model, tokenizer):
     """The real generator: decoded greedy continuation, for fastmax (recurrent state) and sdpa."""
-    prompt = evaluation.passkey_prompt(tokenizer, 224, 0.5, "12345")
+    prompt = passkey.passkey_prompt(tokenizer, 224, 0.5, "12345")
     ids = torch.tensor([prompt.input_ids])
     for implementation in ("fastmax", "sdpa"):
         tiny_model.set_attn_implementation(implementation)
-        answer = evaluation.model_generator(tiny_model, tokenizer, 5)(ids)
+        answer = passkey.model_generator(tiny_model, tokenizer, 5)(ids)
         with torch.no_grad():
             expected = tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id)

@@ -186,44 +186,6 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny):
     AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastmax")
 
 
-def test_gpu_experiment_script_runs_at_a_tiny_scale(tmp_path, tiny):
-    # the same script the GPU run uses, shrunk: summary.json and the perplexity plot come out
-    script = ROOT / "scripts" / "gpu_finetune_experiment.py"
-    shared = [a for a in tiny if a not in ("--model", "llama-tiny", "--seq_len", "32", "--batch_size", "4",
-                                           "--mixed_precision", "no", "--eval_blocks", "16")]
-    cmd = [sys.executable, str(script), "--out_dir", str(tmp_path), "--model", "llama-tiny", "--seq_len", "32",
-           "--batch_size", "4", "--convert_batch_size", "4", "--pretrain_steps", "20", "--eval_blocks", "8",
-           "--mixed_precision", "no",
-           "--runs", "teacher,swap,distill", "--finetune_args", " ".join(shared)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["runs"]) == {"teacher", "swap", "distill"}
-    assert summary["runs"]["distill"]["tokens_over_teacher"] == pytest.approx(0.1)
-    assert summary["runs"]["teacher"]["ppl_over_teacher"] == 1.0
-    assert set(summary["targets"]) == {"distill_within_10_percent_of_teacher", "distill_tokens_at_most_10_percent",
-                                       "distill_better_than_swap"}
-    assert (tmp_path / "perplexity.png").is_file()
-    assert "| distill | fastmax |" in (tmp_path / "summary.md").read_text()
-
-
-def test_gpu_experiment_keeps_the_conversion_token_budget_at_a_smaller_batch():
-    experiment = load_script(ROOT / "scripts" / "gpu_finetune_experiment.py", "gpu_finetune_experiment_script")
-
-    def budget(run, argv):
-        args = experiment.parse_args(["--out_dir", "unused", "--pretrain_steps", "900", *argv])
-        command = experiment.plan(args)[run]
-        value = lambda flag: int(command[command.index(flag) + 1])  # noqa: E731
-        return value("--batch_size") * value("--max_steps"), value("--max_steps")
-
-    teacher_tokens = 32 * 900  # blocks
-    for run in ("swap", "swap_kd", "distill"):
-        tokens, steps = budget(run, [])  # 8 blocks per step
-        assert (tokens, steps) == (teacher_tokens // 10, 360)
-        tokens, steps = budget(run, ["--convert_batch_size", "32"])
-        assert (tokens, steps) == (teacher_tokens // 10, 90)
-
-
 # --------------------------------------------------------------------------- fastmax_hf.distill
 
 

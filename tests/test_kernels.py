@@ -1,6 +1,6 @@
 """The Triton kernels against the float64 reference (Triton's interpreter when there is no GPU).
 
-bf16 cannot be checked in the interpreter (it returns garbage there); scripts/check_kernels.py
+bf16 cannot be checked in the interpreter (it returns garbage there); tools/check_kernels.py
 covers bf16, D = 128 and long sequences on a GPU.
 """
 
@@ -122,30 +122,102 @@ def test_custom_op_registration(gen):
     assert torch.allclose(compiled(q, k, v), layer(q, k, v))
 
 
-@pytest.mark.parametrize("N, D, Hq, Hk, expected", [
-    (262144, 64, 16, 16, 16),  # 3 GiB of scratch: one launch
-    (524288, 64, 16, 16, 8),  # 6 GiB: two launches of 8 heads
-    (1048576, 64, 16, 16, 4),  # 12 GiB, budget 20% of 16 GiB of tensors: four launches of 4 heads
-    (1048576, 128, 16, 16, 4),
-    (1048576, 64, 32, 8, 2),  # GQA: 4 query heads' dq scratch per key/value head
-    (1048576, 64, 5, 5, 3),  # equal groups: 3 + 2, not 4 + 1 (the budget holds 4 heads)
+# (B, Hq, Hk, Nq, Nk, D, Dv): several chunks of 32 keys, chunk boundaries that the causal
+# offset Nk - Nq does not align with, both directions of Nq != Nk, GQA, a query row alone
+CHUNKED_SHAPES = [
+    (1, 2, 1, 150, 150, 16, 16),
+    (2, 2, 2, 60, 130, 20, 12),
+    (1, 4, 2, 110, 70, 16, 24),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", CHUNKED_SHAPES)
+def test_linear_kernels_across_chunks(gen, causal, shape):
+    """The per-chunk states, the scans over chunks and the readouts, with chunks of 32 keys.
+
+    Query blocks of 16 rows over key blocks of 32: a query block can start inside a key
+    block, and only whole key blocks before it may skip the causal mask. State steps of 16 rows."""
+    chunked = dict(linear_chunk=32, linear_block_m=16, linear_block_n=32, linear_state_block_k=16)
+    for dtype, p, coeffs, padded in ((torch.float32, 2, (1.0, 1.0, 0.5), False), (torch.float16, 2, (2.0, 0.7, 0.3), True),
+                                     (torch.float32, 1, (8.0, 0.5, 0.0), True)):
+        (q, k, v), (qe, ke, ve), mask = inputs(gen, *shape, dtype)
+        mask = mask if padded else None  # without padding the tiles before the diagonal run unmasked
+        opts = dict(causal=causal, key_padding_mask=mask, scale=0.3, p=p, a0=coeffs[0], a1=coeffs[1], a2=coeffs[2])
+        expected = fastmax_reference(qe, ke, ve, **opts)
+        do = randn(gen, *expected.shape).to(DEVICE)
+        with kernels.settings(**chunked):
+            out, _ = triton_attention(q, k, v, FastmaxOptions(scale=0.3, p=p, a0=coeffs[0], a1=coeffs[1], a2=coeffs[2]),
+                                      causal=causal, key_padding_mask=mask, regime="linear")
+            got = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+        assert rel_err(out, expected) < TOL[dtype], (dtype, p)
+        want = torch.autograd.grad(expected, (qe, ke, ve), do)
+        for name, a, b in zip("qkv", got, want):
+            assert rel_err(a, b) < TOL[dtype], (dtype, p, "d" + name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal):
+    """Tiles of 16 x 16: key blocks that every query of a block sees run unmasked, the diagonal
+    and the ragged end masked; Nq < Nk and Nq > Nk shift the diagonal off the block grid."""
+    small = dict(quad_fwd_block_m=32, quad_fwd_block_n=16, quad_bwd_block_m=16, quad_bwd_block_n=32)
+    for shape in ((1, 2, 1, 75, 101, 16, 16), (1, 2, 2, 101, 67, 32, 16)):
+        for mask_on in (False, True):
+            (q, k, v), (qe, ke, ve), mask = inputs(gen, *shape, torch.float32)
+            mask = mask if mask_on else None
+            opts = dict(causal=causal, key_padding_mask=mask, scale=0.3)
+            expected = fastmax_reference(qe, ke, ve, **opts)
+            do = randn(gen, *expected.shape).to(DEVICE)
+            with kernels.settings(**small):
+                out, _ = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=causal, key_padding_mask=mask,
+                                          regime="quadratic")
+                got = torch.autograd.grad(out, (q, k, v), do.float())
+            assert rel_err(out, expected) < 1e-4
+            want = torch.autograd.grad(expected, (qe, ke, ve), do)
+            for name, a, b in zip("qkv", got, want):
+                assert rel_err(a, b) < 1e-4, (shape, mask_on, "d" + name)
+
+
+def test_eager_function_and_custom_operator_agree(gen):
+    """Eager calls take an autograd Function, torch.compile the custom operator: same numbers."""
+    (q, k, v), _, mask = inputs(gen, 1, 2, 1, 30, 30, 16, 16, torch.float32)
+    do = randn(gen, 1, 2, 30, 16).to(DEVICE).float()
+    for regime in ("quadratic", "linear"):
+        out, den = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=True, key_padding_mask=mask,
+                                    regime=regime)
+        op_out, op_den = torch.ops.fastmax_hf.forward(q, k, v, mask, True, 0.3, 2, 1.0, 1.0, 0.5, regime)
+        assert torch.equal(out, op_out) and torch.equal(den, op_den)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(op_out, (q, k, v), do)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("N, D, Hq, Hk", [
+    (262144, 64, 16, 16), (1048576, 64, 16, 16), (1048576, 128, 16, 16), (1048576, 64, 32, 8), (1048576, 64, 5, 5),
+    (4096, 128, 8, 8),
 ])
-def test_backward_head_group_size(N, D, Hq, Hk, expected):
-    """Scratch stays within its budget and the groups are as large, and as even, as it allows."""
+def test_linear_plan_keeps_states_within_the_budget(N, D, Hq, Hk):
+    """Per-chunk states of a launch fit the scratch budget; groups are as large and as even as it allows."""
     from fastmax_hf.kernels import ops
 
     q = torch.empty(1, Hq, N, D, dtype=torch.bfloat16, device="meta")
     k = v = torch.empty(1, Hk, N, D, dtype=torch.bfloat16, device="meta")
-    heads = ops.heads_per_launch(q, k, v)
-    assert heads == expected
-    scratch = 4 * heads * ((Hq // Hk) * N * D + 2 * N * D)
-    tensors = 2 * 2 * (Hq * N * 2 * D + Hk * N * 2 * D)
-    budget = kernels.current_settings()
-    assert heads == Hk or scratch <= max(budget.scratch_min_bytes, budget.scratch_fraction * tensors)
+    pb = ops._Problem.of(q, k, v)
+    chunk, heads = ops.linear_plan(pb, 2, True)
+    per_head = ops._state_bytes_per_head(pb, N, 2, chunk)
+    budget = ops._scratch_budget(pb)
+    assert heads == Hk or heads * per_head <= budget
+    assert heads == Hk or (heads + 1) * per_head > budget or -(-Hk // heads) == -(-Hk // (heads + 1))
+    launches = -(-Hk // heads)
+    assert heads == -(-Hk // launches)  # equal groups: 3 + 2, not 4 + 1
+    assert chunk in (512, 1024, 2048, 4096)
+    if N <= 262144 and D <= 64:
+        assert heads == Hk and chunk == 512  # no splitting below ~256k tokens at D = 64
+    if N == 1048576 and D == 128:
+        assert chunk > 512  # longer chunks before fewer heads
 
 
 def test_backward_in_head_groups(gen):
-    """Large backward passes run over groups of key/value heads: same gradients."""
+    """Large passes run over groups of key/value heads (the scratch budget): same results."""
     from fastmax_hf.kernels import ops
 
     (q, k, v), (qe, ke, ve), mask = inputs(gen, 2, 6, 3, 40, 40, 16, 16, torch.float32)
@@ -153,11 +225,25 @@ def test_backward_in_head_groups(gen):
     expected = fastmax_reference(qe, ke, ve, **opts)
     do = randn(gen, *expected.shape).to(DEVICE)
     want = torch.autograd.grad(expected, (qe, ke, ve), do)
-    # one key/value head per launch, and (do . o) one head at a time
-    with kernels.settings(scratch_min_bytes=1, scratch_fraction=0.0, row_terms_slice=1):
+    with kernels.settings(scratch_min_bytes=1, scratch_fraction=0.0):  # one key/value head per launch
         assert ops.heads_per_launch(q, k, v) == 1
         out, _ = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=True, key_padding_mask=mask,
                                   regime="linear")
         got = torch.autograd.grad(out, (q, k, v), do.float())
+    assert rel_err(out, expected) < 1e-4
     for a, b in zip(got, want):
         assert rel_err(a, b) < 1e-4
+
+
+def test_settings_reject_bad_values():
+    with pytest.raises(ValueError, match="linear_chunk"):
+        with kernels.settings(linear_chunk=100):
+            pass
+    with pytest.raises(ValueError, match="unknown kernel setting"):
+        with kernels.settings(chunk=64):
+            pass
+    with pytest.raises(ValueError, match="multiple of linear_block_m"):
+        with kernels.settings(linear_chunk=32, linear_block_m=64):
+            (q, k, v), _, _ = inputs(torch.Generator().manual_seed(0), 1, 1, 1, 8, 8, 16, 16, torch.float32)
+            triton_attention(q, k, v, FastmaxOptions(scale=0.3), regime="linear")
+    assert kernels.current_settings().linear_chunk is None  # restored after the error

@@ -1,0 +1,257 @@
+"""Check and time kernel variants on the GPU in one call: the maintainer's bench for kernel work.
+
+Sections (``--sections``):
+  check     the kernels against float64 Fastmax on a few shapes (bf16, fp16, fp32; both
+            regimes; causal and not; GQA; padding; Nq != Nk; HF strides; p = 1 and 2)
+  quad      the quadratic kernel, forward and forward+backward, against SDPA (flash, cuDNN)
+  linear    the linear kernels at long N, with the useful TFLOP/s (4 F Dv forward, 12 F Dv
+            forward+backward per token and head)
+  variants  the same timings under kernel settings given as a JSON list (``--variants``)
+  overhead  host time of one forward+backward call at a short length (launch-bound)
+
+Every timing is a median of triton.testing.do_bench after a float64 check of the same
+configuration. Results are JSON lines on stdout and in ``--out``.
+
+    python tools/kernel_lab.py --sections check,quad,linear --out /tmp/lab.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fastmax_hf import fastmax_reference, kernels
+from fastmax_hf.chunked import chunked_attention
+from fastmax_hf.options import FastmaxOptions
+
+OUT = None
+TARGET = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def emit(record):
+    line = json.dumps(record)
+    print(line, flush=True)
+    if OUT:
+        with open(OUT, "a") as f:
+            f.write(line + "\n")
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def bench(fn, warmup=10, rep=40):
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def feature_count(D):
+    return 1 + D + D * (D + 1) // 2
+
+
+def run_fastmax(q, k, v, causal, regime, mask=None, p=2, a=(1.0, 1.0, 0.5)):
+    options = FastmaxOptions(scale=q.shape[-1] ** -0.5, p=p, a0=a[0], a1=a[1], a2=a[2])
+    return kernels.triton_attention(q, k, v, options, causal=causal, key_padding_mask=mask, regime=regime)[0]
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def check_case(B, Hq, Hk, Nq, Nk, D, Dv, dtype, causal, regime, p, pad, layout, gen):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    if layout == "bnhd":
+        q, k, v = rnd(B, Nq, Hq, D).transpose(1, 2), rnd(B, Nk, Hk, D).transpose(1, 2), rnd(B, Nk, Hk, Dv).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, Hq, Nq, D), rnd(B, Hk, Nk, D), rnd(B, Hk, Nk, Dv)
+    mask = None
+    if pad:
+        mask = torch.rand(B, Nk, generator=gen, device="cuda") > 0.2
+        mask[0, : Nk // 4] = False
+        if B > 1:
+            mask[-1] = False
+    a = (1.0, 1.0, 0.5) if p == 2 else (6.0, 1.0, 0.0)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    out = run_fastmax(qs, ks, vs, causal, regime, mask, p, a)
+    do = torch.randn(out.shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+    got = torch.autograd.grad(out, (qs, ks, vs), do)
+    q64, k64, v64 = (x.double().detach().requires_grad_() for x in (q, k, v))
+    opts = dict(causal=causal, key_padding_mask=mask, scale=D ** -0.5, p=p, a0=a[0], a1=a[1], a2=a[2])
+    if Nq * Nk <= 4096 * 4096:
+        expected = fastmax_reference(q64, k64, v64, **opts)
+    else:
+        expected, _ = chunked_attention(q64, k64, v64, chunk_size=512, **opts)
+    want = torch.autograd.grad(expected, (q64, k64, v64), do.double())
+    errs = {"out": rel_err(out, expected)}
+    for name, x, y in zip(("dq", "dk", "dv"), got, want):
+        errs[name] = rel_err(x, y)
+    nan = bool(torch.isnan(out).any()) or any(bool(torch.isnan(g).any()) for g in got)
+    return {**errs, "nan": nan, "pass": (not nan) and max(errs.values()) <= TARGET[dtype]}
+
+
+def section_check(args):
+    gen = torch.Generator(device="cuda").manual_seed(int(time.time()))
+    shapes = [
+        (2, 8, 2, 1003, 1003, 64, 64, True, "bnhd", 2),
+        (1, 4, 4, 257, 1531, 128, 128, False, "bhnd", 2),
+        (3, 6, 3, 777, 129, 80, 48, True, "bhnd", 1),
+        (1, 4, 2, 1531, 1200, 32, 32, False, "bnhd", 2),
+        (1, 2, 1, 5000, 5000, 64, 64, False, "bnhd", 2),
+    ]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for B, Hq, Hk, Nq, Nk, D, Dv, pad, layout, p in shapes:
+            for causal in (False, True):
+                for regime in ("quadratic", "linear"):
+                    if dtype == torch.float32 and Nq * Nk > 2000 * 2000:
+                        continue
+                    t0 = time.time()
+                    try:
+                        res = check_case(B, Hq, Hk, Nq, Nk, D, Dv, dtype, causal, regime, p, pad, layout, gen)
+                    except Exception as err:  # noqa: BLE001
+                        res = {"error": f"{type(err).__name__}: {str(err)[:300]}", "pass": False}
+                    emit({"section": "check", "dtype": str(dtype)[6:], "shape": [B, Hq, Hk, Nq, Nk, D, Dv],
+                          "causal": causal, "regime": regime, "p": p, "pad": pad, "layout": layout, **res,
+                          "s": round(time.time() - t0, 2)})
+
+
+def _inputs(N, D, H=16, B=1, dtype=torch.bfloat16, grad=False, Hk=None):
+    Hk = Hk or H
+    q = torch.randn(B, H, N, D, device="cuda", dtype=dtype, requires_grad=grad)
+    k = torch.randn(B, Hk, N, D, device="cuda", dtype=dtype, requires_grad=grad)
+    v = torch.randn(B, Hk, N, D, device="cuda", dtype=dtype, requires_grad=grad)
+    return q, k, v
+
+
+def _fwd_bwd(call, inputs, do):
+    def run():
+        out = call()
+        out.backward(do)
+        for x in inputs:
+            x.grad = None
+    return run
+
+
+def time_pair(label, N, D, causal, regime, backward, H=16, B=1, Hk=None, extra=None):
+    """Time fastmax (checked first on the last rows) and the SDPA backends on one shape."""
+    record = {"section": label, "N": N, "D": D, "H": H, "B": B, "Hk": Hk or H, "causal": causal,
+              "regime": regime, "pass": "fwd+bwd" if backward else "fwd", **(extra or {})}
+    try:
+        q, k, v = _inputs(N, D, H, B, grad=backward, Hk=Hk)
+        call = lambda: run_fastmax(q, k, v, causal, regime)  # noqa: E731
+        out = call()
+        rows = min(N, 256)
+        exp = fastmax_reference(q[:1, :2, -rows:].double(), k[:1, :2].double(), v[:1, :2].double(),
+                                causal=causal, scale=D ** -0.5) if N <= 65536 or causal else None
+        if exp is not None:
+            record["rel_err"] = rel_err(out[:1, :2, -rows:], exp)
+        do = torch.randn_like(out)
+        fn = _fwd_bwd(call, (q, k, v), do) if backward else call
+        record["fastmax_ms"] = bench(fn)
+        if regime == "linear":
+            flops = (12 if backward else 4) * feature_count(D) * D * N * H * B
+            record["tflops"] = flops / record["fastmax_ms"] / 1e9
+        del out
+        if N <= args_global.sdpa_max:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    def sd(backend=backend):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=(Hk or H) != H)
+                    fn = _fwd_bwd(sd, (q, k, v), do) if backward else sd
+                    record[f"{name}_ms"] = bench(fn)
+                except Exception as err:  # noqa: BLE001
+                    record[f"{name}_ms"] = None
+                    record[f"{name}_error"] = str(err)[:120]
+            best = [record[k] for k in ("flash_ms", "cudnn_ms") if record.get(k)]
+            if best:
+                record["ratio_to_best_sdpa"] = record["fastmax_ms"] / min(best)
+    except Exception as err:  # noqa: BLE001
+        record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    record["stats"] = kernels.ops.compiled_stats()
+    emit(record)
+    torch.cuda.empty_cache()
+
+
+def section_quad(args):
+    for D in (64, 128):
+        for N in (1024, 4096, 16384):
+            for backward in (False, True):
+                time_pair("quad", N, D, True, "quadratic", backward)
+        time_pair("quad", 4096, D, False, "quadratic", True)
+
+
+def section_linear(args):
+    for D in (64, 128):
+        for N in (16384, 65536, 131072):
+            for backward in (False, True):
+                time_pair("linear", N, D, True, "linear", backward)
+
+
+def section_variants(args):
+    for variant in json.loads(args.variants):
+        shape = variant.pop("_shape")
+        with kernels.settings(**variant):
+            time_pair("variant", shape["N"], shape["D"], shape.get("causal", True), shape["regime"],
+                      shape.get("backward", True), extra={"settings": variant})
+
+
+def section_overhead(args):
+    for regime in ("quadratic", "linear"):
+        q, k, v = _inputs(1024, 64, grad=True)
+        call = lambda: run_fastmax(q, k, v, True, regime)  # noqa: E731
+        do = torch.randn(1, 16, 1024, 64, device="cuda", dtype=torch.bfloat16)
+        run = _fwd_bwd(call, (q, k, v), do)
+        for _ in range(5):
+            run()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            run()
+        host = (time.perf_counter() - t0) / 50 * 1e3
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) / 50 * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                run()
+            torch.cuda.synchronize()
+        gpu = sum(e.device_time_total for e in prof.key_averages()) / 10 / 1e3
+        emit({"section": "overhead", "regime": regime, "host_ms_per_call": host, "wall_ms_per_call": total,
+              "gpu_kernel_ms_per_call": gpu, "bench_ms": bench(run)})
+
+
+def main():
+    global OUT, args_global
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="check,quad,linear")
+    parser.add_argument("--variants", default="[]")
+    parser.add_argument("--sdpa_max", type=int, default=131072)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    args_global = args
+    OUT = args.out
+    import triton
+
+    emit({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+          "settings": kernels.current_settings().__dict__})
+    for name in args.sections.split(","):
+        t0 = time.time()
+        globals()[f"section_{name}"](args)
+        emit({"section_done": name, "s": round(time.time() - t0, 1)})
+
+
+args_global = None
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    main()
