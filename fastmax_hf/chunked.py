@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .options import FastmaxOptions
+
 DEFAULT_CHUNK = 128
 
 
@@ -58,20 +60,14 @@ def _key_features(x: torch.Tensor, p: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _query_weights(dim: int, p: int, a0: float, a1: float, a2: float, scale: float, like: torch.Tensor):
-    """The per-feature weights that turn phi_k into phi_q."""
+def _query_weights(dim: int, options: FastmaxOptions, like: torch.Tensor):
+    """The per-feature weights (F,) that turn phi_k into phi_q: [a0, a1 scale, a2 scale^2]."""
     opts = dict(dtype=like.dtype, device=like.device)
-    pieces = [torch.full((1,), a0, **opts), torch.full((dim,), a1 * scale, **opts)]
-    if p == 2:
-        pieces.append(torch.full((dim * (dim + 1) // 2,), a2 * scale * scale, **opts))
+    scale = options.scale
+    pieces = [torch.full((1,), options.a0, **opts), torch.full((dim,), options.a1 * scale, **opts)]
+    if options.p == 2:
+        pieces.append(torch.full((dim * (dim + 1) // 2,), options.a2 * scale * scale, **opts))
     return torch.cat(pieces)
-
-
-def _kernel(scores: torch.Tensor, p: int, a0: float, a1: float, a2: float) -> torch.Tensor:
-    out = a0 + a1 * scores
-    if p == 2:
-        out = out + a2 * scores * scores
-    return out
 
 
 class _Problem:
@@ -80,7 +76,7 @@ class _Problem:
     q: (B, Hk, G, Nq, D); k: (B, Hk, 1, Nk, D); v: (B, Hk, 1, Nk, Dv); m: (B, 1, 1, Nk) or None.
     """
 
-    def __init__(self, q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2):
+    def __init__(self, q, k, v, key_padding_mask, causal, options: FastmaxOptions):
         B, Hq, Nq, D = q.shape
         Hk, Nk = k.shape[1], k.shape[2]
         self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -89,11 +85,10 @@ class _Problem:
         self.k = k.to(cd).unsqueeze(2)
         self.v = v.to(cd).unsqueeze(2)
         self.m = None if key_padding_mask is None else key_padding_mask.to(cd)[:, None, None, :]
-        self.causal, self.scale, self.p = causal, scale, p
-        self.a = (a0, a1, a2)
+        self.causal, self.options, self.p = causal, options, options.p
         self.Nq, self.Nk, self.D = Nq, Nk, D
         self.offset = Nk - Nq  # query i sits at key position i + offset
-        self.wq = _query_weights(D, p, a0, a1, a2, scale, self.q)
+        self.wq = _query_weights(D, options, self.q)
 
     def phi_q(self, q):
         return _key_features(q, self.p) * self.wq
@@ -118,7 +113,7 @@ class _Problem:
 
     def tile(self, q, k, i0, j0):
         """A = f(scale q k^T) on visible pairs, for queries from i0 and keys from j0."""
-        weights = _kernel(self.scale * (q @ k.transpose(-1, -2)), self.p, *self.a)
+        weights = self.options.kernel(self.options.scale * (q @ k.transpose(-1, -2)))
         nq, nk = weights.shape[-2], weights.shape[-1]
         if self.causal:
             qpos = torch.arange(i0, i0 + nq, device=q.device) + self.offset
@@ -292,13 +287,13 @@ def choose_mode(len_k: int, dim: int, p: int) -> str:
 
 class _ChunkedFastmax(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2, mode, chunk):
-        P = _Problem(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2)
+    def forward(ctx, q, k, v, key_padding_mask, causal, options, mode, chunk):
+        P = _Problem(q, k, v, key_padding_mask, causal, options)
         forward_impl = _forward_quadratic if mode == "quadratic" else _forward_linear
         raw, den = forward_impl(P, chunk)
         out = _normalise(raw, den)
         ctx.save_for_backward(q, k, v, key_padding_mask, out, den)
-        ctx.options = (causal, scale, p, a0, a1, a2, mode, chunk)
+        ctx.settings = (causal, options, mode, chunk)
         B, Hq, Nq, _ = q.shape
         return out.reshape(B, Hq, Nq, -1).to(q.dtype), den.reshape(B, Hq, Nq)
 
@@ -306,8 +301,8 @@ class _ChunkedFastmax(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_den):
         q, k, v, key_padding_mask, out, den = ctx.saved_tensors
-        causal, scale, p, a0, a1, a2, mode, chunk = ctx.options
-        P = _Problem(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2)
+        causal, options, mode, chunk = ctx.settings
+        P = _Problem(q, k, v, key_padding_mask, causal, options)
         grad_out = grad_out.to(P.compute_dtype).reshape(out.shape)
         g, c = _surrogate_terms(out, den, grad_out)
         backward_impl = _backward_quadratic if mode == "quadratic" else _backward_linear
@@ -316,29 +311,30 @@ class _ChunkedFastmax(torch.autograd.Function):
             dq.reshape(q.shape).to(q.dtype),
             dk.squeeze(2).to(k.dtype),
             dv.squeeze(2).to(v.dtype),
-        ) + (None,) * 9
+        ) + (None,) * 5  # key_padding_mask, causal, options, mode, chunk
 
 
 def chunked_attention(
-    q, k, v, *, causal, key_padding_mask, scale, p, a0, a1, a2, mode="auto", chunk_size=DEFAULT_CHUNK
+    q, k, v, options: FastmaxOptions, *, causal, key_padding_mask, mode="auto", chunk_size=DEFAULT_CHUNK
 ):
     """Fastmax core (no normalize/dropout/rpe): returns (out in q's dtype, fp32 denominator).
 
-    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask bool (B, Nk) or None.
+    q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask bool (B, Nk) or None;
+    ``options`` gives scale, p, a0, a1, a2 (q and k arrive already normalised when asked).
     """
     if mode == "auto":
-        mode = choose_mode(k.shape[2], q.shape[-1], p)
+        mode = choose_mode(k.shape[2], q.shape[-1], options.p)
     if mode not in ("linear", "quadratic"):
         raise ValueError(f"`mode` must be 'auto', 'linear' or 'quadratic', got {mode!r}")
-    return _ChunkedFastmax.apply(q, k, v, key_padding_mask, causal, scale, p, a0, a1, a2, mode, chunk_size)
+    return _ChunkedFastmax.apply(q, k, v, key_padding_mask, causal, options, mode, chunk_size)
 
 
 @torch.no_grad()
-def chunked_step(q, k, v, S, z, *, key_padding_mask, scale, p, a0, a1, a2, chunk_size=DEFAULT_CHUNK):
+def chunked_step(q, k, v, S, z, options: FastmaxOptions, *, key_padding_mask, chunk_size=DEFAULT_CHUNK):
     """New tokens attend causally to themselves and to the state (S, z), then join it.
 
     One linear sweep: returns (out in q's dtype, S', z') with the state in S's dtype."""
-    P = _Problem(q, k, v, key_padding_mask, True, scale, p, a0, a1, a2)
+    P = _Problem(q, k, v, key_padding_mask, True, options)
     raw, den, (S_new, z_new) = _forward_linear(P, chunk_size, initial_state=(S, z), return_state=True)
     B, Hq, n, _ = q.shape
     out = _normalise(raw, den).reshape(B, Hq, n, -1).to(q.dtype)
@@ -363,13 +359,13 @@ def chunked_state(k, v, *, key_padding_mask, p, chunk_size=DEFAULT_CHUNK):
     return S, z
 
 
-def state_readout(q, S, z, *, scale, p, a0, a1, a2):
+def state_readout(q, S, z, options: FastmaxOptions):
     """Answer queries q (B, Hq, n, D) from a state (S, z) without masking: (num, den) in fp32."""
     B, Hq, n, D = q.shape
     Hk = S.shape[1]
     cd = S.dtype
-    wq = _query_weights(D, p, a0, a1, a2, scale, S)
-    fq = _key_features(q.to(cd), p) * wq  # (B, Hq, n, F)
+    wq = _query_weights(D, options, S)
+    fq = _key_features(q.to(cd), options.p) * wq  # (B, Hq, n, F)
     fq = fq.reshape(B, Hk, Hq // Hk, n, -1)
     num = fq @ S.unsqueeze(2)  # (B, Hk, G, n, Dv)
     den = (fq * z[:, :, None, None, :]).sum(-1)

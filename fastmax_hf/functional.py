@@ -1,103 +1,23 @@
-"""The public Fastmax function and its dispatch between implementations."""
+"""The public Fastmax function: its checks, then the stages of ``stages.py`` around the core
+that ``backends.choose_backend`` picks."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .backends import choose_backend
 from .chunked import chunked_attention
-from .reference import fastmax_reference
+from .options import FastmaxOptions
+from .reference import reference_attention
+from .stages import apply_dropout, check_denominators, normalize_qk
 from .validation import (
+    Shapes,
     check_drop_noise,
+    check_dropout,
     check_key_padding_mask,
-    check_options,
     check_qkv,
     check_rpe_matrix,
-    kernel_can_vanish,
 )
-
-
-def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors of ``device``.
-
-    CUDA devices need Triton installed; CPU tensors only under TRITON_INTERPRET=1
-    (Triton's interpreter, used by the CPU test-suite).
-    """
-    try:
-        from .kernels import HAS_TRITON
-    except ImportError:  # pragma: no cover - kernels are part of the package
-        return False
-    if not HAS_TRITON:
-        return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _triton_refusal(q, rpe_matrix) -> str | None:
-    """Why the Triton kernels cannot take this call, or None when they can."""
-    if rpe_matrix is not None:
-        return "rpe_matrix is only supported by the exact O(N^2) path: use backend='reference'"
-    if not triton_available(q.device):
-        return f"the Triton kernels need a CUDA device (got {q.device}) and an installed triton"
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"the Triton kernels take float16, bfloat16 or float32 inputs, got {q.dtype}"
-    return None
-
-
-def norm_scale(x, lim, causal, valid=None, prev_peak=None):
-    """lim / max ||x_n|| for every position: (B, H, N, 1) in x's dtype, and the last peak (B, H).
-
-    Without a causal mask the maximum runs over the whole sequence (as in the seed); with
-    one, over n <= i, continuing ``prev_peak`` (the maximum over earlier tokens, for
-    decoding), so that no position reads the future. ``valid`` (B, N) leaves padded
-    positions out of the maximum."""
-    work = x.to(prev_peak.dtype) if prev_peak is not None else (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x)
-    norms = torch.linalg.vector_norm(work, dim=-1)  # (B, H, N)
-    if valid is not None:
-        norms = norms.masked_fill(~valid[:, None, :], 0.0)
-    peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
-    if prev_peak is not None:
-        peak = torch.maximum(peak, prev_peak[..., None])
-    # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
-    factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
-    return factor.to(x.dtype).unsqueeze(-1), peak[..., -1]
-
-
-def _normalize_qk(q, k, lim, causal, key_padding_mask):
-    """Scale q and k by lim / max ||x_n|| (see ``norm_scale``).
-
-    Padded keys do not count towards the maximum, nor do padded queries when q and k are
-    the same tokens (Nq == Nk)."""
-    query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
-    return q * norm_scale(q, lim, causal, query_mask)[0], k * norm_scale(k, lim, causal, key_padding_mask)[0]
-
-
-def _visible_rows(shapes, causal, key_padding_mask, device):
-    """(B, 1, Nq) bool: which query rows see at least one key."""
-    last = torch.arange(shapes.len_q, device=device) + (shapes.len_k - shapes.len_q)  # t_i
-    if key_padding_mask is None:
-        if not causal:
-            return torch.ones(1, 1, shapes.len_q, dtype=torch.bool, device=device)
-        return (last >= 0)[None, None, :]
-    if not causal:
-        return key_padding_mask.any(-1)[:, None, None].expand(-1, 1, shapes.len_q)
-    seen = torch.cumsum(key_padding_mask.to(torch.int32), dim=-1)  # (B, Nk)
-    idx = last.clamp_min(0)[None, :].expand(shapes.batch, -1)
-    counts = torch.gather(seen, 1, idx) * (last >= 0)
-    return (counts > 0)[:, None, :]
-
-
-def _check_denominator(den, shapes, causal, key_padding_mask, p, a0, a1, a2):
-    visible = _visible_rows(shapes, causal, key_padding_mask, den.device)  # (B, 1, Nq)
-    if bool(((den <= 0) & visible).any()):
-        kernel = f"{a0} + {a1}*s" + (f" + {a2}*s^2" if p == 2 else "")
-        raise ValueError(
-            f"the Fastmax denominator sum_j f(s_ij) reached 0 or below: f(s) = {kernel} is not positive "
-            "for every score. With p=1 use normalize=True with a small enough `lim`, or choose a0, a1, a2 "
-            "so that f(s) > 0 (e.g. the default a0=1, a1=1, a2=0.5 with p=2)."
-        )
 
 
 def _autocast_inputs(q, k, v):
@@ -113,6 +33,23 @@ def _autocast_inputs(q, k, v):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
+
+
+def _as_4d(q, k, v, drop_noise):
+    """Inputs in the autocast dtype, 3-D (B*H, N, D) ones as 4-D (B*H, 1, N, D), checked.
+
+    Returns (q, k, v, drop_noise, shapes, three_d); ``three_d`` says to squeeze the output."""
+    q, k, v = _autocast_inputs(q, k, v)
+    three_d = isinstance(q, torch.Tensor) and q.dim() == 3
+    if three_d:
+        for name, x in (("k", k), ("v", v)):
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"`q` is 3-D (B*H, N, D), so `{name}` must be 3-D too, got {shape}")
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        if isinstance(drop_noise, torch.Tensor) and drop_noise.dim() == 3:
+            drop_noise = drop_noise.unsqueeze(1)
+    return q, k, v, drop_noise, check_qkv(q, k, v), three_d
 
 
 def fastmax(
@@ -157,7 +94,9 @@ def fastmax(
             "chunked" (PyTorch, linear time, O(N) memory in forward and backward) or
             "triton" (fused GPU kernels). "auto" takes Triton for float16/bfloat16/float32
             CUDA tensors, the reference when an rpe_matrix is given (nothing else supports
-            it), and the chunked PyTorch form otherwise (CPU, float64).
+            it), and the chunked PyTorch form otherwise (CPU, float64); CUDA tensors that
+            cannot take the kernels get the chunked form and a warning saying why
+            (``fastmax_hf.backends`` decides).
 
     Returns:
         (B, Hq, Nq, Dv) (or (B*H, Nq, Dv)) in q's dtype.
@@ -166,73 +105,57 @@ def fastmax(
         ValueError/TypeError naming the argument on bad input, and ValueError when the
         kernel's coefficients let a denominator reach 0 and it does.
     """
-    q, k, v = _autocast_inputs(q, k, v)
-    three_d = isinstance(q, torch.Tensor) and q.dim() == 3
-    if three_d:
-        for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, torch.Tensor) or x.dim() != 3:
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"`q` is 3-D (B*H, N, D), so `{name}` must be 3-D too, got {shape}")
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-        if isinstance(drop_noise, torch.Tensor) and drop_noise.dim() == 3:
-            drop_noise = drop_noise.unsqueeze(1)
-    shapes = check_qkv(q, k, v)
-    check_options(p=p, a0=a0, a1=a1, a2=a2, dropout=dropout, lim=lim, scale=scale, backend=backend)
+    q, k, v, drop_noise, shapes, three_d = _as_4d(q, k, v, drop_noise)
+    options = FastmaxOptions.resolve(shapes.dim, scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim)
+    out = _attend(q, k, v, shapes, options, causal=causal, key_padding_mask=key_padding_mask, dropout=dropout,
+                  drop_noise=drop_noise, rpe_matrix=rpe_matrix, backend=backend)
+    return out.squeeze(1) if three_d else out
+
+
+def fastmax_with_options(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    options: FastmaxOptions,
+    *,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    drop_noise: torch.Tensor | None = None,
+    rpe_matrix: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``fastmax`` for a caller that holds its ``FastmaxOptions`` already (the Hugging Face
+    attention function, ``FastmaxConfig.options_for``). Same arguments otherwise."""
+    q, k, v, drop_noise, shapes, three_d = _as_4d(q, k, v, drop_noise)
+    out = _attend(q, k, v, shapes, options, causal=causal, key_padding_mask=key_padding_mask, dropout=dropout,
+                  drop_noise=drop_noise, rpe_matrix=rpe_matrix, backend=backend)
+    return out.squeeze(1) if three_d else out
+
+
+def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_padding_mask, dropout, drop_noise,
+            rpe_matrix, backend) -> torch.Tensor:
+    """Checked 4-D q, k, v -> (B, Hq, Nq, Dv): the remaining checks, then the stages of ``stages.py``."""
+    check_dropout(dropout)
     key_padding_mask = check_key_padding_mask(key_padding_mask, shapes, q.device)
-    out_shape = (shapes.batch, shapes.heads_q, shapes.len_q, shapes.dim_v)
-    check_drop_noise(drop_noise, out_shape, q.device)
+    check_drop_noise(drop_noise, (shapes.batch, shapes.heads_q, shapes.len_q, shapes.dim_v), q.device)
     check_rpe_matrix(rpe_matrix, shapes, q.device)
     causal = bool(causal)
-    if scale is None:
-        scale = shapes.dim ** -0.5
-    scale = float(scale)
+    has_rpe = rpe_matrix is not None
+    implementation = choose_backend(backend, q.device, q.dtype, rpe_matrix=has_rpe)
 
-    if backend == "auto":
-        if rpe_matrix is not None:
-            backend = "reference"
-        elif q.device.type == "cuda" and _triton_refusal(q, None) is None:
-            backend = "triton"
-        else:
-            backend = "chunked"
-
-    if backend == "reference":
-        out, den = fastmax_reference(
-            q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale, p=p,
-            a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim, rpe_matrix=rpe_matrix,
-            return_denominator=True,
-        )
+    if implementation == "reference":
+        out, den = reference_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask,
+                                       rpe_matrix=rpe_matrix)
     else:
-        if rpe_matrix is not None:
-            raise ValueError(
-                f"`rpe_matrix` is only supported by the exact O(N^2) path: use backend='reference' "
-                f"(or 'auto'), not backend={backend!r}"
-            )
-        if normalize:
-            q, k = _normalize_qk(q, k, lim, causal, key_padding_mask)
-        if backend == "triton":
-            refusal = _triton_refusal(q, None)
-            if refusal is not None:
-                raise ValueError(f"backend='triton' cannot run this call: {refusal}")
+        if options.normalize:
+            q, k = normalize_qk(q, k, options.lim, causal, key_padding_mask)
+        if implementation == "triton":
             from .kernels import triton_attention
-            from .options import FastmaxOptions
 
-            out, den = triton_attention(
-                q, k, v, FastmaxOptions(scale=scale, p=p, a0=a0, a1=a1, a2=a2),
-                causal=causal, key_padding_mask=key_padding_mask,
-            )
+            out, den = triton_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
         else:
-            out, den = chunked_attention(
-                q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                p=p, a0=a0, a1=a1, a2=a2,
-            )
+            out, den = chunked_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
 
-    bound = lim * lim * abs(scale) if normalize and rpe_matrix is None else None
-    if kernel_can_vanish(p, a0, a1, a2, bound):
-        _check_denominator(den.detach(), shapes, causal, key_padding_mask, p, a0, a1, a2)
-
-    if dropout > 0.0:
-        noise = drop_noise if drop_noise is not None else torch.randn_like(out)
-        out = out * (1.0 + dropout * noise.to(out.dtype))
-    if three_d:
-        out = out.squeeze(1)
-    return out
+    check_denominators(den, options, shapes, causal, key_padding_mask, rpe=has_rpe)
+    return apply_dropout(out, dropout, drop_noise)

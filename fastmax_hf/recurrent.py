@@ -17,7 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import choose_backend
 from .chunked import chunked_step, feature_count
+from .options import FastmaxOptions
+from .stages import norm_scale
 
 
 @dataclass
@@ -56,21 +59,10 @@ class FastmaxState:
 
 def _running_normalize(x, prev_peak, lim, valid=None):
     """x (B, H, n, D) scaled by lim / max(prev_peak, running max ||x||); returns (x', new peak)."""
-    from .functional import norm_scale
-
     factor, peak = norm_scale(x, lim, causal=True, valid=valid, prev_peak=prev_peak)
     return x * factor, peak
 
 
-def _use_triton(q) -> bool:
-    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    from .functional import triton_available
-
-    return triton_available(q.device)
-
-
-@torch.no_grad()
 def fastmax_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,52 +79,57 @@ def fastmax_step(
     lim: float = 1.0,
     backend: str = "auto",
 ):
-    """Attend causally with n new tokens and fold them into the state.
+    """Attend causally with n new tokens and fold them into the state (no gradient flows).
 
     Args:
         q: (B, Hq, n, D) queries of the new tokens.
         k, v: (B, Hk, n, D), (B, Hk, n, Dv) their keys and values.
         state: what came before, or None for an empty past.
         key_padding_mask: bool (B, n), True = a real token; padded keys never enter the state.
-        backend: for a new state, "triton" (the fused kernels), "chunked" (PyTorch) or "auto"
-            (Triton for float16/bfloat16/float32 CUDA tensors). A given state is continued
-            by the path that built it.
+        scale, p, a0, a1, a2, normalize, lim: as for ``fastmax`` (scale=None: 1/sqrt(D)).
+        backend: for a new state, "triton" (the fused kernels), "chunked" (PyTorch; also what
+            "reference" means here, a state having no O(N^2) form) or "auto" (Triton for
+            float16/bfloat16/float32 CUDA tensors; see ``fastmax_hf.backends``). A given state
+            is continued by the path that built it.
 
     Returns:
         (out (B, Hq, n, Dv) in q's dtype, the new state). The state's tensors are new
         tensors; the old state is left untouched (beam search may still hold it).
     """
+    options = FastmaxOptions.resolve(q.shape[-1], scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim)
+    return step_with_options(q, k, v, state, options, key_padding_mask=key_padding_mask, backend=backend)
+
+
+@torch.no_grad()
+def step_with_options(q, k, v, state: FastmaxState | None, options: FastmaxOptions, *, key_padding_mask=None,
+                      backend: str = "auto"):
+    """``fastmax_step`` for a caller that holds its ``FastmaxOptions`` already (the cache)."""
     B, Hq, n, D = q.shape
     Hk, Dv = k.shape[1], v.shape[-1]
     if k.shape[2] != n:
         raise ValueError(f"`k` must hold the same {n} new tokens as `q`, got {k.shape[2]}")
-    if scale is None:
-        scale = D ** -0.5
     if state is None:
+        implementation = choose_backend(backend, q.device, q.dtype, stateful=True)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        state = FastmaxState.empty(B, Hq, Hk, D, Dv, p, q.device, normalize=normalize, dtype=dtype)
-        if backend not in ("auto", "triton", "chunked"):
-            raise ValueError(f"`backend` must be 'auto', 'triton' or 'chunked', got {backend!r}")
-        if backend == "triton" or (backend == "auto" and _use_triton(q)):
+        state = FastmaxState.empty(B, Hq, Hk, D, Dv, options.p, q.device, normalize=options.normalize, dtype=dtype)
+        if implementation == "triton":
             from .kernels import empty_state
 
-            state.S, state.z = empty_state(B, Hk, D, Dv, p, q.device)
+            state.S, state.z = empty_state(B, Hk, D, Dv, options.p, q.device)
             state.layout = "triton"
-    if normalize:
+    if options.normalize:
         if state.q_peak is None:
             raise ValueError("`state` was built without normalize=True but `normalize` is set")
-        q, q_peak = _running_normalize(q, state.q_peak, lim, key_padding_mask)
-        k, k_peak = _running_normalize(k, state.k_peak, lim, key_padding_mask)
+        q, q_peak = _running_normalize(q, state.q_peak, options.lim, key_padding_mask)
+        k, k_peak = _running_normalize(k, state.k_peak, options.lim, key_padding_mask)
     else:
         q_peak = k_peak = None
 
-    options = dict(scale=scale, p=p, a0=a0, a1=a1, a2=a2)
     if state.layout == "triton":
         from .kernels import triton_step
-        from .options import FastmaxOptions
 
-        out, S, z = triton_step(q, k, v, state.S, state.z, FastmaxOptions(**options), key_padding_mask=key_padding_mask)
+        out, S, z = triton_step(q, k, v, state.S, state.z, options, key_padding_mask=key_padding_mask)
         return out, FastmaxState(S, z, q_peak, k_peak, "triton")
 
-    out, S, z = chunked_step(q, k, v, state.S, state.z, key_padding_mask=key_padding_mask, **options)
+    out, S, z = chunked_step(q, k, v, state.S, state.z, options, key_padding_mask=key_padding_mask)
     return out, FastmaxState(S, z, q_peak, k_peak)

@@ -12,12 +12,17 @@ where t_i = i + (Nk - Nq) is the position of query i on the key timeline
 0. Everything is computed in the inputs' dtype, so float64 inputs give a float64
 ground truth; memory is O(B H Nq Nk).
 
-This module deliberately shares no code with the fast paths.
+This module deliberately shares no attention code with the fast paths: it reads the
+coefficients from a ``FastmaxOptions`` and normalises and forms f(s) itself. Only the output
+dropout (``stages.apply_dropout``) is the one every path uses.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .options import FastmaxOptions
+from .stages import apply_dropout
 
 
 def _norm_scale(x: torch.Tensor, lim: float, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
@@ -53,22 +58,33 @@ def fastmax_reference(
 ):
     """Fastmax by its definition. q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv).
 
-    Arguments are not validated here; use ``fastmax_hf.fastmax(..., backend="reference")``.
+    Only the coefficients are validated here (by ``FastmaxOptions``), not the tensors; use
+    ``fastmax_hf.fastmax(..., backend="reference")`` for checked input.
     """
+    options = FastmaxOptions.resolve(q.shape[-1], scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize,
+                                     lim=lim)
+    out, denominator = reference_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask,
+                                           rpe_matrix=rpe_matrix)
+    out = apply_dropout(out, dropout, drop_noise)
+    if return_denominator:
+        return out, denominator
+    return out
+
+
+def reference_attention(q, k, v, options: FastmaxOptions, *, causal, key_padding_mask, rpe_matrix=None):
+    """(out (B, Hq, Nq, Dv), denominator (B, Hq, Nq)), both in the inputs' dtype, without dropout."""
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    if scale is None:
-        scale = D ** -0.5
     groups = Hq // Hk
     k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, D)
     v = v.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, Dv)
 
-    if normalize:
+    if options.normalize:
         # padded positions count towards no maximum; queries share the keys' padding when
         # they are the same tokens (Nq == Nk)
         query_mask = key_padding_mask if Nq == Nk else None
-        q = q * _norm_scale(q, lim, causal, query_mask)[..., None]
-        k = k * _norm_scale(k, lim, causal, key_padding_mask)[..., None]
+        q = q * _norm_scale(q, options.lim, causal, query_mask)[..., None]
+        k = k * _norm_scale(k, options.lim, causal, key_padding_mask)[..., None]
 
     scores = q @ k.transpose(-1, -2)  # (B, Hq, Nq, Nk)
     query_pos = torch.arange(Nq, device=q.device) + (Nk - Nq)  # t_i
@@ -78,11 +94,11 @@ def fastmax_reference(
         rows = centre - (query_pos[:, None] - key_pos[None, :])  # (Nq, Nk)
         r = rpe_matrix.to(q.dtype)[rows]  # (Nq, Nk, D)
         scores = scores + torch.einsum("bhid,ijd->bhij", q, r)
-    scores = scores * scale
+    scores = scores * options.scale
 
-    weights = a0 + a1 * scores
-    if p == 2:
-        weights = weights + a2 * scores * scores
+    weights = options.a0 + options.a1 * scores
+    if options.p == 2:
+        weights = weights + options.a2 * scores * scores
 
     visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
     if causal:
@@ -96,10 +112,4 @@ def fastmax_reference(
     denominator = weights.sum(dim=-1)  # (B, Hq, Nq)
     safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     out = torch.where((denominator == 0)[..., None], torch.zeros_like(numerator), numerator / safe[..., None])
-
-    if dropout > 0.0:
-        noise = drop_noise if drop_noise is not None else torch.randn_like(out)
-        out = out * (1.0 + dropout * noise.to(out.dtype))
-    if return_denominator:
-        return out, denominator
-    return out
+    return out, denominator

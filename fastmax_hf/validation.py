@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = ("auto", "reference", "chunked", "triton")
 
 
 @dataclass(frozen=True)
@@ -74,21 +73,33 @@ def check_qkv(q, k, v) -> Shapes:
     return Shapes(B, Hq, Hk, Nq, Nk, D, Dv)
 
 
-def check_options(*, p, a0, a1, a2, dropout, lim, scale, backend) -> None:
+def check_finite_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"`{name}` must be a finite number, got {value!r}")
+
+
+def check_kernel_options(*, p, a0, a1, a2, normalize, lim) -> None:
+    """The kernel f(s) = a0 + a1 s (+ a2 s^2) and the normalisation of q and k."""
     if isinstance(p, bool) or p not in (1, 2):
         raise ValueError(f"`p` must be 1 or 2, got {p!r}")
     for name, value in (("a0", a0), ("a1", a1), ("a2", a2), ("lim", lim)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TypeError(f"`{name}` must be a finite number, got {value!r}")
+        check_finite_number(name, value)
     if lim <= 0:
         raise ValueError(f"`lim` must be positive, got {lim}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
+
+
+def check_scale(scale, *, allow_none: bool = False) -> None:
+    """``allow_none``: where None stands for the default scale (``options.default_scale``)."""
+    if scale is None and allow_none:
+        return
+    check_finite_number("scale", scale)
+
+
+def check_dropout(dropout) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
         raise ValueError(f"`dropout` must be a number in [0, 1), got {dropout!r}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"`scale` must be a finite number or None, got {scale!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_key_padding_mask(mask, shapes: Shapes, device: torch.device) -> torch.Tensor | None:
@@ -135,25 +146,3 @@ def check_rpe_matrix(rpe, shapes: Shapes, device) -> None:
             f"`rpe_matrix` must have shape (2M-1, D) with M >= max(Nq, Nk) = {n_needed} and D = {shapes.dim} "
             f"(see rpe_matrix_creator), got {tuple(rpe.shape)}"
         )
-
-
-def kernel_can_vanish(p: int, a0: float, a1: float, a2: float, bound: float | None) -> bool:
-    """Whether f(s) = a0 + a1 s (+ a2 s^2) can be <= 0 for some reachable score s.
-
-    ``bound`` is a bound on |s| when known (``normalize=True``), else None.
-    """
-    def f(s):
-        return a0 + a1 * s + (a2 * s * s if p == 2 else 0.0)
-
-    if bound is None:
-        if p == 1 or a2 == 0:
-            return not (a1 == 0 and a0 > 0)
-        if a2 < 0:
-            return True
-        return a1 * a1 - 4.0 * a0 * a2 >= 0  # the upward parabola has a real root
-    candidates = [-bound, bound]
-    if p == 2 and a2 != 0:
-        vertex = -a1 / (2.0 * a2)
-        if -bound < vertex < bound:
-            candidates.append(vertex)
-    return min(f(s) for s in candidates) <= 0

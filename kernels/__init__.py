@@ -10,17 +10,25 @@ with the attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` (``fastmax_hf.Fastm
 - ``settings`` / ``current_settings``: launch parameters and scratch budgets.
 """
 
-from .settings import KernelSettings, current_settings, set_settings, settings
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    HAS_TRITON = False
-
-if HAS_TRITON:
-    from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step
-
 __all__ = ["HAS_TRITON", "triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime",
            "KernelSettings", "current_settings", "set_settings", "settings"]
+
+if __name__ != "fastmax_hf.kernels":
+    # Imported as a top-level ``kernels``: the repository root is on sys.path and transformers,
+    # probing for the Hugging Face ``kernels`` package, imports whatever answers to that name.
+    # Load nothing (a second copy would register the custom operators twice); without a version
+    # the probe concludes that the Hugging Face package is not installed.
+    __all__ = []
+    HAS_TRITON = False
+else:
+    from .settings import KernelSettings, current_settings, set_settings, settings
+
+    try:
+        import triton  # noqa: F401
+
+        HAS_TRITON = True
+    except ImportError:  # pragma: no cover - triton is a Linux dependency
+        HAS_TRITON = False
+
+    if HAS_TRITON:
+        from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step

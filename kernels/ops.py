@@ -60,13 +60,15 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
     return measured[1] if backward else measured[0]
 
 
-# Crossovers in keys, (forward, forward+backward), bf16 with the causal mask. p = 1 has
-# 1 + D features: the linear form is the cheaper one from short lengths on.
+# Crossovers in keys, (forward, forward+backward), bf16 with the causal mask, read off the
+# timings of both regimes with the quadratic cost growing as N^2 and the linear one as N
+# (BENCHMARKS.md). p = 1 has 1 + D features: the linear form is the cheaper one from short
+# lengths on.
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
-    (2, 16): (22000, 10000),
+    (2, 16): (22000, 10000),  # D = 16, 32: the earlier kernels on an H100 (not re-measured)
     (2, 32): (22000, 9500),
-    (2, 64): (40000, 19500),
-    (2, 128): (88000, 50000),
+    (2, 64): (31000, 19000),  # H200: benchmarks/h200/kernels/bench.json (fwd), lab1.jsonl (fwd+bwd)
+    (2, 128): (86000, 26000),  # H200: benchmarks/h200/kernels/bench.json
 }
 
 
@@ -178,7 +180,7 @@ def _quad_config(pb: _Problem, backward: bool) -> dict:
         elif pb.block_d <= 64:
             defaults = dict(block_m=128, block_n=64, warps=4, stages=3)
         elif pb.block_d <= 128:
-            defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
+            defaults = dict(block_m=64, block_n=64, warps=4, stages=3)
         else:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=1)
         return _chosen(defaults, block_m=s.quad_fwd_block_m, block_n=s.quad_fwd_block_n,
@@ -186,26 +188,33 @@ def _quad_config(pb: _Problem, backward: bool) -> dict:
     if wide:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
     elif pb.block_d <= 64:
-        defaults = dict(block_m=64, block_n=64, warps=8, stages=2)
+        defaults = dict(block_m=64, block_n=64, warps=4, stages=2)
     elif pb.block_d <= 128:
-        defaults = dict(block_m=64, block_n=64, warps=8, stages=1)
+        # the tiles of the earlier kernels' sweep (same loops; H100: no spills, 1.42 ms against
+        # 2.49 with 64 x 64 at 4k, benchmarks/h100/kernels/tune_2.json); the H200 run of record
+        # had 64 x 64 with 8 warps (255 registers, 30 spilled)
+        defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
     return _chosen(defaults, block_m=s.quad_bwd_block_m, block_n=s.quad_bwd_block_n,
                    warps=s.quad_bwd_warps, stages=s.quad_bwd_stages)
 
 
-def _linear_config(pb: _Problem) -> dict:
-    """Chunk, block sizes, warps and stages of the linear kernels: measured defaults, then settings."""
+def _linear_config(pb: _Problem, p: int = 2) -> dict:
+    """Chunk, block sizes, warps and stages of the linear kernels: measured defaults, then settings.
+
+    p = 1 has a state of 1 + D rows: short chunks, where the chunk's own tile costs little."""
     s = current_settings()
     wide = pb.dtype != torch.bfloat16  # fp32 operands (fp16 inputs included)
+    # p = 2: 1024-token chunks at long sequences (fewer states to write and scan), 512 below
+    # 32k keys (more chunks to run in parallel); measured on the H200 (BENCHMARKS.md)
     defaults = dict(
-        chunk=512,
+        chunk=(1024 if max(pb.Nk, pb.Nq) >= 32768 else 512) if p == 2 else 128,
         state_block_k=32 if wide else 64,
         state_block_dv=min(64, pb.block_dv),
         state_warps=8,
         state_stages=1,
-        block_m=32 if wide else (128 if pb.block_d <= 64 else 64),
+        block_m=32 if wide else (128 if pb.block_d <= 64 and p == 2 else 64),
         block_n=32 if wide else 64,
         warps=8 if pb.block_d >= 64 else 4,
         stages=1,
@@ -306,7 +315,7 @@ def linear_plan(pb: _Problem, p: int, causal: bool) -> tuple[int, int]:
     """(chunk, key/value heads per launch): the per-chunk states of a launch stay within the
     scratch budget. Longer chunks first (fewer states, more work in each chunk's own tile, up
     to 4096 tokens), then fewer heads per launch, in groups of equal size."""
-    cfg = _linear_config(pb)
+    cfg = _linear_config(pb, p)
     chunk = cfg["chunk"]
     n_rows = max(pb.Nk, pb.Nq)
     budget = _scratch_budget(pb)
@@ -361,17 +370,21 @@ def _scan(H, Z, mode: int, state_in=None, state_out=None):
     _record("state_scan", compiled)
 
 
-def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, state_in=None, state_out=None):
-    """Forward of one group of heads: (out (B, Hq, Nq, Dv), den (B, Hq, Nq) fp32), contiguous."""
+def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, state_in=None, state_out=None,
+                          out=None):
+    """Forward of one group of heads: (out (B, Hq, Nq, Dv), den (B, Hq, Nq) fp32 contiguous).
+
+    ``out``: where to write the output (any strides: a view of the whole output)."""
     pb = _Problem.of(q, k, v)
-    cfg = _linear_config(pb)
+    cfg = _linear_config(pb, p)
     block_d, n_tiles, f_rows = linear_layout(pb.D, p)
     c1, c2 = a1 * scale, a2 * scale * scale
     n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
     H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
                          n_chunks=n_chunks, row_shift=0)
     _scan(H, Z, 0 if causal else 2, state_in, state_out)
-    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
     m, smb, smn = _mask_args(mask, q)
     tile_m, tile_n = _pair_tiles(block_d, str(q.device))
@@ -404,16 +417,17 @@ def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
     for qs, ks in _head_groups(pb, heads):
-        o_g, d_g = _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], mask, causal, scale, p, a0, a1, a2, chunk)
-        out[:, qs] = o_g
-        den[:, qs] = d_g
+        # the output is written through its strides straight into the whole tensor
+        _, den[:, qs] = _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], mask, causal, scale, p, a0, a1, a2,
+                                              chunk, out=out[:, qs])
     return out, den
 
 
-def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk):
-    """dq, dk, dv of one group of heads, contiguous in the inputs' dtype."""
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk, grads=None):
+    """dq, dk, dv of one group of heads, contiguous in the inputs' dtype; written into ``grads``
+    (contiguous views of the whole gradients) when given, so that no group is copied."""
     pb = _Problem.of(q, k, v, grad_out)
-    cfg = _linear_config(pb)
+    cfg = _linear_config(pb, p)
     block_d, n_tiles, f_rows = linear_layout(pb.D, p)
     c1, c2 = a1 * scale, a2 * scale * scale
     m, smb, smn = _mask_args(mask, q)
@@ -428,7 +442,11 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
                          n_chunks=n_chunks, row_shift=0)
     _scan(H, Z, 0 if causal else 2)
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    if grads is None:
+        grads = (torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device),
+                 torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device),
+                 torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device))
+    dq, dk, dv = grads
     block_m = cfg["block_m"]
     pos0 = (pb.Nk - pb.Nq) // block_m * block_m
     n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
@@ -448,8 +466,6 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     H, Z = _chunk_states(q, grad_out, None, inv_den, crow, pb, cfg, p, a0, c1, c2, is_query=True, chunk=chunk,
                          n_chunks=n_chunks, row_shift=row_shift)
     _scan(H, Z, 1 if causal else 2)
-    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
-    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
     compiled = linear_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides,
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, a0, c1, c2, **common,
@@ -464,13 +480,18 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
     for qs, ks in _head_groups(pb, heads):
+        views = (dq[:, qs], dk[:, ks], dv[:, ks])
+        direct = all(view.is_contiguous() for view in views)  # B = 1: head slices are contiguous
         grads = _linear_backward_heads(
             q[:, qs], k[:, ks], v[:, ks], mask, grad_out[:, qs], inv_den[:, qs].contiguous(),
-            crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2, chunk)
-        for whole, part, heads_slice in zip((dq, dk, dv), grads, (qs, ks, ks)):
-            whole[:, heads_slice] = part
+            crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2, chunk, grads=views if direct else None)
+        if not direct:
+            for view, part in zip(views, grads):
+                view.copy_(part)
     return dq, dk, dv
 
 
@@ -486,10 +507,16 @@ def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
     The state layout is the linear kernels' (see ``linear_layout`` and kernels/linear.py);
     S (B, Hk, F_ROWS, Dv) and z (B, Hk, F_ROWS) are fp32 and are not modified."""
     pb = _Problem.of(q, k, v)
-    chunk = _linear_config(pb)["chunk"]
+    chunk, heads = linear_plan(pb, options.p, True)  # a long prompt's states fit the scratch budget
     S_out, z_out = torch.empty_like(S), torch.empty_like(z)
-    out, _ = _linear_forward_heads(q, k, v, key_padding_mask, True, options.scale, options.p, options.a0,
-                                   options.a1, options.a2, chunk, state_in=(S, z), state_out=(S_out, z_out))
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    for qs, ks in _head_groups(pb, heads):
+        state_in = (S[:, ks].contiguous(), z[:, ks].contiguous())
+        state_out = (torch.empty_like(state_in[0]), torch.empty_like(state_in[1]))
+        _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], key_padding_mask, True, options.scale, options.p,
+                              options.a0, options.a1, options.a2, chunk, state_in=state_in, state_out=state_out,
+                              out=out[:, qs])
+        S_out[:, ks], z_out[:, ks] = state_out
     return out, S_out, z_out
 
 

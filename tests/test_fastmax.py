@@ -1,4 +1,5 @@
-"""The public function and its PyTorch linear-time form against the direct form in float64."""
+"""The public function and its PyTorch linear-time form against the direct form in float64, and
+both public paths against the loop-by-loop definition of tests/test_reference.py."""
 
 import subprocess
 import sys
@@ -7,9 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from fastmax_hf import fastmax, fastmax_reference
+from fastmax_hf import FastmaxOptions, fastmax, fastmax_reference
 from fastmax_hf.chunked import chunked_attention, chunked_state, feature_count, state_readout
 from conftest import randn, rel_err
+from test_reference import loop_definition
 
 # (B, Hq, Hk, Nq, Nk, D, Dv): odd lengths, Nq < Nk, Nq > Nk, Nq = 1, GQA, Dv != D
 SHAPES = [
@@ -44,9 +46,10 @@ def grads(out, inputs, grad_out):
 @pytest.mark.parametrize("p", [1, 2])
 def test_chunked_matches_reference(gen, shape, causal, mode, p):
     q, k, v, mask = make_inputs(gen, *shape)
-    kw = dict(causal=causal, key_padding_mask=mask, scale=0.4, p=p, a0=2.0, a1=0.7, a2=0.3)
-    expected = fastmax_reference(q, k, v, **kw)
-    got, den = chunked_attention(q, k, v, mode=mode, chunk_size=8, **kw)
+    coefficients = dict(scale=0.4, p=p, a0=2.0, a1=0.7, a2=0.3)
+    expected = fastmax_reference(q, k, v, causal=causal, key_padding_mask=mask, **coefficients)
+    got, den = chunked_attention(q, k, v, FastmaxOptions(**coefficients), causal=causal, key_padding_mask=mask,
+                                 mode=mode, chunk_size=8)
     assert got.dtype == torch.float64
     assert rel_err(got, expected) < 1e-12
     do = randn(gen, *expected.shape)
@@ -61,25 +64,38 @@ def test_chunked_gradcheck(gen, causal, mode):
     q, k, v, mask = make_inputs(gen, 2, 2, 1, 6, 9, 3, 2)
 
     def f(q, k, v):
-        return chunked_attention(q, k, v, causal=causal, key_padding_mask=mask, scale=0.5, p=2,
-                                 a0=1.0, a1=1.0, a2=0.5, mode=mode, chunk_size=4)[0]
+        return chunked_attention(q, k, v, FastmaxOptions(scale=0.5), causal=causal, key_padding_mask=mask,
+                                 mode=mode, chunk_size=4)[0]
 
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
 @pytest.mark.parametrize("backend", ["chunked", "reference"])
 def test_public_function_options(gen, backend):
-    """normalize, temperature-like scale, non-default a's, dropout: all against the reference."""
+    """normalize, temperature-like scale, non-default a's, dropout: against the loop-by-loop
+    definition (which shares no code with either backend)."""
+    q, k, v, mask = make_inputs(gen, 2, 4, 2, 11, 23, 6, 5)
+    noise = randn(gen, 2, 4, 11, 5)
+    coefficients = dict(scale=1 / 1.7, p=2, a0=1.0, a1=0.5, a2=0.25)
+    for causal in (False, True):
+        got = fastmax(q, k, v, causal=causal, key_padding_mask=mask, normalize=True, lim=1.3, dropout=0.2,
+                      drop_noise=noise, backend=backend, **coefficients)
+        attention = loop_definition(q.detach(), k.detach(), v.detach(), causal, mask, normalize=True, lim=1.3,
+                                    rpe=None, **coefficients)
+        assert rel_err(got, attention * (1 + 0.2 * noise)) < 1e-12  # the seed's output dropout
+
+
+def test_chunked_and_reference_gradients_agree_with_every_option(gen):
+    """The two PyTorch paths share no attention code; their gradients agree with every option on."""
     q, k, v, mask = make_inputs(gen, 2, 4, 2, 11, 23, 6, 5)
     noise = randn(gen, 2, 4, 11, 5)
     for causal in (False, True):
         kw = dict(causal=causal, key_padding_mask=mask, scale=1 / 1.7, p=2, a0=1.0, a1=0.5, a2=0.25,
                   normalize=True, lim=1.3, dropout=0.2, drop_noise=noise)
-        got = fastmax(q, k, v, backend=backend, **kw)
-        expected = fastmax_reference(q, k, v, **kw)
-        assert rel_err(got, expected) < 1e-12
-        do = randn(gen, *got.shape)
-        for a, b in zip(grads(got, (q, k, v), do), grads(expected, (q, k, v), do)):
+        chunked = fastmax(q, k, v, backend="chunked", **kw)
+        reference = fastmax(q, k, v, backend="reference", **kw)
+        do = randn(gen, *chunked.shape)
+        for a, b in zip(grads(chunked, (q, k, v), do), grads(reference, (q, k, v), do)):
             assert rel_err(a, b) < 1e-10
 
 
@@ -130,7 +146,7 @@ def test_state_matches_prefill(gen):
     mask[1, :7] = False
     S, z = chunked_state(k, v, key_padding_mask=mask, p=2, chunk_size=8)
     assert S.shape == (B, Hk, feature_count(D, 2), Dv) and S.dtype == torch.float64
-    num, den = state_readout(q[:, :, -1:], S, z, scale=0.3, p=2, a0=1.0, a1=1.0, a2=0.5)
+    num, den = state_readout(q[:, :, -1:], S, z, FastmaxOptions(scale=0.3))
     full = fastmax_reference(q, k, v, causal=True, key_padding_mask=mask, scale=0.3)
     assert rel_err(num / den[..., None], full[:, :, -1:]) < 1e-12
 

@@ -2,7 +2,8 @@
 
 Tiny randomly initialised float64 models built from configs (Llama with grouped-query attention
 and RoPE, GPT-2 with its per-layer scaling), so that every comparison is exact to rounding.
-The expectation for logits is SPEC section 1 evaluated directly: an attention function that
+The expectation for logits is Fastmax's definition (the formula at the top of README.md)
+evaluated directly: an attention function that
 forms f(s) on a materialised mask (transformers' own sdpa mask) and shares no code with fastmax_hf.
 """
 
@@ -30,7 +31,7 @@ from transformers.models.llama import modeling_llama
 
 import fastmax_hf
 from fastmax_hf import FastmaxCache, FastmaxConfig, feature_count, get_fastmax_config, set_fastmax_config
-from fastmax_hf.integration import attention as hf_attention
+from fastmax_hf import notices
 from fastmax_hf.integration import patches
 from conftest import rel_err
 
@@ -45,7 +46,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(modeling_llama.LlamaModel.
 
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SPEC section 1 by its definition: o_i = sum_j f(s_ij) v_j / sum_j f(s_ij) over visible j."""
+    """README.md's definition: o_i = sum_j f(s_ij) v_j / sum_j f(s_ij) over visible j."""
     options = module.config.fastmax
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, D)
@@ -187,7 +188,7 @@ def test_unknown_option_in_config_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------
-# Logits against SPEC section 1
+# Logits against the definition
 # ---------------------------------------------------------------------------------------------
 
 
@@ -473,7 +474,7 @@ def test_unpatched_family_falls_back_to_kv_cache_with_one_warning():
     set_fastmax_config(config, **OPTIONS)
     model = build(config)
     ids = prompts(17, 6)[0][None]
-    hf_attention._warned.discard(f"no-state:{type(model).__name__}")
+    notices.WARNED.discard(f"no-state:{type(model).__name__}")
     with pytest.warns(UserWarning, match="no recurrent-state patch"):
         cached = greedy(model, ids, 10)
     with warnings.catch_warnings():

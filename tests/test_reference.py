@@ -10,7 +10,8 @@ from conftest import randn, rel_err
 
 
 def loop_definition(q, k, v, causal, mask, scale, p, a0, a1, a2, normalize, lim, rpe):
-    """One query, one key at a time, straight from SPEC section 1."""
+    """One query, one key at a time, straight from the definition (README.md's formula,
+    spelled out with masks, normalize and rpe in fastmax_hf/reference.py's docstring)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = torch.zeros(B, Hq, Nq, Dv, dtype=torch.float64)

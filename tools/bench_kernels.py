@@ -9,6 +9,9 @@ Sections (``--sections``, comma separated):
              with the useful TFLOP/s of the linear regime
   crossover  quadratic vs linear kernel by N: where the linear one starts to win
   fla        D=16, Dv=64 against fla's parallel_based / fused_chunk_based (if installed)
+  peers      shapes and peers of the kernel issues: B=1, H=8 and B=4, H=32; non-causal; p=1
+             with normalize against fla's chunk_linear_attn(normalize=True)
+  retention  power retention (PyPI retention, deg=2, chunk 1024) at D=64 (autotunes first)
   decode     per-token latency of the recurrent step vs SDPA over a KV cache
   tune       kernel settings swept over a grid (--tune: a JSON object of lists of values
              of fastmax_hf.kernels settings), each combination timed in --tune_regimes
@@ -43,7 +46,7 @@ from gpu_common import (add_settings_argument, bench_ms, fastmax_options, is_oom
                         peak_mib, rel_err, require_cuda, run_metadata, sweep_combinations)
 
 # fastmax_hf is imported where it is used, so that --help and the argument checks need no GPU stack
-SECTION_NAMES = ("seed", "long", "crossover", "fla", "decode", "tune")
+SECTION_NAMES = ("seed", "long", "crossover", "fla", "peers", "retention", "decode", "tune")
 RESULTS: dict = {}
 
 
@@ -87,8 +90,9 @@ def feature_count(D):
 
 
 def linear_flops(N, H, D, Dv, backward):
-    """Useful FLOPs of the linear regime: 4 F Dv per token and head forward, 10 F Dv backward."""
-    return (14 if backward else 4) * feature_count(D) * Dv * N * H
+    """Useful FLOPs of the linear regime: 4 F Dv per token and head forward (state, readout),
+    8 F Dv more backward (query-side state, dq, dk, dv; recomputing the forward state not counted)."""
+    return (12 if backward else 4) * feature_count(D) * Dv * N * H
 
 
 def sdpa_call(q, k, v, causal, backend):
@@ -190,7 +194,7 @@ def section_tune(args):
                         res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, True, regime), backward, check)
                         entry["fwd+bwd" if backward else "fwd"] = res.get("ms", res.get("error"))
                 # registers and spills of the kernels compiled last, where the kernels report them
-                stats = getattr(kernels.ops, "KERNEL_STATS", {})
+                stats = kernels.ops.compiled_stats()
                 entry["stats"] = {name: list(value) for name, value in stats.items() if name.startswith(regime)}
                 rows.append(entry)
                 print(json.dumps(entry), flush=True)
@@ -271,6 +275,93 @@ def section_fla(args):
     RESULTS["fla"] = rows
 
 
+def _peer_row(label, make, calls, backward, check_call=None):
+    """One row: every call in ``calls`` (name -> call_for) timed on the same inputs' shapes."""
+    entry = {"label": label, "pass": "fwd+bwd" if backward else "fwd"}
+    for name, call_for in calls.items():
+        entry[name] = timed(name, make, call_for, backward, check_call if name == "fastmax" else None)
+    print(json.dumps(entry), flush=True)
+    return entry
+
+
+def section_peers(args):
+    """The issues' peers side by side: power retention, fla's linear attention (p = 1), shapes."""
+    import fastmax_hf
+
+    rows = []
+    scale_check = lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)  # noqa: E731
+
+    def bnhd(fn):  # peers take (B, N, H, D)
+        return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
+
+    # batch and heads users have (a 1B model at B=1 has 8 key/value heads), and non-causal
+    for B, H, N, causal in ((1, 8, 16384, True), (1, 8, 65536, True), (4, 32, 16384, True), (4, 32, 65536, True),
+                            (1, 16, 16384, False), (1, 16, 65536, False)):
+        for backward in (False, True):
+            def make(B=B, H=H, N=N, backward=backward):
+                return [torch.randn(B, H, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                        for _ in range(3)]
+            check = (lambda out, q, k, v, c=causal: check_tail(out, q, k, v, c, q.shape[-1] ** -0.5))
+            entry = _peer_row(f"B={B} H={H} N={N} D=64 causal={causal}", make, {
+                "fastmax": lambda q, k, v, c=causal: fastmax_call(q, k, v, c),
+                "sdpa_cudnn": lambda q, k, v, c=causal: sdpa_call(q, k, v, c, SDPBackend.CUDNN_ATTENTION),
+            }, backward, check)
+            entry.update(B=B, H=H, N=N, D=64, causal=causal)
+            rows.append(entry)
+
+    # p = 1 against fla's chunked linear attention (normalize=True divides by the running key sum)
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn
+    except Exception as err:  # noqa: BLE001
+        chunk_linear_attn = None
+        rows.append({"label": "fla chunk_linear_attn", "error": f"fla not importable: {err}"})
+    for D in (64, 128):
+        for N in (4096, 16384, 65536, 131072):
+            def make(N=N, D=D):
+                return [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                        for _ in range(3)]
+            calls = {"fastmax": lambda q, k, v: (lambda: fastmax_hf.fastmax(q, k, v, causal=True, p=1, normalize=True))}
+            if chunk_linear_attn is not None:
+                calls["fla_chunk_linear_attn"] = bnhd(lambda q, k, v: chunk_linear_attn(q, k, v, normalize=True))
+            entry = _peer_row(f"p=1 N={N} D={D}", make, calls, True)
+            entry.update(N=N, D=D, p=1)
+            rows.append(entry)
+
+    RESULTS["peers"] = rows
+
+
+def section_retention(args):
+    """Power retention (q . k)^2, a 2560-feature state at D=64; its first call autotunes."""
+    rows = []
+    scale_check = lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)  # noqa: E731
+
+    def bnhd(fn):  # it takes (B, N, H, D)
+        return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
+
+    try:
+        from retention import power_retention
+    except Exception as err:  # noqa: BLE001
+        power_retention = None
+        rows.append({"label": "power_retention", "error": f"retention not importable: {err}"})
+    if power_retention is not None:
+        for N in (16384, 65536):
+            def make(N=N):
+                return [torch.randn(1, 16, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                        for _ in range(3)]
+            call = bnhd(lambda q, k, v: power_retention(q, k, v, deg=2, chunk_size=1024))
+            t0 = time.time()
+            timed("warm-up", make, call, True)  # autotuning, outside the timing
+            entry = _peer_row(f"retention N={N} D=64", make, {"fastmax": lambda q, k, v: fastmax_call(q, k, v, True),
+                                                               "power_retention": call}, True, scale_check)
+            entry.update(N=N, D=64, warmup_s=round(time.time() - t0, 1))
+            rows.append(entry)
+    RESULTS["retention"] = rows
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def section_decode(args):
     from fastmax_hf.recurrent import fastmax_step
 
@@ -316,7 +407,7 @@ def parse_args(argv=None):
     parser.add_argument("--sdpa_max", type=int, default=262144, help="longest N timed for SDPA")
     parser.add_argument("--crossover_lengths", default="256,512,1024,2048,4096,8192,16384")
     parser.add_argument("--crossover_dims", default="16,32,64,128")
-    parser.add_argument("--tune", default='{"linear_chunk": [32, 64], "linear_warps": [4, 8]}',
+    parser.add_argument("--tune", default='{"linear_chunk": [512, 1024], "linear_block_m": [64, 128]}',
                         help="tune: JSON object mapping kernel setting names to lists of values; "
                              "every combination is timed (default: %(default)s)")
     parser.add_argument("--tune_regimes", default="linear", help="tune: the regimes timed, e.g. linear,quadratic")

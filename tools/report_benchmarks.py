@@ -110,12 +110,12 @@ def plot_crossover(rows, path):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", default="benchmarks/h100/kernels/bench.json", help="bench_kernels' JSON")
+    parser.add_argument("--results", default="benchmarks/h200/kernels/bench.json", help="bench_kernels' JSON")
     parser.add_argument("--crossover", default=None,
                         help="JSON with a crossover section (default: crossover.json beside --results; 'none': no table)")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (default: the folder of --results)")
-    parser.add_argument("--analysis", default="benchmarks/h100/analysis.md",
+    parser.add_argument("--analysis", default="benchmarks/analysis.md",
                         help="hand-written notes appended at the end ('none': nothing)")
     args = parser.parse_args(argv)
     results_dir = Path(args.results).parent
@@ -153,7 +153,7 @@ def main(argv=None):
             for passname in ("fwd", "fwd+bwd"):
                 parts.append(f"### D={D}, {passname}\n\n" + long_table(results["long"], D, passname))
         parts.append("TFLOP/s counts the useful work of the linear regime: 4 F Dv FLOPs per token and head "
-                     "forward, 14 F Dv forward+backward, F = 1 + D + D(D+1)/2. Up to the crossover the "
+                     "forward, 12 F Dv forward+backward, F = 1 + D + D(D+1)/2. Up to the crossover the "
                      "quadratic kernel runs instead (`kernels/ops.py::CROSSOVER`); its TFLOP/s cell is left empty.")
     if crossover:
         plot_crossover(crossover, plots / "crossover.png")
@@ -186,6 +186,17 @@ def main(argv=None):
             lines.append(f"| {e['N']:,} | {e['pass']} | {cell(e, 'fastmax')} | {cell(e, 'parallel_based')} | "
                          f"{cell(e, 'fused_chunk_based')} |")
         parts.append("## Against fla's Based kernels: D=16, Dv=64, B=1, H=16, bf16, causal (ms)\n\n" + "\n".join(lines))
+    if isinstance(results.get("peers"), list) and results["peers"]:
+        lines = ["| B | H | N | D | causal | pass | fastmax ms | cuDNN ms | fastmax / cuDNN |", "|---|---|---|---|---|---|---|---|---|"]
+        for e in results["peers"]:
+            if "sdpa_cudnn" not in e:
+                continue
+            a, b = ms(e, "fastmax"), ms(e, "sdpa_cudnn")
+            ratio = f"{a / b:.2f}" if a and b else "–"
+            lines.append(f"| {e['B']} | {e['H']} | {e['N']:,} | {e['D']} | {e['causal']} | {e['pass']} | "
+                         f"{cell(e, 'fastmax')} | {cell(e, 'sdpa_cudnn')} | {ratio} |")
+        note = f"\n\n{results['peers_note']}" if results.get("peers_note") else ""
+        parts.append("## Other batch sizes, heads and non-causal attention (bf16)\n\n" + "\n".join(lines) + note)
     if "decode" in results:
         lines = ["| D | context | fastmax step ms | state MiB | SDPA over KV cache ms | KV cache MiB |", "|---|---|---|---|---|---|"]
         for e in results["decode"]:

@@ -18,25 +18,16 @@ continues that layer's recurrent state instead of attending to keys and values.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from ..functional import fastmax
-from ..validation import kernel_can_vanish
-from .config import FastmaxConfig, get_fastmax_config
+from ..functional import fastmax_with_options
+from ..notices import warn_once
+from ..options import FastmaxOptions
+from ..stages import apply_dropout
+from .config import get_fastmax_config
 
 ATTN_IMPLEMENTATION = "fastmax"
 CACHE_LAYER_KWARG = "fastmax_cache_layer"
-
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
-
 
 # ---------------------------------------------------------------------------------------------
 # Mask function
@@ -97,7 +88,7 @@ def _refuse_unsupported(kwargs: dict) -> None:
     if kwargs.get("s_aux") is not None:
         raise ValueError("attn_implementation='fastmax' has no attention sinks (`s_aux`); this model needs them")
     if kwargs.get("output_attentions"):
-        _warn_once(
+        warn_once(
             "output_attentions",
             "attn_implementation='fastmax' never forms attention weights: `output_attentions=True` returns None",
         )
@@ -169,16 +160,17 @@ def _document_spans(kwargs: dict, batch: int, len_q: int, len_k: int, has_paddin
     return spans
 
 
-def _packed_fastmax(query, key, value, spans, key_padding_mask, **fastmax_kwargs) -> torch.Tensor:
+def _packed_fastmax(query, key, value, options, spans, key_padding_mask, **fastmax_kwargs) -> torch.Tensor:
     """One ``fastmax`` call per document; documents never see each other. Returns (B, Hq, Nq, Dv)."""
     rows: dict[int, list[torch.Tensor]] = {}
     for row, q0, q1, k0, k1 in spans:
         mask = None if key_padding_mask is None else key_padding_mask[row : row + 1, k0:k1]
         rows.setdefault(row, []).append(
-            fastmax(
+            fastmax_with_options(
                 query[row : row + 1, :, q0:q1],
                 key[row : row + 1, :, k0:k1],
                 value[row : row + 1, :, k0:k1],
+                options,
                 key_padding_mask=mask,
                 **fastmax_kwargs,
             )
@@ -187,7 +179,7 @@ def _packed_fastmax(query, key, value, spans, key_padding_mask, **fastmax_kwargs
 
 
 def _recurrent_step(
-    module, cache_layer, query, key, value, key_padding_mask, is_causal, scale, options: FastmaxConfig
+    module, cache_layer, query, key, value, key_padding_mask, is_causal, options: FastmaxOptions, backend: str
 ):
     """Continue a ``FastmaxCacheLayer``'s state with the n new tokens of this call (B, Hq, n, Dv).
 
@@ -201,8 +193,7 @@ def _recurrent_step(
             "the recurrent-state path (FastmaxCache) does not propagate gradients; train without a cache "
             "(use_cache=False), which runs the differentiable fastmax kernels"
         )
-    bound = options.lim * options.lim * abs(scale) if options.normalize else None
-    if kernel_can_vanish(options.p, options.a0, options.a1, options.a2, bound):
+    if options.can_vanish():
         raise ValueError(
             f"with p={options.p}, a0={options.a0}, a1={options.a1}, a2={options.a2} (normalize={options.normalize}) "
             "the kernel f(s) can reach 0, and the recurrent state cannot check its denominators: generate with "
@@ -217,7 +208,7 @@ def _recurrent_step(
                 f"{cache_layer.get_seq_length()} and this call adds {new_tokens}: pass the mask of all tokens so far"
             )
         key_padding_mask = key_padding_mask[:, -new_tokens:]
-    return cache_layer.step(query, key, value, key_padding_mask=key_padding_mask, scale=scale, options=options)
+    return cache_layer.step(query, key, value, key_padding_mask=key_padding_mask, options=options, backend=backend)
 
 
 def fastmax_attention_forward(
@@ -248,11 +239,9 @@ def fastmax_attention_forward(
     Returns:
         (output (B, Nq, Hq, Dv) contiguous, None): fastmax never forms attention weights.
     """
-    options = get_fastmax_config(module.config)
+    config = get_fastmax_config(module.config)
     _refuse_unsupported(kwargs)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    scale = scaling / options.temperature
+    options = config.options_for(scaling, head_dim=query.shape[-1])
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     batch, len_q, len_k = query.shape[0], query.shape[2], key.shape[2]
@@ -262,20 +251,19 @@ def fastmax_attention_forward(
         # The mask spans every token seen so far, the keys only the new ones.
         mask_length = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else len_k
         key_padding_mask = _padding_mask(attention_mask, batch, mask_length)
-        out = _recurrent_step(module, cache_layer, query, key, value, key_padding_mask, is_causal, scale, options)
-        if dropout > 0.0:
-            out = out * (1.0 + dropout * torch.randn_like(out))  # as fastmax does
+        out = _recurrent_step(module, cache_layer, query, key, value, key_padding_mask, is_causal, options,
+                              config.backend)
+        out = apply_dropout(out, dropout)  # the step has no dropout of its own
         return out.transpose(1, 2).contiguous(), None
 
     key_padding_mask = _padding_mask(attention_mask, batch, len_k)
-    fastmax_kwargs = dict(
-        causal=bool(is_causal), scale=scale, dropout=dropout, backend=options.backend, **options.kernel_options()
-    )
+    fastmax_kwargs = dict(causal=bool(is_causal), dropout=dropout, backend=config.backend)
     spans = _document_spans(kwargs, batch, len_q, len_k, has_padding=key_padding_mask is not None)
     if spans is None:
-        out = fastmax(query, key, value, key_padding_mask=key_padding_mask, **fastmax_kwargs)  # (B, Hq, Nq, Dv)
+        # (B, Hq, Nq, Dv)
+        out = fastmax_with_options(query, key, value, options, key_padding_mask=key_padding_mask, **fastmax_kwargs)
     else:
-        out = _packed_fastmax(query, key, value, spans, key_padding_mask, **fastmax_kwargs)
+        out = _packed_fastmax(query, key, value, options, spans, key_padding_mask, **fastmax_kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -3,9 +3,10 @@
 Per layer, ``FastmaxCacheLayer`` holds one ``FastmaxState``: S (B, Hk, F, Dv) and z (B, Hk, F) in
 fp32 (float64 for float64 models), F = 1 + D + D(D+1)/2 for p = 2. Its size depends on the batch,
 the heads and the head dim, never on the number of tokens: the prompt and every generated token
-are folded in by ``fastmax_step`` and then forgotten. What it cannot do follows from that:
-``crop`` (assisted decoding, rollback) would need the states of earlier positions, and a static
-cache preallocates per-token slots that fastmax never uses. Both are refused.
+are folded in by the recurrent step (``fastmax_hf.recurrent``) and then forgotten. What it
+cannot do follows from that: ``crop`` (assisted decoding, rollback) would need the states of
+earlier positions, and a static cache preallocates per-token slots that fastmax never uses.
+Both are refused.
 
 The layers are filled by the patched attention classes (``patches.py``) through the attention
 function; ``update(key_states, value_states)``, the K/V interface every other attention
@@ -15,15 +16,12 @@ implementation uses, raises rather than silently storing nothing.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..recurrent import FastmaxState, fastmax_step
-from .config import FastmaxConfig
-
-_STEP_PARAMETERS = inspect.signature(fastmax_step).parameters
+from ..options import FastmaxOptions
+from ..recurrent import FastmaxState, step_with_options
 
 _NO_KV = (
     "FastmaxCache keeps Fastmax's recurrent state, not keys and values, so `{method}` is not available. "
@@ -40,13 +38,6 @@ def _map_state(state: FastmaxState, fn) -> FastmaxState:
         if isinstance(getattr(state, field.name), torch.Tensor)
     }
     return dataclasses.replace(state, **tensors)
-
-
-def _step_backend_kwargs(options: FastmaxConfig) -> dict:
-    """The configured backend, for a ``fastmax_step`` that takes one ("reference" has no state form)."""
-    if "backend" not in _STEP_PARAMETERS or options.backend == "auto":
-        return {}
-    return {"backend": "chunked" if options.backend == "reference" else options.backend}
 
 
 class FastmaxCacheLayer(CacheLayerMixin):
@@ -76,14 +67,16 @@ class FastmaxCacheLayer(CacheLayerMixin):
         value: torch.Tensor,
         *,
         key_padding_mask: torch.Tensor | None,
-        scale: float,
-        options: FastmaxConfig,
+        options: FastmaxOptions,
+        backend: str = "auto",
     ) -> torch.Tensor:
         """Attend causally with n new tokens, continuing the state, and fold them in.
 
         Args:
             query: (B, Hq, n, D); key, value: (B, Hk, n, D), (B, Hk, n, Dv): the new tokens only.
             key_padding_mask: (B, n) bool, True = real token; padded keys never enter the state.
+            options: the kernel's options (``FastmaxConfig.options_for``).
+            backend: the configured backend, for the first step (``backends.choose_backend``).
 
         Returns:
             (B, Hq, n, Dv) in the query's dtype.
@@ -95,15 +88,8 @@ class FastmaxCacheLayer(CacheLayerMixin):
                 f"the FastmaxCache holds a batch of {self.state.S.shape[0]} sequences but this call has "
                 f"{query.shape[0]}; use a new cache for a new batch"
             )
-        out, self.state = fastmax_step(
-            query,
-            key,
-            value,
-            self.state,
-            key_padding_mask=key_padding_mask,
-            scale=scale,
-            **options.kernel_options(),
-            **_step_backend_kwargs(options),
+        out, self.state = step_with_options(
+            query, key, value, self.state, options, key_padding_mask=key_padding_mask, backend=backend
         )
         self.seen_tokens += query.shape[2]
         return out

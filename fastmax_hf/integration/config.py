@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 
-from ..validation import check_options
+from ..backends import check_backend
+from ..options import FastmaxOptions, default_scale
+from ..validation import check_finite_number, check_kernel_options
 
 CONFIG_ATTRIBUTE = "fastmax"
 
@@ -35,7 +36,10 @@ class FastmaxConfig:
             per-layer factor in).
         normalize, lim: scale q and k by lim / (running) max ||x|| so that |s| stays bounded
             (see ``fastmax_hf.fastmax``); under a causal mask the maximum runs over past tokens only.
-        backend: forwarded to ``fastmax_hf.fastmax`` ("auto", "reference", "chunked", "triton").
+        backend: forwarded to ``fastmax_hf.fastmax`` ("auto", "reference", "chunked", "triton";
+            see ``fastmax_hf.backends``); the recurrent state takes "reference" as "chunked".
+
+    ``options_for`` gives the ``FastmaxOptions`` of an attention call.
     """
 
     p: int = 2
@@ -48,16 +52,20 @@ class FastmaxConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        check_options(
-            p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, dropout=0.0, lim=self.lim, scale=None, backend=self.backend
-        )
-        temperature = self.temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-            raise TypeError(f"`temperature` must be a finite number, got {temperature!r}")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be positive, got {temperature}")
-        if not isinstance(self.normalize, bool):
-            raise TypeError(f"`normalize` must be a bool, got {self.normalize!r}")
+        check_kernel_options(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
+        check_finite_number("temperature", self.temperature)
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {self.temperature}")
+        check_backend(self.backend)
+
+    def options_for(self, scaling: float | None, head_dim: int) -> FastmaxOptions:
+        """The kernel's options for an attention call: s = q . k * scaling / temperature.
+
+        ``scaling`` is what the model passes to its attention function; None means
+        ``default_scale(head_dim)`` (1/sqrt(head_dim))."""
+        model_scale = default_scale(head_dim) if scaling is None else scaling
+        return FastmaxOptions(scale=float(model_scale / self.temperature), p=self.p, a0=self.a0, a1=self.a1,
+                              a2=self.a2, normalize=self.normalize, lim=self.lim)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,10 +77,6 @@ class FastmaxConfig:
         if unknown:
             raise ValueError(f"unknown fastmax option(s) {unknown} in the model config; known options: {sorted(known)}")
         return cls(**options)
-
-    def kernel_options(self) -> dict:
-        """Keyword arguments shared by ``fastmax`` and ``fastmax_step`` (everything but the scale)."""
-        return dict(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
 
 
 def set_fastmax_config(config, fastmax_config: FastmaxConfig | None = None, **options) -> FastmaxConfig:

@@ -32,7 +32,8 @@ import importlib
 import inspect
 from collections.abc import Callable
 
-from .attention import ATTN_IMPLEMENTATION, CACHE_LAYER_KWARG, _warn_once
+from ..notices import warn_once
+from .attention import ATTN_IMPLEMENTATION, CACHE_LAYER_KWARG
 from .cache import FastmaxCache
 
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
@@ -221,7 +222,7 @@ def _prepare_cache_for_generation(
         return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
     if not uses_recurrent_state(self):
-        _warn_once(
+        warn_once(
             f"no-state:{type(self).__name__}",
             f"fastmax_hf has no recurrent-state patch for {type(self).__name__}'s attention: generate() keeps "
             "transformers' key/value cache and runs fastmax over all cached keys (exact, but its memory grows "

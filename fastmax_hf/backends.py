@@ -1,0 +1,110 @@
+"""Which implementation computes a call: decided here, and only here.
+
+    "reference"  the direct O(N^2) form (reference.py): any dtype, every option; the only
+                 one that adds relative position vectors (rpe_matrix)
+    "chunked"    PyTorch, linear time, O(N) memory (chunked.py): any device, any float dtype
+    "triton"     the fused kernels (fastmax_hf.kernels, source in kernels/): CUDA tensors of
+                 TRITON_DTYPES; CPU tensors too under TRITON_INTERPRET=1 (Triton's interpreter,
+                 which the CPU test-suite uses)
+
+``backend="auto"`` takes Triton for CUDA tensors, the reference when an rpe_matrix is given
+and the chunked form otherwise. Nothing is silently slower: when CUDA tensors cannot take the
+kernels, the chunked form runs and a warning (once per reason) says why and how to fix it.
+An explicit ``backend="triton"`` that cannot run is a ValueError naming the reason.
+
+``fastmax``, ``fastmax_step`` and the Hugging Face cache (through ``step_with_options``) all
+call ``choose_backend``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .notices import warn_once
+
+BACKENDS = ("auto", "reference", "chunked", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+
+
+def _import_kernels():
+    """The module ``fastmax_hf.kernels`` (a function of its own so that tests can make it fail)."""
+    from . import kernels
+
+    return kernels
+
+
+def triton_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton kernels cannot take tensors of ``device`` and ``dtype`` (with how to fix
+    it), or None when they can."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        return f"the Triton kernels need a CUDA device, got {device}"
+    if dtype not in TRITON_DTYPES:
+        return (f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}: cast the inputs "
+                "(or the model) to one of those")
+    try:
+        kernels = _import_kernels()
+    except ImportError as error:
+        return (f"fastmax_hf.kernels cannot be imported ({error}): install the package from the repository "
+                "root with `pip install -e .`")
+    if not kernels.HAS_TRITON:
+        return "triton is not installed: `pip install triton` (Linux; a dependency of the package there)"
+    return None
+
+
+def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device`` (and ``dtype``)."""
+    return triton_refusal(device, dtype) is None
+
+
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, rpe_matrix: bool = False,
+                   stateful: bool = False) -> str:
+    """The implementation that runs a call: "reference", "chunked" or "triton".
+
+    Args:
+        requested: the caller's ``backend``: "auto", "reference", "chunked" or "triton".
+        device, dtype: those of q.
+        rpe_matrix: whether the call adds relative position vectors (only the reference can).
+        stateful: a recurrent step (``fastmax_step``, the cache). A state has no O(N^2) form,
+            so "reference" there means the exact PyTorch step, "chunked".
+
+    Raises:
+        ValueError naming the argument: an unknown backend, an rpe_matrix with a backend
+        other than "reference"/"auto", a "triton" that cannot run here (and why).
+    """
+    check_backend(requested)
+    if rpe_matrix:
+        if requested not in ("auto", "reference"):
+            raise ValueError(
+                f"`rpe_matrix` is only supported by the exact O(N^2) path: use backend='reference' "
+                f"(or 'auto'), not backend={requested!r}"
+            )
+        return "reference"
+    if requested == "reference":
+        return "chunked" if stateful else "reference"
+    if requested == "chunked":
+        return "chunked"
+    if requested == "triton":
+        refusal = triton_refusal(device, dtype)
+        if refusal is not None:
+            raise ValueError(f"backend='triton' cannot run this call: {refusal}")
+        return "triton"
+    # "auto"
+    if device.type != "cuda":
+        return "chunked"  # the PyTorch form is the one meant for CPU tensors: nothing to warn about
+    refusal = triton_refusal(device, dtype)
+    if refusal is None:
+        return "triton"
+    warn_once(
+        f"backend-fallback:{refusal}",
+        f"fastmax: CUDA tensors run on the slower PyTorch path (backend='chunked') because {refusal}. "
+        "Pass backend='chunked' to choose that path explicitly and silence this warning.",
+    )
+    return "chunked"

@@ -1,0 +1,93 @@
+"""What a Fastmax call does around its attention core, in this order:
+
+1. ``normalize_qk``: with ``options.normalize``, q and k scaled by lim / max ||x_n||
+   (``norm_scale``; the running maximum under a causal mask, which decoding continues);
+2. the core, chosen by ``backends.choose_backend``: reference, chunked or triton, each
+   returning (out, den) with den_i = sum_j f(s_ij);
+3. ``check_denominators``: when the kernel can reach 0 (``FastmaxOptions.can_vanish``), a
+   row that sees keys but whose denominator reached 0 is an error, not a wrong answer;
+4. ``apply_dropout``: the seed's output dropout, out * (1 + dropout * xi), xi ~ N(0, 1).
+
+``fastmax`` runs all four, the recurrent step 1 (in its running form) and the core, the Hugging
+Face attention function adds 4 to the step. The reference applies its own normalisation (it
+shares no attention code with the fast paths) and ``apply_dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import FastmaxOptions
+from .validation import Shapes
+
+
+def norm_scale(x, lim, causal, valid=None, prev_peak=None):
+    """lim / max ||x_n|| for every position: (B, H, N, 1) in x's dtype, and the last peak (B, H).
+
+    Without a causal mask the maximum runs over the whole sequence (as in the seed); with
+    one, over n <= i, continuing ``prev_peak`` (the maximum over earlier tokens, for
+    decoding), so that no position reads the future. ``valid`` (B, N) leaves padded
+    positions out of the maximum."""
+    if prev_peak is not None:
+        work = x.to(prev_peak.dtype)  # the state's precision
+    else:
+        work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    norms = torch.linalg.vector_norm(work, dim=-1)  # (B, H, N)
+    if valid is not None:
+        norms = norms.masked_fill(~valid[:, None, :], 0.0)
+    peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
+    if prev_peak is not None:
+        peak = torch.maximum(peak, prev_peak[..., None])
+    # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
+    factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
+    return factor.to(x.dtype).unsqueeze(-1), peak[..., -1]
+
+
+def normalize_qk(q, k, lim, causal, key_padding_mask):
+    """q and k scaled by lim / max ||x_n|| (see ``norm_scale``).
+
+    Padded keys do not count towards the maximum, nor do padded queries when q and k are
+    the same tokens (Nq == Nk)."""
+    query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
+    return q * norm_scale(q, lim, causal, query_mask)[0], k * norm_scale(k, lim, causal, key_padding_mask)[0]
+
+
+def _visible_rows(shapes: Shapes, causal, key_padding_mask, device):
+    """(B, 1, Nq) bool: which query rows see at least one key."""
+    last = torch.arange(shapes.len_q, device=device) + (shapes.len_k - shapes.len_q)  # t_i
+    if key_padding_mask is None:
+        if not causal:
+            return torch.ones(1, 1, shapes.len_q, dtype=torch.bool, device=device)
+        return (last >= 0)[None, None, :]
+    if not causal:
+        return key_padding_mask.any(-1)[:, None, None].expand(-1, 1, shapes.len_q)
+    seen = torch.cumsum(key_padding_mask.to(torch.int32), dim=-1)  # (B, Nk)
+    idx = last.clamp_min(0)[None, :].expand(shapes.batch, -1)
+    counts = torch.gather(seen, 1, idx) * (last >= 0)
+    return (counts > 0)[:, None, :]
+
+
+def check_denominators(den, options: FastmaxOptions, shapes: Shapes, causal, key_padding_mask, *, rpe=False):
+    """Refuse a denominator (B, Hq, Nq) that reached 0 or below on a row that sees keys.
+
+    Only kernels that can reach 0 are checked: the default 1 + s + s^2/2 >= 1/2 needs no
+    look at the (device) tensor."""
+    if not options.can_vanish(rpe=rpe):
+        return
+    visible = _visible_rows(shapes, causal, key_padding_mask, den.device)  # (B, 1, Nq)
+    if bool(((den.detach() <= 0) & visible).any()):
+        raise ValueError(
+            f"the Fastmax denominator sum_j f(s_ij) reached 0 or below: f(s) = {options.formula()} is not positive "
+            "for every score. With p=1 use normalize=True with a small enough `lim`, or choose a0, a1, a2 "
+            "so that f(s) > 0 (e.g. the default a0=1, a1=1, a2=0.5 with p=2)."
+        )
+
+
+def apply_dropout(out, dropout, drop_noise=None):
+    """The seed's output dropout: out * (1 + dropout * xi), xi = ``drop_noise`` or N(0, 1) noise.
+
+    Applied whenever dropout > 0, like SDPA's dropout_p (modules pass 0 outside training)."""
+    if dropout <= 0.0:
+        return out
+    noise = drop_noise if drop_noise is not None else torch.randn_like(out)
+    return out * (1.0 + dropout * noise.to(out.dtype))
