@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .common import key_valid, load_tile, operand
-from .quadratic import attend_keys, dkdv_from_queries, dq_from_keys, scaled_grad_rows
+from .quadratic import attend_keys, dkdv_from_query_heads, dq_from_keys, scaled_grad_rows
 
 
 @triton.jit
@@ -81,6 +81,28 @@ def _pair_grads(grad3, Y, xm, xn, mb, nb, ROWS: tl.constexpr, BT: tl.constexpr, 
 # ----------------------------------------------------------------------------------------
 # 1. per-chunk states
 # ----------------------------------------------------------------------------------------
+
+@triton.jit
+def _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
+                     stride_vn, stride_vd, stride_mn, cols_v, DV,
+                     IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_DV: tl.constexpr, I64: tl.constexpr):
+    """One step of BLOCK_K positions of a chunk: the rows, which of them count, their values
+    (g = do / d for queries) and their weights in z (c for queries, 1 for keys)."""
+    pos = p0 + tl.arange(0, BLOCK_K)
+    rows = pos - ROW_SHIFT
+    ok = pos < pos_hi
+    if not IS_QUERY:
+        ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+    val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+    if IS_QUERY:
+        inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
+        zw = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
+        val = val.to(tl.float32) * inv_den[:, None]
+    else:
+        zw = ok.to(tl.float32)
+    return rows, ok, val, zw
+
 
 
 @triton.jit
@@ -128,23 +150,17 @@ def chunk_states_kernel(
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
             V_h = VAL + b * stride_vb + head * stride_vh
+            row0 = (b * Hx + head) * N_ROWS
             for p0 in range(pos_lo, pos_hi, BLOCK_K):
-                pos = p0 + tl.arange(0, BLOCK_K)
-                rows = pos - ROW_SHIFT
-                ok = pos < pos_hi
-                if not IS_QUERY:
-                    ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+                rows, ok, val, zw = _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
+                                                     stride_vn, stride_vd, stride_mn, cols_v, DV,
+                                                     IS_QUERY, HAS_MASK, BLOCK_K, EVEN_DV, I64)
                 xm = load_tile(X_h, rows, ok, stride_xn, m_cols, D, stride_xd, True, EVEN_D, I64)
                 xn = load_tile(X_h, rows, ok, stride_xn, n_cols, D, stride_xd, True, EVEN_D, I64)
-                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
                 if IS_QUERY:
-                    row0 = (b * Hx + head) * N_ROWS
-                    inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
-                    crow = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
-                    val = val.to(tl.float32) * inv_den[:, None]
                     # c2 goes onto x[m] before rounding, so the bf16 product carries no rounded coefficient
                     f = _pairs(xm.to(tl.float32) * c2, xn, BLOCK_K, BT, OP_BF16) * operand(wsym, OP_BF16)[None, :]
-                    z += tl.sum(f.to(tl.float32) * crow[:, None], 0)
+                    z += tl.sum(f.to(tl.float32) * zw[:, None], 0)
                 else:
                     f = _pairs(xm, xn, BLOCK_K, BT, OP_BF16)  # (BLOCK_K, TF), zero on rows not ok
                     z += tl.sum(f.to(tl.float32), 0)
@@ -163,21 +179,12 @@ def chunk_states_kernel(
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
             V_h = VAL + b * stride_vb + head * stride_vh
+            row0 = (b * Hx + head) * N_ROWS
             for p0 in range(pos_lo, pos_hi, BLOCK_K):
-                pos = p0 + tl.arange(0, BLOCK_K)
-                rows = pos - ROW_SHIFT
-                ok = pos < pos_hi
-                if not IS_QUERY:
-                    ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+                rows, ok, val, zw = _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
+                                                     stride_vn, stride_vd, stride_mn, cols_v, DV,
+                                                     IS_QUERY, HAS_MASK, BLOCK_K, EVEN_DV, I64)
                 x = load_tile(X_h, rows, ok, stride_xn, cols_d, D, stride_xd, True, EVEN_D, I64)  # (BLOCK_K, BLOCK_D)
-                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
-                if IS_QUERY:
-                    row0 = (b * Hx + head) * N_ROWS
-                    inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
-                    zw = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
-                    val = val.to(tl.float32) * inv_den[:, None]
-                else:
-                    zw = ok.to(tl.float32)
                 S1 = tl.dot(tl.trans(operand(x, OP_BF16)), operand(val, OP_BF16), S1, input_precision=PRECISION)
                 S0 += tl.sum(val.to(tl.float32), 0)
                 z1 += tl.sum(x.to(tl.float32) * zw[:, None], 0)
@@ -471,19 +478,10 @@ def linear_bwd_dkdv_kernel(
         lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
         # (block-aligned, so that no row is in both loops; rows at or past row_end are masked)
         diag_hi = tl.cdiv(tl.maximum(n0 + BLOCK_N - offset, 0), BLOCK_M) * BLOCK_M
-        for g in range(0, GROUPS):
-            h = hk * GROUPS + g
-            Q_h = Q + b * stride_qb + h * stride_qh
-            DO_h = DO + b * stride_dob + h * stride_doh
-            row0 = (b * Hq + h) * Nq
-            dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
-                                       stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_end, D, DV,
-                                       a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                       OP_BF16, PRECISION, I64)
-            dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
-                                       stride_qn, stride_qd, stride_don, stride_dod, diag_hi, row_end, offset, row_end,
-                                       D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                       OP_BF16, PRECISION, I64)
+        dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+                                       stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
+                                       stride_dod, lo, diag_hi, row_end, offset, row_end, Nq, D, DV, a0, c1, c2, P,
+                                       BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
     else:
         chunk = 0
     base = (pid_bh.to(tl.int64) * N_CHUNKS + chunk) * F_ROWS

@@ -166,13 +166,15 @@ def _mask_args(mask, like):
     return m, m.stride(0), m.stride(1)
 
 
-def _chosen(defaults: dict, **from_settings) -> dict:
-    return {key: defaults[key] if from_settings.get(key) is None else from_settings[key] for key in defaults}
+def _chosen(defaults: dict, prefix: str) -> dict:
+    """``defaults`` where the settings named ``prefix + key`` leave them open (None)."""
+    s = current_settings()
+    return {key: default if getattr(s, prefix + key) is None else getattr(s, prefix + key)
+            for key, default in defaults.items()}
 
 
 def _quad_config(pb: _Problem, backward: bool) -> dict:
     """Block sizes, warps and stages of the quadratic kernels: measured defaults, then settings."""
-    s = current_settings()
     wide = pb.dtype == torch.float32 or (backward and pb.dtype == torch.float16)  # fp32 operands
     if not backward:
         if wide:
@@ -183,8 +185,7 @@ def _quad_config(pb: _Problem, backward: bool) -> dict:
             defaults = dict(block_m=64, block_n=64, warps=4, stages=3)
         else:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=1)
-        return _chosen(defaults, block_m=s.quad_fwd_block_m, block_n=s.quad_fwd_block_n,
-                       warps=s.quad_fwd_warps, stages=s.quad_fwd_stages)
+        return _chosen(defaults, "quad_fwd_")
     if wide:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
     elif pb.block_d <= 64:
@@ -196,15 +197,13 @@ def _quad_config(pb: _Problem, backward: bool) -> dict:
         defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
-    return _chosen(defaults, block_m=s.quad_bwd_block_m, block_n=s.quad_bwd_block_n,
-                   warps=s.quad_bwd_warps, stages=s.quad_bwd_stages)
+    return _chosen(defaults, "quad_bwd_")
 
 
 def _linear_config(pb: _Problem, p: int = 2) -> dict:
     """Chunk, block sizes, warps and stages of the linear kernels: measured defaults, then settings.
 
     p = 1 has a state of 1 + D rows: short chunks, where the chunk's own tile costs little."""
-    s = current_settings()
     wide = pb.dtype != torch.bfloat16  # fp32 operands (fp16 inputs included)
     # p = 2: 1024-token chunks at long sequences (fewer states to write and scan), 512 below
     # 32k keys (more chunks to run in parallel); measured on the H200 (BENCHMARKS.md)
@@ -219,10 +218,7 @@ def _linear_config(pb: _Problem, p: int = 2) -> dict:
         warps=8 if pb.block_d >= 64 else 4,
         stages=1,
     )
-    config = _chosen(defaults, chunk=s.linear_chunk, state_block_k=s.linear_state_block_k,
-                     state_block_dv=s.linear_state_block_dv, state_warps=s.linear_state_warps,
-                     state_stages=s.linear_state_stages, block_m=s.linear_block_m, block_n=s.linear_block_n,
-                     warps=s.linear_warps, stages=s.linear_stages)
+    config = _chosen(defaults, "linear_")
     config["readout_block_dv"] = pb.block_dv if not wide and pb.block_dv <= 128 else min(64, pb.block_dv)
     for name in ("state_block_k", "block_m", "block_n"):
         if config["chunk"] % config[name]:
@@ -300,13 +296,13 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
 def _state_bytes_per_head(pb: _Problem, n_rows: int, p: int, chunk: int) -> int:
     f_rows = feature_rows(pb.D, p)
     n_chunks = triton.cdiv(max(n_rows, 1), chunk)
-    return n_chunks * f_rows * (pb.Dv * torch.empty((), dtype=pb.state_dtype).element_size() + 4)
+    return n_chunks * f_rows * (pb.Dv * pb.state_dtype.itemsize + 4)
 
 
 def _scratch_budget(pb: _Problem) -> float:
     s = current_settings()
     # q, k, v, o and their gradients
-    tensors = 2 * torch.empty((), dtype=pb.dtype).element_size() * pb.B * (
+    tensors = 2 * pb.dtype.itemsize * pb.B * (
         pb.Hq * pb.Nq * (pb.D + pb.Dv) + pb.Hk * pb.Nk * (pb.D + pb.Dv))
     return max(s.scratch_min_bytes, s.scratch_fraction * tensors)
 
@@ -512,11 +508,17 @@ def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     for qs, ks in _head_groups(pb, heads):
         state_in = (S[:, ks].contiguous(), z[:, ks].contiguous())
-        state_out = (torch.empty_like(state_in[0]), torch.empty_like(state_in[1]))
+        # the scan writes the new state contiguously: straight into S', z' where their slices are
+        # (one group, or B = 1: every decoding step), else through a copy
+        views = (S_out[:, ks], z_out[:, ks])
+        direct = all(view.is_contiguous() for view in views)
+        state_out = views if direct else (torch.empty_like(state_in[0]), torch.empty_like(state_in[1]))
         _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], key_padding_mask, True, options.scale, options.p,
                               options.a0, options.a1, options.a2, chunk, state_in=state_in, state_out=state_out,
                               out=out[:, qs])
-        S_out[:, ks], z_out[:, ks] = state_out
+        if not direct:
+            views[0].copy_(state_out[0])
+            views[1].copy_(state_out[1])
     return out, S_out, z_out
 
 

@@ -145,6 +145,34 @@ def dkdv_from_queries(
     return dk, dv
 
 
+@triton.jit
+def dkdv_from_query_heads(
+    dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+    stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
+    lo, diag_hi, hi, offset, row_limit, Nq, D, DV, a0, c1, c2,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    I64: tl.constexpr,
+):
+    """``dkdv_from_queries`` summed over the GROUPS query heads that read key/value head hk:
+    rows [lo, diag_hi) on the causal diagonal (masked), then rows [diag_hi, hi) that see the
+    whole key block. The (B * Hq, Nq) row terms INV_DEN and CROW are contiguous."""
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        Q_h = Q + b * stride_qb + h * stride_qh
+        DO_h = DO + b * stride_dob + h * stride_doh
+        row0 = (b * Hq + h) * Nq
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_limit,
+                                   D, DV, a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   stride_qn, stride_qd, stride_don, stride_dod, diag_hi, hi, offset, row_limit,
+                                   D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
+    return dk, dv
+
+
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
@@ -275,19 +303,10 @@ def quadratic_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_hi = 0
-    for g in range(0, GROUPS):
-        h = hk * GROUPS + g
-        Q_h = Q + b * stride_qb + h * stride_qh
-        DO_h = DO + b * stride_dob + h * stride_doh
-        row0 = (b * Hq + h) * Nq
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
-                                   stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, Nq, D, DV,
-                                   a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
-                                   stride_qn, stride_qd, stride_don, stride_dod, diag_hi, n_rows, offset, Nq, D, DV,
-                                   a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
+    dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+                                   stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
+                                   stride_dod, lo, diag_hi, n_rows, offset, Nq, Nq, D, DV, a0, c1, c2, P,
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
 
     real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
     key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]

@@ -289,11 +289,6 @@ def section_peers(args):
     import fastmax_hf
 
     rows = []
-    scale_check = lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)  # noqa: E731
-
-    def bnhd(fn):  # peers take (B, N, H, D)
-        return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
-
     # batch and heads users have (a 1B model at B=1 has 8 key/value heads), and non-causal
     for B, H, N, causal in ((1, 8, 16384, True), (1, 8, 65536, True), (4, 32, 16384, True), (4, 32, 65536, True),
                             (1, 16, 16384, False), (1, 16, 65536, False)):
@@ -334,10 +329,6 @@ def section_retention(args):
     """Power retention (q . k)^2, a 2560-feature state at D=64; its first call autotunes."""
     rows = []
     scale_check = lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)  # noqa: E731
-
-    def bnhd(fn):  # it takes (B, N, H, D)
-        return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
-
     try:
         from retention import power_retention
     except Exception as err:  # noqa: BLE001
@@ -356,6 +347,11 @@ def section_retention(args):
             entry.update(N=N, D=64, warmup_s=round(time.time() - t0, 1))
             rows.append(entry)
     RESULTS["retention"] = rows
+
+
+def bnhd(fn):
+    """call_for of a peer that takes (B, N, H, D) inputs and may return a tuple, on (B, H, N, D) ones."""
+    return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
 
 
 def _first(out):
