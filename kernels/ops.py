@@ -173,10 +173,11 @@ def _chosen(defaults: dict, prefix: str) -> dict:
             for key, default in defaults.items()}
 
 
-def _quad_config(pb: _Problem, backward: bool) -> dict:
-    """Block sizes, warps and stages of the quadratic kernels: measured defaults, then settings."""
-    wide = pb.dtype == torch.float32 or (backward and pb.dtype == torch.float16)  # fp32 operands
-    if not backward:
+def _quad_config(pb: _Problem, kernel: str) -> dict:
+    """Block sizes, warps and stages of a quadratic kernel ("fwd", "dkdv" or "dq"): measured
+    defaults, then settings."""
+    wide = pb.dtype == torch.float32 or (kernel != "fwd" and pb.dtype == torch.float16)  # fp32 operands
+    if kernel == "fwd":
         if wide:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=2 if pb.block_d <= 64 else 1)
         elif pb.block_d <= 64:
@@ -197,7 +198,13 @@ def _quad_config(pb: _Problem, backward: bool) -> dict:
         defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
-    return _chosen(defaults, "quad_bwd_")
+    return _chosen(defaults, f"quad_{kernel}_")
+
+
+def _dq_atomic(pb: _Problem) -> bool:
+    """Whether the backward adds dq with atomics from the key-block kernel (settings, else the default)."""
+    chosen = current_settings().quad_dq_atomic
+    return False if chosen is None else bool(chosen)
 
 
 def _linear_config(pb: _Problem, p: int = 2) -> dict:
@@ -237,7 +244,7 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
     m, smb, smn = _mask_args(mask, q)
-    cfg = _quad_config(pb, backward=False)
+    cfg = _quad_config(pb, "fwd")
     grid = (triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)
     compiled = quadratic_fwd_kernel[grid](
         q, k, v, m, out, den,
@@ -267,22 +274,31 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     pb = _Problem.of(q, k, v, grad_out)
     inv_den, crow = _backward_rows(out, den, grad_out, pb)
     m, smb, smn = _mask_args(mask, q)
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    cfg = _quad_config(pb, backward=True)
-    common = dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                  OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
+    atomic = _dq_atomic(pb)
+    # with atomics, dq accumulates in fp32 (padded to BLOCK_D columns) and is cast at the end
+    dq_acc = torch.zeros(pb.B, pb.Hq, pb.Nq, pb.block_d, dtype=torch.float32, device=q.device) if atomic else inv_den
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
     c1, c2 = a1 * scale, a2 * scale * scale
+
+    def launch_options(cfg):
+        return dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                    OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+    cfg = _quad_config(pb, "dkdv")
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, m, grad_out, inv_den, crow, dk, dv, *strides,
-        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **common,
+        q, k, v, m, grad_out, inv_den, crow, dk, dv, dq_acc, *strides,
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, DQ_ATOMIC=atomic, **launch_options(cfg),
     )
     _record("quadratic_bwd_dkdv", compiled)
+    if atomic:
+        return dq_acc[..., :pb.D].to(q.dtype), dk, dv
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    cfg = _quad_config(pb, "dq")
     compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, v, m, grad_out, inv_den, crow, dq, *strides,
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **common,
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
     )
     _record("quadratic_bwd_dq", compiled)
     return dq, dk, dv

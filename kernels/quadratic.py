@@ -15,7 +15,9 @@ Backward, with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i (``backward_rows_ke
     dA_ij = g_i . v_j - c_i,    ds_ij = dA_ij f'(r_ij),    f'(r) = c1 + 2 c2 r,
     dv_j = sum_i f(r_ij) g_i,   dk_j = sum_i ds_ij q_i,    dq_i = sum_j ds_ij k_j;
 one kernel over key blocks (dk, dv, summed over the query heads of a key/value head: no
-atomics) and one over query blocks (dq). Keys that are padding or past the sequence are
+atomics) and one over query blocks (dq), which recomputes r and dA: seven products per tile
+pair. With DQ_ATOMIC the key-block kernel also adds every tile's ds k into an fp32 dq
+buffer with atomics instead: five products, no dq kernel. Keys that are padding or past the sequence are
 loaded as zeros in the dq kernel, which makes their ds_ij k_j vanish without a mask; the
 dk, dv kernel writes zeros for them.
 
@@ -30,7 +32,7 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value, key_valid, load_tile, operand
+from .common import kernel_slope, kernel_value, key_valid, load_tile, operand, row_offsets
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,17 +114,19 @@ def scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols
 
 @triton.jit
 def dkdv_from_queries(
-    dk, dv, k, v, keys, Q_h, DO_h, INV_h, CROW_h,
+    dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_h, CROW_h, DQ_h,
     stride_qn, stride_qd, stride_don, stride_dod,
     lo, hi, offset, row_limit, D, DV, a0, c1, c2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    P: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
     """dv_j += sum_i f(r_ij) g_i and dk_j += sum_i ds_ij q_i over the query rows i in [lo, hi).
 
     Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows that see no key
-    (d = 0), load g = c = 0 and add nothing; only the causal diagonal (CAUSAL) needs a mask."""
+    (d = 0), load g = c = 0 and add nothing; only the causal diagonal (CAUSAL) needs a mask.
+    DQ_ATOMIC: also dq_i += sum_j ds_ij k_j, added into the fp32 (Nq, D) rows at DQ_h with
+    atomics; ``k_dq`` is the key block as an operand with padding keys zeroed."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     v_op = operand(v, OP_BF16)
@@ -140,36 +144,43 @@ def dkdv_from_queries(
             vis = keys[None, :] <= (rows + offset)[:, None]
             w = tl.where(vis, w, 0.0)
             ds = tl.where(vis, ds, 0.0)
+        ds_op = operand(ds, OP_BF16)
         dv = tl.dot(tl.trans(operand(w, OP_BF16)), g, dv, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(operand(ds, OP_BF16)), operand(q, OP_BF16), dk, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds_op), operand(q, OP_BF16), dk, input_precision=PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(ds_op, k_dq, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+            dq_offs = row_offsets(rows, BLOCK_D, I64)[:, None] + cols_d[None, :]
+            tl.atomic_add(DQ_h + dq_offs, dq, mask=ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def dkdv_from_query_heads(
-    dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+    dk, dv, k, v, k_dq, keys, Q, DO, INV_DEN, CROW, DQ, b, hk, Hq, GROUPS,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
     lo, diag_hi, hi, offset, row_limit, Nq, D, DV, a0, c1, c2,
-    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    I64: tl.constexpr,
+    P: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr,
+    PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
     """``dkdv_from_queries`` summed over the GROUPS query heads that read key/value head hk:
     rows [lo, diag_hi) on the causal diagonal (masked), then rows [diag_hi, hi) that see the
-    whole key block. The (B * Hq, Nq) row terms INV_DEN and CROW are contiguous."""
+    whole key block. The (B * Hq, Nq) row terms INV_DEN and CROW are contiguous, and so is
+    the fp32 dq buffer DQ (B * Hq, Nq, BLOCK_D) of DQ_ATOMIC."""
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         Q_h = Q + b * stride_qb + h * stride_qh
         DO_h = DO + b * stride_dob + h * stride_doh
         row0 = (b * Hq + h) * Nq
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+        DQ_h = DQ + row0 * BLOCK_D
+        dk, dv = dkdv_from_queries(dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_h,
                                    stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_limit,
-                                   D, DV, a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   D, DV, a0, c1, c2, P, True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D,
+                                   EVEN_DV, OP_BF16, PRECISION, I64)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_h,
                                    stride_qn, stride_qd, stride_don, stride_dod, diag_hi, hi, offset, row_limit,
-                                   D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
+                                   D, DV, a0, c1, c2, P, False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D,
+                                   EVEN_DV, OP_BF16, PRECISION, I64)
     return dk, dv
 
 
@@ -266,20 +277,21 @@ def backward_rows_kernel(
 
 @triton.jit
 def quadratic_bwd_dkdv_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT,
+    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
     Hq, Hk, GROUPS, Nq, Nk, D, DV, a0, c1, c2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     I64: tl.constexpr,
 ):
     """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
-    of one key block, summed over the GROUPS query heads that read it."""
+    of one key block, summed over the GROUPS query heads that read it. DQ_ATOMIC: every tile's
+    dq is added into the zeroed fp32 buffer DQ (B * Hq, Nq, BLOCK_D)."""
     pid_n = tl.program_id(0)  # the first key blocks are seen by the most queries: launched first
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
@@ -303,12 +315,13 @@ def quadratic_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_hi = 0
-    dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
+    k_dq = operand(tl.where(real[:, None], k, 0.0), OP_BF16)  # padding keys add nothing to dq
+    dk, dv = dkdv_from_query_heads(dk, dv, k, v, k_dq, keys, Q, DO, INV_DEN, CROW, DQ, b, hk, Hq, GROUPS,
                                    stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
                                    stride_dod, lo, diag_hi, n_rows, offset, Nq, Nq, D, DV, a0, c1, c2, P,
-                                   BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+                                   DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
 
-    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
     key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
     tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
              mask=k_in[:, None] & (cols_d[None, :] < D))

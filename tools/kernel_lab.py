@@ -8,6 +8,8 @@ Sections (``--sections``):
             forward+backward per token and head)
   variants  the same timings under kernel settings given as a JSON list (``--variants``)
   overhead  host time of one forward+backward call at a short length (launch-bound)
+  hostprof  cProfile of that call
+  quadsweep quadratic tile settings from --variants, with per-kernel GPU times and cuDNN's
 
 Every timing is a median of triton.testing.do_bench after a float64 check of the same
 configuration. Results are JSON lines on stdout and in ``--out``.
@@ -227,6 +229,82 @@ def section_overhead(args):
         gpu = sum(e.device_time_total for e in prof.key_averages()) / 10 / 1e3
         emit({"section": "overhead", "regime": regime, "host_ms_per_call": host, "wall_ms_per_call": total,
               "gpu_kernel_ms_per_call": gpu, "bench_ms": bench(run)})
+
+
+def section_hostprof(args):
+    """Where the host time of one quadratic forward+backward call goes (cProfile, 1k tokens)."""
+    import cProfile
+    import io
+    import pstats
+
+    q, k, v = _inputs(1024, 64, grad=True)
+    do = torch.randn(1, 16, 1024, 64, device="cuda", dtype=torch.bfloat16)
+    run = _fwd_bwd(lambda: run_fastmax(q, k, v, True, "quadratic"), (q, k, v), do)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    emit({"section": "hostprof", "profile": text.getvalue()[-6000:]})
+
+
+def kernel_ms(fn, reps=10):
+    """GPU time per call of each kernel that ``fn`` launches (torch.profiler), ms."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: round(e.device_time_total / reps / 1e3, 4) for e in prof.key_averages()
+            if e.device_time_total > 0}
+
+
+def section_quadsweep(args):
+    """Backward and forward tile choices at 4k and 16k (B=1, H=16, causal, bf16), with the
+    GPU time of every kernel, beside cuDNN's; each configuration checked against float64."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for variant in json.loads(args.variants):
+        shape = variant.pop("_shape")
+        N, D, backward = shape["N"], shape["D"], shape.get("backward", True)
+        causal, B = shape.get("causal", True), shape.get("B", 1)
+        record = {"section": "quadsweep", "N": N, "D": D, "B": B, "causal": causal,
+                  "pass": "fwd+bwd" if backward else "fwd", "settings": variant}
+        try:
+            with kernels.settings(**variant):
+                q, k, v = _inputs(N, D, B=B, grad=backward)
+                call = lambda: run_fastmax(q, k, v, causal, "quadratic")  # noqa: E731
+                out = call()
+                do = torch.randn_like(out)
+                rows = min(N, 256)
+                q64, k64, v64 = (x[:1, :2].double().detach().requires_grad_() for x in (q, k, v))
+                exp = fastmax_reference(q64, k64, v64, causal=causal, scale=D ** -0.5)
+                record["rel_err"] = rel_err(out[:1, :2, -rows:], exp[:, :, -rows:])
+                if backward:
+                    got = torch.autograd.grad(out, (q, k, v), do)
+                    want = torch.autograd.grad(exp, (q64, k64, v64), do[:1, :2].double())
+                    record["grad_rel_err"] = max(rel_err(a[:1, :2], b) for a, b in zip(got, want))
+                fn = _fwd_bwd(call, (q, k, v), do) if backward else call
+                record["fastmax_ms"] = bench(fn)
+                record["kernels"] = kernel_ms(fn)
+                def sd():
+                    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                fn = _fwd_bwd(sd, (q, k, v), do) if backward else sd
+                record["cudnn_ms"] = bench(fn)
+                record["ratio"] = record["fastmax_ms"] / record["cudnn_ms"]
+        except Exception as err:  # noqa: BLE001
+            record["error"] = f"{type(err).__name__}: {str(err)[:400]}"
+        record["stats"] = kernels.ops.compiled_stats()
+        emit(record)
+        torch.cuda.empty_cache()
 
 
 def main():
