@@ -271,14 +271,13 @@ def _backward_rows(out, den, grad_out, pb: _Problem):
 
 
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+    """dq, dk, dv: the dq kernel first (it also writes the row terms 1/d and c), then the
+    key-block kernel; or, with ``quad_dq_atomic``, the row terms and one key-block kernel that
+    adds dq with atomics."""
     pb = _Problem.of(q, k, v, grad_out)
-    inv_den, crow = _backward_rows(out, den, grad_out, pb)
     m, smb, smn = _mask_args(mask, q)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    atomic = _dq_atomic(pb)
-    # with atomics, dq accumulates in fp32 (padded to BLOCK_D columns) and is cast at the end
-    dq_acc = torch.zeros(pb.B, pb.Hq, pb.Nq, pb.block_d, dtype=torch.float32, device=q.device) if atomic else inv_den
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
     c1, c2 = a1 * scale, a2 * scale * scale
 
@@ -286,6 +285,22 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
         return dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                     OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
+    atomic = _dq_atomic(pb)
+    if atomic:
+        inv_den, crow = _backward_rows(out, den, grad_out, pb)
+        # dq accumulates in fp32, padded to BLOCK_D columns, and is cast at the end
+        dq_acc = torch.zeros(pb.B, pb.Hq, pb.Nq, pb.block_d, dtype=torch.float32, device=q.device)
+    else:
+        inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+        crow = torch.empty_like(inv_den)
+        dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+        dq_acc = inv_den  # not read
+        cfg = _quad_config(pb, "dq")
+        compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+            q, k, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides, *out.stride(),
+            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
+        )
+        _record("quadratic_bwd_dq", compiled)
     cfg = _quad_config(pb, "dkdv")
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, m, grad_out, inv_den, crow, dk, dv, dq_acc, *strides,
@@ -293,14 +308,7 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     )
     _record("quadratic_bwd_dkdv", compiled)
     if atomic:
-        return dq_acc[..., :pb.D].to(q.dtype), dk, dv
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
-    cfg = _quad_config(pb, "dq")
-    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, v, m, grad_out, inv_den, crow, dq, *strides,
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
-    )
-    _record("quadratic_bwd_dq", compiled)
+        dq = dq_acc[..., :pb.D].to(q.dtype)
     return dq, dk, dv
 
 

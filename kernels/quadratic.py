@@ -11,7 +11,8 @@ of the block sees in full (before the causal diagonal, inside the sequence, no p
 mask) run without any mask; the rest (the diagonal, the ragged end, or everything when a
 padding mask is given) mask each score.
 
-Backward, with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i (``backward_rows_kernel``):
+Backward, with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i (computed by the dq kernel, or by
+``backward_rows_kernel`` where no dq kernel runs first):
     dA_ij = g_i . v_j - c_i,    ds_ij = dA_ij f'(r_ij),    f'(r) = c1 + 2 c2 r,
     dv_j = sum_i f(r_ij) g_i,   dk_j = sum_i ds_ij q_i,    dq_i = sum_j ds_ij k_j;
 one kernel over key blocks (dk, dv, summed over the query heads of a key/value head: no
@@ -123,32 +124,38 @@ def dkdv_from_queries(
 ):
     """dv_j += sum_i f(r_ij) g_i and dk_j += sum_i ds_ij q_i over the query rows i in [lo, hi).
 
-    Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows that see no key
-    (d = 0), load g = c = 0 and add nothing; only the causal diagonal (CAUSAL) needs a mask.
-    DQ_ATOMIC: also dq_i += sum_j ds_ij k_j, added into the fp32 (Nq, D) rows at DQ_h with
-    atomics; ``k_dq`` is the key block as an operand with padding keys zeroed."""
+    The tiles are computed transposed, (key, query): r^T = k q^T and dA^T = v do^T / d - c,
+    so that f(r)^T and ds^T come out of the products in the layout the next products take
+    as their first operand, and q and do are read as they are loaded (1/d scales the tile,
+    not the operand). Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows
+    that see no key (d = 0), load 1/d = c = 0 and add nothing; only the causal diagonal
+    (CAUSAL) needs a mask. DQ_ATOMIC: also dq_i += sum_j ds_ij k_j, added into the fp32
+    (Nq, BLOCK_D) rows at DQ_h with atomics; ``k_dq`` is the key block as an operand with
+    padding keys zeroed."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
+    k_op = operand(k, OP_BF16)
     v_op = operand(v, OP_BF16)
     for i0 in range(lo, hi, BLOCK_M):
         rows = i0 + tl.arange(0, BLOCK_M)
         ok = rows < row_limit
-        q = load_tile(Q_h, rows, ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
-        g, crow = scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols_v, DV,
-                                   EVEN_DV, OP_BF16, I64)
-        r = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        w = kernel_value(r, a0, c1, c2, P)
-        dA = tl.dot(g, tl.trans(v_op), input_precision=PRECISION) - crow[:, None]
-        ds = dA * kernel_slope(r, c1, c2, P)
+        q = operand(load_tile(Q_h, rows, ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64), OP_BF16)
+        do = operand(load_tile(DO_h, rows, ok, stride_don, cols_v, DV, stride_dod, True, EVEN_DV, I64), OP_BF16)
+        inv_den = tl.load(INV_h + rows, mask=ok, other=0.0)
+        crow = tl.load(CROW_h + rows, mask=ok, other=0.0)
+        rT = tl.dot(k_op, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        wT = kernel_value(rT, a0, c1, c2, P) * inv_den[None, :]
+        dAT = tl.dot(v_op, tl.trans(do), input_precision=PRECISION) * inv_den[None, :] - crow[None, :]
+        dsT = dAT * kernel_slope(rT, c1, c2, P)
         if CAUSAL:
-            vis = keys[None, :] <= (rows + offset)[:, None]
-            w = tl.where(vis, w, 0.0)
-            ds = tl.where(vis, ds, 0.0)
-        ds_op = operand(ds, OP_BF16)
-        dv = tl.dot(tl.trans(operand(w, OP_BF16)), g, dv, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds_op), operand(q, OP_BF16), dk, input_precision=PRECISION)
+            vis = keys[:, None] <= (rows + offset)[None, :]
+            wT = tl.where(vis, wT, 0.0)
+            dsT = tl.where(vis, dsT, 0.0)
+        ds_op = operand(dsT, OP_BF16)
+        dv = tl.dot(operand(wT, OP_BF16), do, dv, input_precision=PRECISION)
+        dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
         if DQ_ATOMIC:
-            dq = tl.dot(ds_op, k_dq, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+            dq = tl.dot(tl.trans(ds_op), k_dq, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
             dq_offs = row_offsets(rows, BLOCK_D, I64)[:, None] + cols_d[None, :]
             tl.atomic_add(DQ_h + dq_offs, dq, mask=ok[:, None], sem="relaxed")
     return dk, dv
@@ -331,19 +338,22 @@ def quadratic_bwd_dkdv_kernel(
 
 @triton.jit
 def quadratic_bwd_dq_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DQ,
+    Q, K, V, MASK, DO, O, DEN, INV_DEN, CROW, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_ob, stride_oh, stride_on, stride_od,
     Hq, GROUPS, Nq, Nk, D, DV, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     I64: tl.constexpr,
 ):
-    """Grid (cdiv(Nq, BLOCK_M), B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) of one query block."""
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) of one
+    query block, and the block's row terms 1/d and c = (do . o)/d (fp32 (B * Hq, Nq), 0 where
+    d = 0), which the key-block kernel launched after it reads."""
     pid_m = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -356,8 +366,15 @@ def quadratic_bwd_dq_kernel(
     q_ok = rows < Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
     row0 = pid_bh.to(tl.int64) * Nq
-    g, crow = scaled_grad_rows(DO + b * stride_dob + h * stride_doh, INV_DEN + row0, CROW + row0, rows, q_ok,
-                               stride_don, stride_dod, cols_v, DV, EVEN_DV, OP_BF16, I64)
+    o = load_tile(O + b * stride_ob + h * stride_oh, rows, q_ok, stride_on, cols_v, DV, stride_od, True, EVEN_DV, I64)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, q_ok, stride_don, cols_v, DV, stride_dod,
+                   True, EVEN_DV, I64).to(tl.float32)
+    den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
+    inv_den = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+    crow = tl.sum(o.to(tl.float32) * do, 1) * inv_den
+    tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
+    tl.store(CROW + row0 + rows, crow, mask=q_ok)
+    g = operand(do * inv_den[:, None], OP_BF16)
     q_pos = rows + offset
     K_h = K + b * stride_kb + hk * stride_kh
     V_h = V + b * stride_vb + hk * stride_vh
