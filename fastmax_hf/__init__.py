@@ -30,12 +30,9 @@ from .seed_api import FASTMultiHeadAttention, fastmax_function, rpe_matrix_creat
 from .integration import (  # noqa: E402
     FastmaxCache,
     FastmaxConfig,
+    FastmaxUnsupportedError,
     get_fastmax_config,
-    patch_gpt2,
-    patch_llama,
     set_fastmax_config,
-    unpatch_gpt2,
-    unpatch_llama,
 )
 from .integration import enable as _enable_hf_integration  # noqa: E402
 
@@ -55,8 +52,5 @@ __all__ = [
     "FastmaxConfig",
     "get_fastmax_config",
     "set_fastmax_config",
-    "patch_llama",
-    "unpatch_llama",
-    "patch_gpt2",
-    "unpatch_gpt2",
+    "FastmaxUnsupportedError",
 ]

@@ -7,6 +7,7 @@ evaluated directly: an attention function that
 forms f(s) on a materialised mask (transformers' own sdpa mask) and shares no code with fastmax_hf.
 """
 
+import copy
 import inspect
 import warnings
 
@@ -15,22 +16,24 @@ import torch
 from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
+    DiffLlamaConfig,
+    FalconConfig,
     GPT2Config,
     LlamaConfig,
     LogitsProcessor,
     LogitsProcessorList,
     MistralConfig,
-    OlmoConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
 )
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
-from transformers.models.gpt2 import modeling_gpt2
 from transformers.models.llama import modeling_llama
 
 import fastmax_hf
-from fastmax_hf import FastmaxCache, FastmaxConfig, feature_count, get_fastmax_config, set_fastmax_config
+from fastmax_hf import (FastmaxCache, FastmaxConfig, FastmaxUnsupportedError, feature_count, get_fastmax_config,
+                        set_fastmax_config)
 from fastmax_hf import notices
 from fastmax_hf.integration import patches
 from conftest import rel_err
@@ -95,8 +98,9 @@ def gpt2_config(**overrides):
 
 
 def build(config, attn_implementation="fastmax", seed=0):
+    """A float64 model of ``config``; from its own copy, since from_config writes the implementation into it."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
     return model.to(torch.float64).eval()
 
 
@@ -279,11 +283,31 @@ def test_training_backward_accumulates_no_state(llama):
         model(ids, use_cache=True, **{CACHE_KWARG: FastmaxCache(config=model.config)})
 
 
+def mistral_config(**overrides):
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, bos_token_id=1,
+                           eos_token_id=2, pad_token_id=0, **overrides)
+    set_fastmax_config(config, **OPTIONS)
+    return config
+
+
+def test_sliding_window_is_exact_within_the_window_and_refused_beyond():
+    # Within the window a sliding layer attends to every previous token: fastmax is exact there.
+    windowed, full = build(mistral_config(sliding_window=12)), build(mistral_config(sliding_window=None))
+    ids = prompts(7, 6)[0][None]
+    assert torch.equal(windowed(ids).logits, full(ids).logits)
+    out = greedy(windowed, ids, 6, return_dict_in_generate=True)  # 12 positions: the whole window
+    assert isinstance(returned_cache(out), FastmaxCache)
+    assert torch.equal(out.sequences, greedy(full, ids, 6))
+    # Beyond it: refused, naming the layer type and what to do, in the stateless and the cached path.
+    for use_cache in (False, True):
+        with pytest.raises(ValueError, match=r"layer type 'sliding_attention'.*sliding_window = None"):
+            greedy(windowed, ids, 8, use_cache=use_cache)
+    with pytest.raises(ValueError, match="sliding window of 4 tokens and this call covers 6 positions"):
+        build(mistral_config(sliding_window=4))(ids)
+
+
 def test_refuses_what_it_cannot_honour():
-    mistral = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
-    with pytest.raises(ValueError, match="sliding"):
-        build(mistral)(prompts(7, 6)[0][None])
     model = build(llama_config())
     ids = prompts(7, 6)[0][None]
     custom_4d = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
@@ -312,8 +336,7 @@ def test_sdpa_and_eager_are_bit_identical_with_and_without_patches():
     patched = _sdpa_and_eager_outputs()
     fastmax_hf.integration.disable()
     try:
-        assert modeling_llama.LlamaAttention.forward.__name__ == "forward"
-        assert not hasattr(modeling_llama.LlamaAttention.forward, "__fastmax_original__")
+        assert PreTrainedModel.get_correct_attn_implementation is not patches._get_correct_attn_implementation
         unpatched = _sdpa_and_eager_outputs()
     finally:
         fastmax_hf.integration.enable()
@@ -324,29 +347,74 @@ def test_sdpa_and_eager_are_bit_identical_with_and_without_patches():
 
 
 def test_patch_and_unpatch_revert_cleanly():
-    llama_original = modeling_llama.LlamaAttention.__dict__["forward"].__fastmax_original__
-    gpt2_original = modeling_gpt2.GPT2Attention.__dict__["forward"].__fastmax_original__
     from transformers.generation.utils import GenerationMixin
 
+    resolution = PreTrainedModel.get_correct_attn_implementation
+    prepare_cache = GenerationMixin._prepare_cache_for_generation
+    assert resolution is patches._get_correct_attn_implementation
+    assert prepare_cache is patches._prepare_cache_for_generation
     try:
-        fastmax_hf.unpatch_llama()
-        fastmax_hf.unpatch_gpt2()
-        patches.unpatch_generation()
-        assert modeling_llama.LlamaAttention.__dict__["forward"] is llama_original
-        assert modeling_gpt2.GPT2Attention.__dict__["forward"] is gpt2_original
-        assert GenerationMixin._prepare_cache_for_generation is not patches._prepare_cache_for_generation
-        fastmax_hf.unpatch_llama()  # unpatching twice is harmless
-        # unpatched: a fastmax model still runs (stateless), but generate keeps a DynamicCache
+        fastmax_hf.integration.disable()
+        fastmax_hf.integration.disable()  # unpatching twice is harmless
+        assert PreTrainedModel.__dict__["get_correct_attn_implementation"] is not resolution
+        assert patches._ORIGINAL_RESOLUTION is patches._MISSING
+        assert GenerationMixin._prepare_cache_for_generation is not prepare_cache
+        # unpatched: fastmax options no longer choose the implementation, and generate keeps a DynamicCache
+        assert build(llama_config(), None).config._attn_implementation == "sdpa"
         model = build(llama_config())
         out = model.generate(prompts(9, 5)[0][None], max_new_tokens=2, do_sample=False,
                              return_dict_in_generate=True, pad_token_id=0)
         assert isinstance(returned_cache(out), DynamicCache)
     finally:
         fastmax_hf.integration.enable()
-        fastmax_hf.patch_llama()  # patching twice does not wrap the wrapper
-    wrapper = modeling_llama.LlamaAttention.__dict__["forward"]
-    assert wrapper.__fastmax_original__ is llama_original
-    assert modeling_gpt2.GPT2Attention.__dict__["forward"].__fastmax_original__ is gpt2_original
+        fastmax_hf.integration.enable()  # patching twice does not wrap the wrapper
+    assert PreTrainedModel.get_correct_attn_implementation is resolution
+    assert GenerationMixin._prepare_cache_for_generation is prepare_cache
+    assert patches._ORIGINAL_RESOLUTION is not resolution
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading a converted model; families that cannot work
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_of", [llama_config, gpt2_config])
+def test_saved_fastmax_model_reloads_as_fastmax_unless_told_otherwise(tmp_path, config_of):
+    model = build(config_of())
+    model.save_pretrained(tmp_path)
+    ids, mask = left_pad(prompts(22, 7, 4))
+    expected = model(input_ids=ids, attention_mask=mask).logits
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()  # no attn_implementation
+    assert reloaded.config._attn_implementation == "fastmax"
+    # equal to rounding (the reloaded model's rotary frequencies are computed afresh)
+    assert rel_err(reloaded(input_ids=ids, attention_mask=mask).logits, expected) < 1e-12
+    out = greedy(reloaded, ids, 6, attention_mask=mask, return_dict_in_generate=True)
+    assert isinstance(returned_cache(out), FastmaxCache)
+    assert torch.equal(out.sequences, greedy(model, ids, 6, attention_mask=mask))
+
+    sdpa = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="sdpa").eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    sdpa_logits = sdpa(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()  # sdpa's fully padded query rows aside
+    assert (sdpa_logits - expected)[real].abs().max() > 1e-3  # the same weights, another attention
+
+
+def test_config_without_fastmax_options_keeps_transformers_default():
+    config = llama_config()
+    del config.fastmax
+    assert build(config, None).config._attn_implementation == "sdpa"
+    assert build(llama_config(), "eager").config._attn_implementation == "eager"  # an explicit name wins
+
+
+def test_family_with_its_own_attention_dispatch_is_refused_by_name():
+    falcon = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    with pytest.raises(FastmaxUnsupportedError, match=r"model family 'falcon' \(FalconForCausalLM\)"):
+        AutoModelForCausalLM.from_config(copy.deepcopy(falcon), attn_implementation="fastmax")
+    set_fastmax_config(falcon)  # options in the config: refused too, rather than quietly loaded as sdpa
+    with pytest.raises(FastmaxUnsupportedError, match="own implementation"):
+        AutoModelForCausalLM.from_config(copy.deepcopy(falcon))
+    assert build(falcon, "sdpa").config._attn_implementation == "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,20 +535,21 @@ def test_other_patched_families_generate_exactly(config_class):
     assert torch.equal(out.sequences, greedy(model, ids, 10, use_cache=False))
 
 
-def test_unpatched_family_falls_back_to_kv_cache_with_one_warning():
-    config = OlmoConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0)
+def test_kv_cache_family_keeps_the_kv_cache_with_one_warning():
+    config = DiffLlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, bos_token_id=1,
+                             eos_token_id=2, pad_token_id=0)
     set_fastmax_config(config, **OPTIONS)
     model = build(config)
     ids = prompts(17, 6)[0][None]
-    notices.WARNED.discard(f"no-state:{type(model).__name__}")
-    with pytest.warns(UserWarning, match="no recurrent-state patch"):
-        cached = greedy(model, ids, 10)
+    notices.WARNED.discard("kv-cache:diffllama")
+    with pytest.warns(UserWarning, match="keeps transformers' key/value cache for 'diffllama'"):
+        cached = greedy(model, ids, 10, return_dict_in_generate=True)
+    assert type(returned_cache(cached)) is DynamicCache
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         greedy(model, ids, 2)  # warned once only
-    assert torch.equal(cached, greedy(model, ids, 10, use_cache=False))
+    assert torch.equal(cached.sequences, greedy(model, ids, 10, use_cache=False))
 
 
 def test_generation_refusals(llama):
@@ -494,8 +563,11 @@ def test_generation_refusals(llama):
     with pytest.raises(ValueError, match="cannot be cropped"):
         cache.crop(-1)
     cache.crop(0)  # removing nothing is allowed
-    with pytest.raises(RuntimeError, match="not keys and values"):
-        cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8), 0)
+    # update() hands the layer over to the attention call that follows; a second update before it is refused
+    key = torch.zeros(1, 2, 1, 8, dtype=torch.float64)
+    assert cache.update(key, key, 0)[0] is key
+    with pytest.raises(RuntimeError, match="was not followed by a fastmax attention call"):
+        cache.update(key, key, 1)
     sdpa_model = build(llama_config(), "sdpa")
     with pytest.raises(RuntimeError, match="not keys and values"):
         sdpa_model(ids, use_cache=True, **{CACHE_KWARG: FastmaxCache(config=sdpa_model.config)})

@@ -1,9 +1,10 @@
 """Hugging Face Transformers integration: ``attn_implementation="fastmax"``.
 
 ``import fastmax_hf`` calls ``enable()``: it registers the attention and mask functions under
-"fastmax" and patches the Llama-family and GPT-2 attention classes and generate() so that fastmax
-models generate from a constant-size recurrent state (``FastmaxCache``). Every other attention
-implementation computes exactly what it did before; ``disable()`` reverts the patches.
+"fastmax" and applies the patches of ``patches.py`` (a model whose config carries fastmax options
+loads as fastmax; generate() gives fastmax models a constant-size ``FastmaxCache``, which every
+family fills through ``FastmaxCache.update``). Every other attention implementation computes
+exactly what it did before; ``disable()`` reverts the patches.
 """
 
 from .attention import ATTN_IMPLEMENTATION, fastmax_attention_forward, fastmax_attention_mask, register_fastmax
@@ -11,21 +12,19 @@ from .cache import FastmaxCache, FastmaxCacheLayer
 from .config import FastmaxConfig, get_fastmax_config, set_fastmax_config
 from .patches import (
     FAMILIES,
+    FAMILY_PATCHES,
+    KV_CACHE_FAMILIES,
+    REFUSED_CONFIG_OPTIONS,
+    REFUSED_FAMILIES,
+    FastmaxUnsupportedError,
+    check_family,
     patch_all,
+    patch_attn_resolution,
     patch_generation,
-    patch_gpt2,
-    patch_llama,
-    patch_mistral,
-    patch_qwen2,
-    patch_qwen3,
-    uses_recurrent_state,
     unpatch_all,
+    unpatch_attn_resolution,
     unpatch_generation,
-    unpatch_gpt2,
-    unpatch_llama,
-    unpatch_mistral,
-    unpatch_qwen2,
-    unpatch_qwen3,
+    uses_recurrent_state,
 )
 
 
@@ -43,29 +42,27 @@ def disable() -> None:
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "FAMILIES",
+    "FAMILY_PATCHES",
+    "KV_CACHE_FAMILIES",
     "FastmaxCache",
     "FastmaxCacheLayer",
     "FastmaxConfig",
+    "FastmaxUnsupportedError",
+    "REFUSED_CONFIG_OPTIONS",
+    "REFUSED_FAMILIES",
+    "check_family",
     "disable",
     "enable",
     "fastmax_attention_forward",
     "fastmax_attention_mask",
     "get_fastmax_config",
     "patch_all",
+    "patch_attn_resolution",
     "patch_generation",
-    "patch_gpt2",
-    "patch_llama",
-    "patch_mistral",
-    "patch_qwen2",
-    "patch_qwen3",
     "register_fastmax",
     "set_fastmax_config",
     "unpatch_all",
+    "unpatch_attn_resolution",
     "unpatch_generation",
-    "unpatch_gpt2",
-    "unpatch_llama",
-    "unpatch_mistral",
-    "unpatch_qwen2",
-    "unpatch_qwen3",
     "uses_recurrent_state",
 ]

@@ -11,9 +11,11 @@ Two functions are registered under the name "fastmax":
   through ``ALL_ATTENTION_FUNCTIONS`` with q (B, Hq, Nq, D) and k, v (B, Hk, Nk, D), K/V not
   repeated for grouped-query attention. It returns (output (B, Nq, Hq, Dv) contiguous, None).
 
-The attention function never sees the cache. The patched attention classes (``patches.py``)
-hand it the layer of a ``FastmaxCache`` through the keyword ``fastmax_cache_layer``; it then
-continues that layer's recurrent state instead of attending to keys and values.
+The attention function never sees the cache. ``FastmaxCache.update``, which every attention
+class calls just before its attention function, hands the layer over (``cache.take_hand_over``);
+a caller can also pass a ``FastmaxCacheLayer`` in the keyword ``fastmax_cache_layer``. The
+function then continues that layer's recurrent state with the new tokens instead of attending to
+cached keys and values.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ..functional import fastmax_with_options
 from ..notices import warn_once
 from ..options import FastmaxOptions
 from ..stages import apply_dropout
+from .cache import take_hand_over
 from .config import get_fastmax_config
 
 ATTN_IMPLEMENTATION = "fastmax"
@@ -70,14 +73,38 @@ def fastmax_attention_mask(
 # ---------------------------------------------------------------------------------------------
 
 
+def _layer_type(module, cache_layer) -> str:
+    """The layer type of a windowed layer as the cache or the config names it, else "sliding_attention"."""
+    if cache_layer is not None and getattr(cache_layer, "layer_type", None):
+        return cache_layer.layer_type
+    layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if layer_types is not None and isinstance(layer_idx, int) and layer_idx < len(layer_types):
+        return str(layer_types[layer_idx])
+    return "sliding_attention"
+
+
+def _check_window(module, cache_layer, window: int | None, positions: int) -> None:
+    """Sliding-window (and chunked) layers: exact while every position fits in the window, refused beyond.
+
+    A query at position p of a sliding layer sees the keys p - window + 1 .. p; while the sequence
+    has at most ``window`` positions that is every previous key, which is what fastmax attends to.
+    Beyond it fastmax would attend to keys the layer must not see: refuse, naming the layer type."""
+    if window is None or positions <= window:
+        return
+    raise ValueError(
+        f"attn_implementation='fastmax' attends to every previous token, but layer {getattr(module, 'layer_idx', '?')} "
+        f"({type(module).__name__}, layer type {_layer_type(module, cache_layer)!r}) has a sliding window of {window} tokens and "
+        f"this call covers {positions} positions. Up to the window the two are the same; beyond it fastmax has no "
+        "sliding window. To convert the model to full fastmax attention set, before building it, "
+        "`config.sliding_window = None` (Mistral, Mixtral, Phi3, Starcoder2, ...), `config.use_sliding_window = False` "
+        "(Qwen2, Qwen2-MoE), or `config.layer_types = ['full_attention'] * config.num_hidden_layers` (models with "
+        "alternating layer types such as Gemma2/3, Cohere2, GPT-OSS)."
+    )
+
+
 def _refuse_unsupported(kwargs: dict) -> None:
     """Options of other attention implementations that Fastmax cannot honour: refuse, never ignore."""
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(
-            f"attn_implementation='fastmax' attends to every previous token, but this layer asks for a sliding "
-            f"window of {kwargs['sliding_window']} tokens. Set `config.sliding_window = None` (Mistral) or "
-            "`config.use_sliding_window = False` (Qwen2) before building the model to convert it to fastmax."
-        )
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='fastmax' has no logit soft-capping (`softcap`); this model needs it")
     if kwargs.get("position_bias") is not None:
@@ -239,15 +266,22 @@ def fastmax_attention_forward(
     Returns:
         (output (B, Nq, Hq, Dv) contiguous, None): fastmax never forms attention weights.
     """
+    # First, whatever fails below: take the layer a FastmaxCache.update() handed over for these key/value.
+    cache_layer = kwargs.get(CACHE_LAYER_KWARG)
+    if cache_layer is None:
+        cache_layer = take_hand_over(getattr(module, "layer_idx", None), key, value)
     config = get_fastmax_config(module.config)
     _refuse_unsupported(kwargs)
     options = config.options_for(scaling, head_dim=query.shape[-1])
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     batch, len_q, len_k = query.shape[0], query.shape[2], key.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is None and cache_layer is not None:
+        window = cache_layer.sliding_window
 
-    cache_layer = kwargs.get(CACHE_LAYER_KWARG)
     if cache_layer is not None:
+        _check_window(module, cache_layer, window, cache_layer.get_seq_length() + len_q)
         # The mask spans every token seen so far, the keys only the new ones.
         mask_length = attention_mask.shape[-1] if isinstance(attention_mask, torch.Tensor) else len_k
         key_padding_mask = _padding_mask(attention_mask, batch, mask_length)
@@ -256,6 +290,7 @@ def fastmax_attention_forward(
         out = apply_dropout(out, dropout)  # the step has no dropout of its own
         return out.transpose(1, 2).contiguous(), None
 
+    _check_window(module, None, window, len_k)
     key_padding_mask = _padding_mask(attention_mask, batch, len_k)
     fastmax_kwargs = dict(causal=bool(is_causal), dropout=dropout, backend=config.backend)
     spans = _document_spans(kwargs, batch, len_q, len_k, has_padding=key_padding_mask is not None)

@@ -8,26 +8,87 @@ cannot do follows from that: ``crop`` (assisted decoding, rollback) would need t
 earlier positions, and a static cache preallocates per-token slots that fastmax never uses.
 Both are refused.
 
-The layers are filled by the patched attention classes (``patches.py``) through the attention
-function; ``update(key_states, value_states)``, the K/V interface every other attention
-implementation uses, raises rather than silently storing nothing.
+One mechanism for every family. Every attention class that goes through
+``ALL_ATTENTION_FUNCTIONS`` does, in transformers' own code,
+
+    key, value = cache.update(key, value, self.layer_idx, ...)     # (B, Hk, n, D): the n new tokens
+    out, _ = attention_interface(self, query, key, value, attention_mask, ...)
+
+``FastmaxCache.update`` keeps nothing: it returns the new tokens' key and value unchanged and
+hands its layer over (``hand_over``) to the attention function that the same module calls next.
+``fastmax_attention_forward`` takes the hand-over (``take_hand_over``: the next attention call,
+whose key/value must hold the same batch and tokens as update()'s), continues that layer's state
+with the new tokens and folds them in. A hand-over that no fastmax attention call takes (a
+non-fastmax attention implementation) raises at the next update instead of computing attention
+over the new tokens only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..options import FastmaxOptions
 from ..recurrent import FastmaxState, step_with_options
 
 _NO_KV = (
-    "FastmaxCache keeps Fastmax's recurrent state, not keys and values, so `{method}` is not available. "
-    "It is filled by the attention classes that `fastmax_hf` patches (Llama family, GPT-2) when the model "
-    "uses attn_implementation='fastmax'; use a DynamicCache for other models or attention implementations."
+    "FastmaxCache keeps Fastmax's recurrent state, not keys and values, so {what}. It serves models built with "
+    "attn_implementation='fastmax' only; use a DynamicCache for other attention implementations."
 )
+
+# The layer whose update() ran last in this thread, waiting for its attention call:
+# _HAND_OVER.pending = (layer_idx, layer, key (B, Hk, n, D), value (B, Hk, n, Dv)) or None.
+_HAND_OVER = threading.local()
+
+
+def hand_over(layer_idx: int, layer: "FastmaxCacheLayer", key: torch.Tensor, value: torch.Tensor) -> None:
+    """Record that ``layer`` waits for the attention call of module ``layer_idx`` with these key/value."""
+    pending = getattr(_HAND_OVER, "pending", None)
+    _HAND_OVER.pending = None
+    if pending is not None:
+        raise RuntimeError(
+            f"FastmaxCache: layer {pending[0]}'s update() was not followed by a fastmax attention call (its new "
+            f"tokens were never folded into the state) before layer {layer_idx}'s update(). " + _NO_KV.format(
+                what="an attention implementation other than 'fastmax' would have attended to the new tokens only")
+        )
+    _HAND_OVER.pending = (layer_idx, layer, key, value)
+
+
+def take_hand_over(layer_idx, key: torch.Tensor, value: torch.Tensor) -> "FastmaxCacheLayer | None":
+    """The FastmaxCacheLayer whose update() the model called just before this attention call, or None.
+
+    The model may turn what update() returned into the attention's key/value by a function of each
+    token alone (multi-head latent attention expands its cached latents into keys and values;
+    mixture-of-attention repeats heads): the state then folds in what the attention function
+    receives, exactly as a full recomputation would. It may not change which tokens they hold:
+    a key/value whose batch or token count differs from update()'s is refused. A module may update
+    the cache under another index than its own ``layer_idx`` (a layer run several times)."""
+    pending = getattr(_HAND_OVER, "pending", None)
+    if pending is None:
+        return None
+    _HAND_OVER.pending = None  # taken once, whatever happens next
+    pending_idx, layer, pending_key, pending_value = pending
+    # (B, n): batch and new tokens of update()'s key and value, and of the attention's
+    handed = {tuple(pending_key.shape[:1]) + tuple(pending_key.shape[-2:-1]),
+              tuple(pending_value.shape[:1]) + tuple(pending_value.shape[-2:-1])}
+    received = {tuple(key.shape[:1]) + tuple(key.shape[-2:-1]), tuple(value.shape[:1]) + tuple(value.shape[-2:-1])}
+    if handed != received or len(handed) != 1:
+        raise RuntimeError(
+            f"FastmaxCache: the update() of cache layer {pending_idx} was given (batch, tokens) {sorted(handed)}, but "
+            f"the attention call of layer {layer_idx} received keys/values of {sorted(received)}. This model changes "
+            "which tokens attention sees after the cache update, which a recurrent state cannot follow; generate "
+            "with use_cache=False or a DynamicCache."
+        )
+    return layer
+
+
+def clear_hand_over() -> None:
+    """Drop a pending hand-over (after an exception between update() and the attention call)."""
+    _HAND_OVER.pending = None
 
 
 def _map_state(state: FastmaxState, fn) -> FastmaxState:
@@ -45,10 +106,14 @@ class FastmaxCacheLayer(CacheLayerMixin):
 
     is_compileable = False
     is_croppable = False
-    is_sliding = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, layer_type: str = "full_attention", sliding_window: int | None = None, **kwargs):
+        """``sliding_window``: the window of a sliding/chunked layer, up to which full fastmax attention is
+        what the layer computes; the attention function refuses to attend to more positions."""
         super().__init__()
+        self.layer_type = layer_type
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
         self.state: FastmaxState | None = None
         # Positions seen, padding included: transformers derives positions and mask sizes from it.
         self.seen_tokens = 0
@@ -58,7 +123,9 @@ class FastmaxCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        raise RuntimeError(_NO_KV.format(method="update(key_states, value_states)"))
+        raise RuntimeError(
+            "FastmaxCacheLayer.update needs the layer index: call FastmaxCache.update(key, value, layer_idx)"
+        )
 
     def step(
         self,
@@ -145,12 +212,91 @@ class FastmaxCacheLayer(CacheLayerMixin):
             self.state = _map_state(self.state, lambda t: t.to(self.device, non_blocking=True))
 
 
+def _layer_types(decoder_config) -> tuple[list[str], list[dict]]:
+    """(layer type, kwargs) per decoder layer, as transformers' DynamicCache reads them from the config."""
+    reader = getattr(cache_utils, "get_layer_types_and_kwargs", None)  # transformers >= 5.2x
+    if reader is not None:
+        return reader(decoder_config)
+    n = decoder_config.num_hidden_layers
+    types = list(getattr(decoder_config, "layer_types", None) or ["full_attention"] * n)
+    window = getattr(decoder_config, "sliding_window", None)
+    return types, [dict(sliding_window=window) if t == "sliding_attention" else {} for t in types]
+
+
+class FastmaxHybridLayer(cache_utils.LinearAttentionLayer, FastmaxCacheLayer):
+    """A "hybrid" layer (Falcon-H1, Zamba): a mamba/linear-attention state beside a fastmax state.
+
+    Mirrors transformers' LinearAttentionAndFullAttentionLayer with the key/value part replaced by
+    FastmaxCacheLayer; both parts have a constant size."""
+
+    is_compileable = False
+
+    def __init__(self, number_of_states: int = 1, layer_type: str = "hybrid", sliding_window: int | None = None,
+                 **kwargs):
+        FastmaxCacheLayer.__init__(self, layer_type=layer_type, sliding_window=sliding_window)
+        cache_utils.LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+
+    def lazy_initialization(self, *args, **kwargs) -> None:
+        if len(args) == 2 and not kwargs:  # the fastmax step: (key, value)
+            FastmaxCacheLayer.lazy_initialization(self, *args)
+        else:  # update_conv_state / update_recurrent_state: keyword states
+            cache_utils.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+
+    def _both(name):
+        def method(self, *args):
+            getattr(cache_utils.LinearAttentionLayer, name)(self, *args)
+            getattr(FastmaxCacheLayer, name)(self, *args)
+        method.__name__ = name
+        return method
+
+    offload = _both("offload")
+    prefetch = _both("prefetch")
+    reset = _both("reset")
+    reorder_cache = _both("reorder_cache")
+    batch_repeat_interleave = _both("batch_repeat_interleave")
+    batch_select_indices = _both("batch_select_indices")
+    crop = _both("crop")
+    del _both
+
+    def get_seq_length(self) -> int:
+        return FastmaxCacheLayer.get_seq_length(self)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return FastmaxCacheLayer.get_mask_sizes(self, query_length)
+
+
+# Layer types whose cache layer FastmaxCache builds. Attention layers keep a fastmax state (sliding
+# and chunked ones are exact full attention up to their window, refused beyond it); hybrid layers
+# keep a fastmax state beside their linear-attention state; layers without attention keep
+# transformers' own constant-size layers. Any other type is refused by name.
+FASTMAX_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+HYBRID_LAYER_TYPES = ("hybrid", "hybrid_sliding")
+NON_ATTENTION_LAYER_TYPES = ("conv", "linear_attention", "dummy")
+
+
+def _cache_layer(layer_type: str, kwargs: dict, model_type: str):
+    if layer_type in FASTMAX_LAYER_TYPES:
+        return FastmaxCacheLayer(layer_type=layer_type, sliding_window=kwargs.get("sliding_window"))
+    if layer_type in HYBRID_LAYER_TYPES:
+        return FastmaxHybridLayer(number_of_states=kwargs.get("number_of_states", 1), layer_type=layer_type,
+                                  sliding_window=kwargs.get("sliding_window"))
+    if layer_type in NON_ATTENTION_LAYER_TYPES:
+        return cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs)
+    raise ValueError(
+        f"FastmaxCache cannot serve {model_type!r} layers of type {layer_type!r} (fastmax keeps a recurrent state "
+        f"for {', '.join(FASTMAX_LAYER_TYPES + HYBRID_LAYER_TYPES)} layers only); generate with use_cache=False"
+    )
+
+
 class FastmaxCache(Cache):
-    """One ``FastmaxCacheLayer`` per decoder layer; what ``generate()`` uses for fastmax models.
+    """One cache layer per decoder layer; what ``generate()`` uses for fastmax models.
 
     Args:
-        config: the model config (its decoder's ``num_hidden_layers`` sizes the layer list). Without
-            it, layers are added as they are first used.
+        config: the model config. Its decoder's layer types size and shape the layer list: a
+            ``FastmaxCacheLayer`` per attention layer, transformers' own layer for conv / linear
+            attention / attention-free layers. It is also checked at every update: a cache built for a
+            config whose ``_attn_implementation`` is not "fastmax" refuses to be filled. Without a
+            config, fastmax layers are added as they are first used.
 
     Example:
 
@@ -160,29 +306,51 @@ class FastmaxCache(Cache):
     """
 
     def __init__(self, config=None, num_hidden_layers: int | None = None):
-        if num_hidden_layers is None and config is not None:
-            num_hidden_layers = config.get_text_config(decoder=True).num_hidden_layers
-        if num_hidden_layers is None:
-            super().__init__(layer_class_to_replicate=FastmaxCacheLayer)
-        else:
+        self.config = None if config is None else config.get_text_config(decoder=True)
+        if self.config is not None and num_hidden_layers is None:
+            types, kwargs = _layer_types(self.config)
+            model_type = getattr(self.config, "model_type", "?")
+            super().__init__(layers=[_cache_layer(t, kw, model_type) for t, kw in zip(types, kwargs)])
+        elif num_hidden_layers is not None:
             super().__init__(layers=[FastmaxCacheLayer() for _ in range(num_hidden_layers)])
+        else:
+            super().__init__(layer_class_to_replicate=FastmaxCacheLayer)
 
     def layer(self, layer_idx: int) -> FastmaxCacheLayer:
-        """The layer ``layer_idx``, created on first use when the cache was built without a config."""
+        """The fastmax layer ``layer_idx``, created on first use when the cache was built without a config."""
         if self.layer_class_to_replicate is not None:
             while len(self.layers) <= layer_idx:
                 self.layers.append(self.layer_class_to_replicate())
         if layer_idx >= len(self.layers):
             raise IndexError(f"FastmaxCache has {len(self.layers)} layers, layer {layer_idx} was asked for")
-        return self.layers[layer_idx]
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, FastmaxCacheLayer):
+            raise RuntimeError(f"layer {layer_idx} of this FastmaxCache is a {type(layer).__name__}, not an attention layer")
+        return layer
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        raise RuntimeError(_NO_KV.format(method="update(key_states, value_states, layer_idx)"))
+        """Hand layer ``layer_idx`` over to the attention call that follows; return the new key/value unchanged.
+
+        key_states (B, Hk, n, D), value_states (B, Hk, n, Dv): the n new tokens (after RoPE). Nothing
+        is stored here: ``fastmax_attention_forward`` folds them into the state after attending.
+        """
+        implementation = getattr(self.config, "_attn_implementation", None)
+        if self.config is not None and implementation != "fastmax":
+            raise RuntimeError(_NO_KV.format(what=f"a model using attn_implementation={implementation!r} cannot fill it"))
+        hand_over(layer_idx, self.layer(layer_idx), key_states, value_states)
+        return key_states, value_states
 
     def crop(self, tokens_to_remove: int) -> None:
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
     def nbytes(self) -> int:
-        """Bytes held by the recurrent states of every layer."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes held by the cache's layers (recurrent states, and the constant-size states of conv/linear layers)."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, FastmaxCacheLayer):
+                total += layer.nbytes()
+            for name in ("conv_states", "recurrent_states"):  # linear-attention parts: {state_idx: tensor}
+                held = getattr(layer, name, None) or {}
+                total += sum(t.numel() * t.element_size() for t in held.values() if isinstance(t, torch.Tensor))
+        return total

@@ -1,203 +1,256 @@
-"""Constant-memory generation: patched attention classes and generate()'s cache choice.
+"""What ``import fastmax_hf`` changes in transformers, each change small, named and revertible.
 
-The attention function never sees the cache, so the attention classes' ``forward`` is wrapped.
-The wrapper is a pass-through (the original forward, called with the very same arguments) unless
+Two patches apply to every model; the per-family table ``FAMILY_PATCHES`` holds what one family
+needs beyond them (empty when transformers' own code suffices, as it does in 5.24):
 
-    the module's config uses attn_implementation="fastmax"  and  its cache is a FastmaxCache.
-
-Then it calls the original forward with the cache set to None and the module's
-``FastmaxCacheLayer`` in the keyword ``fastmax_cache_layer``, which these forwards pass on to the
-attention function: projections, q/k norms and RoPE run exactly as the model wrote them (RoPE is
-applied before attention), and the attention function continues the layer's recurrent state with
-the new tokens instead of attending to cached keys and values. sdpa, eager and every other
-implementation take the first branch and compute exactly what they computed before the patch.
-
-Families (one small function each, revertible):
-    patch_llama / unpatch_llama       LlamaAttention
-    patch_mistral / unpatch_mistral   MistralAttention
-    patch_qwen2 / unpatch_qwen2       Qwen2Attention
-    patch_qwen3 / unpatch_qwen3       Qwen3Attention
-    patch_gpt2 / unpatch_gpt2         GPT2Attention (self-attention; cross-attention is untouched)
+    patch_attn_resolution / unpatch_attn_resolution
+        ``PreTrainedModel.get_correct_attn_implementation``, where transformers turns the requested
+        implementation (None when the caller named none) into the one the model uses. A model whose
+        config carries fastmax options (``config.fastmax``, written by ``set_fastmax_config`` and saved
+        in config.json) resolves None to "fastmax": ``from_pretrained(path)`` reloads a converted model
+        as fastmax, ``from_pretrained(path, attn_implementation="sdpa")`` as sdpa. Whenever the result is
+        "fastmax", the family is checked (``check_family``): a family whose attention does not go through
+        ``ALL_ATTENTION_FUNCTIONS`` (Falcon's own dispatch, for example) or whose config asks for what
+        fastmax cannot compute (logit soft-capping) is refused here, at from_config / from_pretrained,
+        with an error naming the family and, where there is one, the config change that converts it.
     patch_generation / unpatch_generation
-                                      generate() builds a FastmaxCache for fastmax models
+        ``GenerationMixin._prepare_cache_for_generation``: wherever transformers would build its default
+        ``DynamicCache`` for a fastmax model, a ``FastmaxCache`` (constant size) is used instead.
 
-Both spellings of the cache argument are handled: ``past_key_values`` (transformers 5.17) and
-``cache`` (5.24, which still accepts the old name).
+The recurrent state itself needs no patch: ``FastmaxCache.update`` hands each layer over to the
+attention function (see ``cache.py``), which every family calls through ``ALL_ATTENTION_FUNCTIONS``.
+Every other attention implementation computes exactly what it computed before the patches.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import importlib
 import inspect
+import re
+import sys
 from collections.abc import Callable
 
+import transformers
+
 from ..notices import warn_once
-from .attention import ATTN_IMPLEMENTATION, CACHE_LAYER_KWARG
+from .attention import ATTN_IMPLEMENTATION
 from .cache import FastmaxCache
+from .config import CONFIG_ATTRIBUTE
 
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 
-FAMILIES: dict[str, tuple[tuple[str, str], ...]] = {
-    "llama": (("transformers.models.llama.modeling_llama", "LlamaAttention"),),
-    "mistral": (("transformers.models.mistral.modeling_mistral", "MistralAttention"),),
-    "qwen2": (("transformers.models.qwen2.modeling_qwen2", "Qwen2Attention"),),
-    "qwen3": (("transformers.models.qwen3.modeling_qwen3", "Qwen3Attention"),),
-    "gpt2": (("transformers.models.gpt2.modeling_gpt2", "GPT2Attention"),),
+# The model types that scripts/finetune.py converts (each tested end to end there). Every family
+# that passes ``check_family`` runs with fastmax; the README's coverage table says which generate
+# from the recurrent state (tests/test_families.py).
+FAMILIES: tuple[str, ...] = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which families fastmax can serve
+# ---------------------------------------------------------------------------------------------
+
+
+class FastmaxUnsupportedError(ValueError):
+    """A model family or config that attn_implementation="fastmax" cannot serve.
+
+    Attributes:
+        family: the config's model_type.
+        reason: what fastmax lacks, in a few words ("own attention dispatch", "attention sinks", ...).
+        fix: config attributes that convert the model (e.g. ``{"attn_logit_softcapping": None}``),
+            or None when no config change can.
+    """
+
+    def __init__(self, message: str, family: str, reason: str, fix: dict | None = None):
+        super().__init__(message)
+        self.family = family
+        self.reason = reason
+        self.fix = fix
+
+
+_SINKS = (
+    "attention sinks",
+    "its attention adds learned attention sinks (`s_aux`) to the softmax denominator, which fastmax's "
+    "normalised polynomial kernel has no counterpart for",
+)
+_POSITION_BIAS = (
+    "position bias", "its attention adds a position bias to every score, which the factorised kernel never forms"
+)
+_OWN_MASK = (
+    "own 4-D mask",
+    "its attention reads the attention mask itself as a 4-D (B, H, Nq, Nk) tensor of scores, which fastmax's "
+    "2-D padding mask is not",
+)
+_INDEXER = (
+    "own 4-D mask",
+    "its sparse-attention indexer reads the attention mask itself as a 4-D (B, 1, Nq, Nk) tensor, which "
+    "fastmax's 2-D padding mask is not",
+)
+_NOT_CAUSAL = (
+    "decoder not marked causal",
+    "its decoder self-attention is not marked causal (is_causal=False) and relies on a materialised causal mask, "
+    "which fastmax never builds (causality is a flag of its kernel)",
+)
+OWN_DISPATCH = "own attention dispatch"
+
+# model_type -> (reason in a few words, why fastmax cannot serve it), for families that pass the
+# generic checks of check_family but cannot work (found by tests/test_families.py on transformers 5.24).
+REFUSED_FAMILIES: dict[str, tuple[str, str]] = {
+    "git": (OWN_DISPATCH, "its self-attention picks its class from its own table (GIT_SELF_ATTENTION_CLASSES), "
+                          "which has no 'fastmax' entry"),
+    "deepseek_v4": _SINKS,
+    "flint": _SINKS,
+    "gpt_oss": _SINKS,
+    "granite_swa": _SINKS,
+    "granitemoe_swa": _SINKS,
+    "mimo_v2_flash": _SINKS,
+    "inkling_text": _POSITION_BIAS,
+    "inkling2_text": _POSITION_BIAS,
+    "inkling2_loop_text": _POSITION_BIAS,
+    "doge": _OWN_MASK,
+    "hy_v4": _OWN_MASK,
+    "axk2": _INDEXER,
+    "deepseek_v32": _INDEXER,
+    "dots3_note": _INDEXER,
+    "dots3_note_text": _INDEXER,
+    "bigbird_pegasus": _NOT_CAUSAL,
 }
 
+# model_type -> why generate() keeps transformers' key/value cache for it (exact, through the fastmax
+# attention function, but growing with the sequence) instead of a FastmaxCache.
+KV_CACHE_FAMILIES: dict[str, str] = {
+    "diffllama": "its attention splits the cached values in two halves and calls the attention function twice",
+    "mllama_text_model": "its cross-attention layers keep the image's keys and values in the cache (Mllama)",
+    "minimax": "it builds its own MiniMaxCache, which holds its lightning-attention states beside keys and values",
+}
+
+# Config attributes whose non-None value asks for something fastmax's kernel cannot compute.
+REFUSED_CONFIG_OPTIONS: dict[str, str] = {
+    "attn_logit_softcapping": "logit soft-capping",
+}
+
+
+def _dispatches_through_interface(model_class: type) -> bool:
+    """Whether ``model_class``'s attention goes through ``ALL_ATTENTION_FUNCTIONS``.
+
+    transformers answers this itself (``_can_set_attn_implementation``, a check of the modeling file's
+    source); when that helper is missing (another transformers release) the same check is made here."""
+    helper = getattr(model_class, "_can_set_attn_implementation", None)
+    if helper is not None:
+        return bool(helper())
+    module = sys.modules.get(model_class.__module__)
+    try:
+        code = inspect.getsource(module)
+    except (OSError, TypeError):
+        return True  # no source to read: let transformers' own dispatch decide
+    if re.search(r"^class \w*Attention\w*\(nn\.Module\):", code, re.MULTILINE):
+        return "ALL_ATTENTION_FUNCTIONS" in code
+    return True
+
+
+def check_family(model_class: type, config) -> None:
+    """Raise ``FastmaxUnsupportedError`` naming the family when fastmax cannot serve this model."""
+    family = getattr(config, "model_type", None) or model_class.__name__
+    name = f"{family!r} ({model_class.__name__})"
+    if family in REFUSED_FAMILIES:
+        reason, why = REFUSED_FAMILIES[family]
+        raise FastmaxUnsupportedError(f"attn_implementation='fastmax' cannot serve model family {name}: {why}",
+                                      family, reason)
+    if not _dispatches_through_interface(model_class):
+        raise FastmaxUnsupportedError(
+            f"attn_implementation='fastmax' cannot serve model family {name}: its attention classes do not call "
+            "transformers' ALL_ATTENTION_FUNCTIONS (they choose their own implementation), so no registered "
+            "attention function is ever reached. Use attn_implementation='sdpa' or 'eager' for this family.",
+            family,
+            OWN_DISPATCH,
+        )
+    for attribute, meaning in REFUSED_CONFIG_OPTIONS.items():
+        if getattr(config, attribute, None) is not None:
+            raise FastmaxUnsupportedError(
+                f"attn_implementation='fastmax' cannot serve model family {name} as configured: "
+                f"`config.{attribute} = {getattr(config, attribute)!r}` asks for {meaning} (a function of each "
+                f"score), which the factorised kernel never forms. To convert the model, set "
+                f"`config.{attribute} = None` before building it.",
+                family,
+                meaning,
+                fix={attribute: None},
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention resolution: a model with fastmax options loads as fastmax
+# ---------------------------------------------------------------------------------------------
+
 _MISSING = object()
-# class -> what its __dict__ held under "forward" before patching (_MISSING if inherited)
-_ORIGINAL_FORWARDS: dict[type, object] = {}
+_ORIGINAL_RESOLUTION: object = _MISSING
 _ORIGINAL_PREPARE_CACHE: object = _MISSING
+RESOLUTION_METHOD = "get_correct_attn_implementation"
 
 
-# ---------------------------------------------------------------------------------------------
-# Attention classes
-# ---------------------------------------------------------------------------------------------
+def _pretrained_model_class() -> type:
+    from transformers import PreTrainedModel
+
+    return PreTrainedModel
 
 
-def _uses_fastmax(module) -> bool:
-    config = getattr(module, "config", None)
-    return getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+def _resolution_method() -> Callable:
+    """transformers' resolution method, checked to be the one this patch was written against."""
+    original = _pretrained_model_class().__dict__.get(RESOLUTION_METHOD)
+    if original is None or list(inspect.signature(original).parameters)[:2] != ["self", "requested_attention"]:
+        raise RuntimeError(
+            f"fastmax_hf reloads converted models as fastmax through PreTrainedModel.{RESOLUTION_METHOD}(self, "
+            f"requested_attention, ...), which transformers {transformers.__version__} does not have in that form. "
+            "Please report this; until it is fixed, pass attn_implementation='fastmax' explicitly."
+        )
+    return original
 
 
-def _fastmax_self_cache(cache):
-    """The FastmaxCache that serves self-attention, looking inside an EncoderDecoderCache; else None."""
-    cache = getattr(cache, "self_attention_cache", cache)
-    return cache if isinstance(cache, FastmaxCache) else None
+def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+    """``PreTrainedModel.get_correct_attn_implementation``: fastmax options in the config make fastmax the default.
+
+    ``requested_attention`` is None exactly when the caller named no implementation (transformers
+    would then choose sdpa or eager); an explicit name always wins. A "fastmax" result is checked
+    against the family (``check_family``)."""
+    if requested_attention is None and getattr(self.config, CONFIG_ATTRIBUTE, None) is not None:
+        requested_attention = ATTN_IMPLEMENTATION
+    resolved = _ORIGINAL_RESOLUTION(self, requested_attention, *args, **kwargs)
+    if resolved == ATTN_IMPLEMENTATION:
+        check_family(type(self), self.config)
+    return resolved
 
 
-def _stateful_forward(original: Callable) -> Callable:
-    """Wrap an attention forward so fastmax modules with a FastmaxCache continue its recurrent state."""
-    signature = inspect.signature(original)  # follows __wrapped__ past transformers' decorators
-    extra_kwargs_name = next(
-        (name for name, param in signature.parameters.items() if param.kind is inspect.Parameter.VAR_KEYWORD), None
-    )
-    if extra_kwargs_name is None:
-        raise TypeError(f"{original.__qualname__} takes no **kwargs: the attention function cannot receive the state")
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        if not _uses_fastmax(self) or getattr(self, "is_cross_attention", False):
-            return original(self, *args, **kwargs)
-
-        bound = signature.bind(self, *args, **kwargs)
-        extra = bound.arguments.setdefault(extra_kwargs_name, {})
-        # The cache may sit in a named parameter or, under the other version's name, in **kwargs.
-        located = None
-        for name in CACHE_ARGUMENT_NAMES:
-            if name in signature.parameters and bound.arguments.get(name) is not None:
-                located = (bound.arguments, name)
-            elif extra.get(name) is not None:
-                located = (extra, name)
-            if located is not None:
-                break
-        cache = _fastmax_self_cache(located[0][located[1]]) if located is not None else None
-        if cache is None:
-            return original(self, *args, **kwargs)
-
-        located[0][located[1]] = None  # the module must not call cache.update(): there are no K/V to keep
-        extra[CACHE_LAYER_KWARG] = cache.layer(self.layer_idx)
-        return original(*bound.args, **bound.kwargs)
-
-    forward.__fastmax_original__ = original
-    return forward
-
-
-def _attention_classes(family: str) -> list[type]:
-    classes = []
-    for module_name, class_name in FAMILIES[family]:
-        module = importlib.import_module(module_name)
-        classes.append(getattr(module, class_name))
-    return classes
-
-
-def _patch_class(cls: type) -> None:
-    if cls in _ORIGINAL_FORWARDS:
-        return  # already patched: patching twice would wrap the wrapper
-    _ORIGINAL_FORWARDS[cls] = cls.__dict__.get("forward", _MISSING)
-    cls.forward = _stateful_forward(cls.forward)
-
-
-def _unpatch_class(cls: type) -> None:
-    original = _ORIGINAL_FORWARDS.pop(cls, None)
-    if original is None:
+def patch_attn_resolution() -> None:
+    """Models whose config carries fastmax options load with fastmax unless the caller names another."""
+    global _ORIGINAL_RESOLUTION
+    if _ORIGINAL_RESOLUTION is not _MISSING:
         return
-    if original is _MISSING:
-        del cls.forward
-    else:
-        cls.forward = original
+    _ORIGINAL_RESOLUTION = _resolution_method()
+    setattr(_pretrained_model_class(), RESOLUTION_METHOD, _get_correct_attn_implementation)
 
 
-def patch_family(family: str) -> None:
-    for cls in _attention_classes(family):
-        _patch_class(cls)
-
-
-def unpatch_family(family: str) -> None:
-    for cls in _attention_classes(family):
-        _unpatch_class(cls)
-
-
-def patch_llama() -> None:
-    """LlamaAttention keeps a FastmaxCache's recurrent state when the model uses "fastmax"."""
-    patch_family("llama")
-
-
-def unpatch_llama() -> None:
-    unpatch_family("llama")
-
-
-def patch_mistral() -> None:
-    """MistralAttention (same structure as Llama; sliding windows are refused by the attention function)."""
-    patch_family("mistral")
-
-
-def unpatch_mistral() -> None:
-    unpatch_family("mistral")
-
-
-def patch_qwen2() -> None:
-    """Qwen2Attention (same structure as Llama, with q/k/v biases)."""
-    patch_family("qwen2")
-
-
-def unpatch_qwen2() -> None:
-    unpatch_family("qwen2")
-
-
-def patch_qwen3() -> None:
-    """Qwen3Attention (Llama structure plus q/k RMSNorm, which the original forward still applies)."""
-    patch_family("qwen3")
-
-
-def unpatch_qwen3() -> None:
-    unpatch_family("qwen3")
-
-
-def patch_gpt2() -> None:
-    """GPT2Attention (self-attention; no RoPE, ``scaling`` already holds scale_attn_by_inverse_layer_idx)."""
-    patch_family("gpt2")
-
-
-def unpatch_gpt2() -> None:
-    unpatch_family("gpt2")
-
-
-def patched_classes() -> tuple[type, ...]:
-    return tuple(_ORIGINAL_FORWARDS)
-
-
-def uses_recurrent_state(model) -> bool:
-    """Whether ``model`` has attention modules that keep a FastmaxCache's state (patched and fastmax)."""
-    classes = patched_classes()
-    return any(isinstance(m, classes) and _uses_fastmax(m) for m in model.modules()) if classes else False
+def unpatch_attn_resolution() -> None:
+    global _ORIGINAL_RESOLUTION
+    if _ORIGINAL_RESOLUTION is _MISSING:
+        return
+    setattr(_pretrained_model_class(), RESOLUTION_METHOD, _ORIGINAL_RESOLUTION)
+    _ORIGINAL_RESOLUTION = _MISSING
 
 
 # ---------------------------------------------------------------------------------------------
 # generate(): a FastmaxCache instead of a DynamicCache
 # ---------------------------------------------------------------------------------------------
+
+
+def _uses_fastmax(config) -> bool:
+    return getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+def uses_recurrent_state(model) -> bool:
+    """Whether generate() gives ``model`` a FastmaxCache: its decoder uses fastmax, generation is patched and
+    the family is not one that keeps a key/value cache (``KV_CACHE_FAMILIES``)."""
+    text_config = model.config.get_text_config(decoder=True)
+    return (_ORIGINAL_PREPARE_CACHE is not _MISSING and _uses_fastmax(text_config)
+            and not {model.config.model_type, text_config.model_type} & set(KV_CACHE_FAMILIES))
 
 
 def _is_assisted(generation_config, generation_mode) -> bool:
@@ -210,23 +263,22 @@ def _prepare_cache_for_generation(
 ):
     """GenerationMixin._prepare_cache_for_generation, choosing a FastmaxCache for fastmax models.
 
-    Models without fastmax take the original unchanged. Fastmax models whose attention classes are
-    patched get a FastmaxCache wherever transformers would have built its default DynamicCache;
-    requests that a recurrent state cannot serve (a static/offloaded/quantized cache, assisted
-    decoding) are refused. Fastmax models of other families keep the DynamicCache, which is
-    exact through the attention function (it sees every cached key) but grows with the sequence.
+    Models without fastmax take the original unchanged. For fastmax models, wherever transformers
+    would have built its default DynamicCache a FastmaxCache is used instead; requests that a
+    recurrent state cannot serve (a static/offloaded/quantized cache, assisted decoding) are refused.
+    A cache of another class that the model builds for itself is kept.
     """
     original = _ORIGINAL_PREPARE_CACHE
     text_config = self.config.get_text_config(decoder=True)
-    if getattr(text_config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+    if not _uses_fastmax(text_config):
         return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
-    if not uses_recurrent_state(self):
+    family = next((t for t in (self.config.model_type, text_config.model_type) if t in KV_CACHE_FAMILIES), None)
+    if family is not None:
         warn_once(
-            f"no-state:{type(self).__name__}",
-            f"fastmax_hf has no recurrent-state patch for {type(self).__name__}'s attention: generate() keeps "
-            "transformers' key/value cache and runs fastmax over all cached keys (exact, but its memory grows "
-            "with the sequence). Patched families: " + ", ".join(sorted(FAMILIES)),
+            f"kv-cache:{family}",
+            f"fastmax_hf keeps transformers' key/value cache for {family!r}: {KV_CACHE_FAMILIES[family]}. "
+            "Generation is exact (the attention function sees every cached key), but its memory grows with the sequence.",
         )
         return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
@@ -250,8 +302,15 @@ def _prepare_cache_for_generation(
         from transformers.cache_utils import DynamicCache
 
         for name in CACHE_ARGUMENT_NAMES:
-            if type(model_kwargs.get(name)) is DynamicCache:
+            built = model_kwargs.get(name)
+            if type(built) is DynamicCache:
                 model_kwargs[name] = FastmaxCache(config=text_config)
+            elif built is not None and not isinstance(built, FastmaxCache):
+                warn_once(
+                    f"own-cache:{type(built).__name__}",
+                    f"{type(self).__name__} builds its own {type(built).__name__}: generate() keeps it (exact, but a "
+                    "key/value cache grows with the sequence) instead of a constant-size FastmaxCache",
+                )
     return result
 
 
@@ -262,7 +321,14 @@ def patch_generation() -> None:
 
     if _ORIGINAL_PREPARE_CACHE is not _MISSING:
         return
-    _ORIGINAL_PREPARE_CACHE = GenerationMixin.__dict__["_prepare_cache_for_generation"]
+    original = GenerationMixin.__dict__.get("_prepare_cache_for_generation")
+    if original is None:
+        raise RuntimeError(
+            "fastmax_hf gives generate() a FastmaxCache through GenerationMixin._prepare_cache_for_generation, which "
+            f"transformers {transformers.__version__} does not have. Please report this; until it is fixed, pass "
+            "cache=FastmaxCache(config=model.config) to generate() yourself."
+        )
+    _ORIGINAL_PREPARE_CACHE = original
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
 
 
@@ -276,14 +342,59 @@ def unpatch_generation() -> None:
     _ORIGINAL_PREPARE_CACHE = _MISSING
 
 
+# ---------------------------------------------------------------------------------------------
+# Per-family patches (only where a family needs something the two patches above do not give)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyPatch:
+    """Replace ``attribute`` of ``module.owner`` by ``replacement`` (a function of the original)."""
+
+    family: str
+    module: str
+    owner: str
+    attribute: str
+    replacement: Callable[[Callable], Callable]
+    reason: str
+
+
+# One row per family that needs one; applied by patch_all, reverted by unpatch_all. Empty in
+# transformers 5.24: every family's attention calls cache.update() then ALL_ATTENTION_FUNCTIONS.
+FAMILY_PATCHES: tuple[FamilyPatch, ...] = ()
+_APPLIED: dict[FamilyPatch, object] = {}
+
+
+def _apply(patch: FamilyPatch) -> None:
+    if patch in _APPLIED:
+        return
+    owner = getattr(importlib.import_module(patch.module), patch.owner)
+    original = owner.__dict__.get(patch.attribute, _MISSING)
+    _APPLIED[patch] = original
+    setattr(owner, patch.attribute, patch.replacement(getattr(owner, patch.attribute)))
+
+
+def _revert(patch: FamilyPatch) -> None:
+    original = _APPLIED.pop(patch, None)
+    if original is None:
+        return
+    owner = getattr(importlib.import_module(patch.module), patch.owner)
+    if original is _MISSING:
+        delattr(owner, patch.attribute)
+    else:
+        setattr(owner, patch.attribute, original)
+
+
 def patch_all() -> None:
-    """Every family and generate(); what ``import fastmax_hf`` does."""
-    for family in FAMILIES:
-        patch_family(family)
+    """Every patch; what ``import fastmax_hf`` does (idempotent)."""
+    patch_attn_resolution()
     patch_generation()
+    for patch in FAMILY_PATCHES:
+        _apply(patch)
 
 
 def unpatch_all() -> None:
-    for family in FAMILIES:
-        unpatch_family(family)
+    for patch in FAMILY_PATCHES:
+        _revert(patch)
     unpatch_generation()
+    unpatch_attn_resolution()
