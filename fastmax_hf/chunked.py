@@ -23,6 +23,10 @@ with g and c held constant. A forward sweep rebuilds (S, z) and differentiates t
 query side of L chunk by chunk; a reverse sweep builds R = sum_i phi_q(q_i) g_i^T,
 r = sum_i phi_q(q_i) c_i over the queries after each key chunk and differentiates
 the key side. Local derivatives come from autograd on one chunk at a time.
+
+Masked pairs are removed by selection, never by multiplying by zero (``selection.py``): an
+inf key or a NaN value at position j reaches only the queries that see j, in forward and
+backward, and a padded key reaches nobody.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import math
 import torch
 
 from .options import FastmaxOptions
+from .selection import masked_matmul, masked_scores
 
 DEFAULT_CHUNK = 128
 
@@ -81,47 +86,84 @@ class _Problem:
         Hk, Nk = k.shape[1], k.shape[2]
         self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         cd = self.compute_dtype
+        self.zero = torch.zeros((), dtype=cd, device=q.device)
+        # valid: (B, 1, 1, Nk) bool, True = a real key. Padded keys are replaced by zeros by
+        # selection, so that nothing they hold (not even inf or NaN) enters a product.
+        self.valid = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         self.q = q.to(cd).reshape(B, Hk, Hq // Hk, Nq, D)
-        self.k = k.to(cd).unsqueeze(2)
-        self.v = v.to(cd).unsqueeze(2)
-        self.m = None if key_padding_mask is None else key_padding_mask.to(cd)[:, None, None, :]
+        self.k = self._select_valid(k.to(cd).unsqueeze(2))
+        self.v = self._select_valid(v.to(cd).unsqueeze(2))
+        # finite inputs skip the per-tile search for non-finite rows (see selection.py)
+        self.finite = bool(torch.isfinite(self.q).all() & torch.isfinite(self.k).all() & torch.isfinite(self.v).all())
         self.causal, self.options, self.p = causal, options, options.p
         self.Nq, self.Nk, self.D = Nq, Nk, D
         self.offset = Nk - Nq  # query i sits at key position i + offset
         self.wq = _query_weights(D, options, self.q)
+        self.finite_g = True  # whether the backward's g = do / d is finite (set by backward)
+
+    def _select_valid(self, x):
+        """x (B, Hk, 1, Nk, d) with padded keys replaced by zeros (selection, not a product)."""
+        return x if self.valid is None else torch.where(self.valid[..., None], x, self.zero)
 
     def phi_q(self, q):
         return _key_features(q, self.p) * self.wq
 
     def phi_k(self, k, j0, j1):
         feats = _key_features(k, self.p)
-        if self.m is not None:
-            feats = feats * self.m[..., j0:j1, None]
+        if self.valid is not None:
+            feats = torch.where(self.valid[..., j0:j1, None], feats, self.zero)
         return feats
 
     def fold_keys(self, S, z, j0, j1):
-        """The state (S, z) with keys [j0, j1) folded in."""
+        """The state (S, z) with keys [j0, j1) folded in (every one visible to the later queries)."""
         fk = self.phi_k(self.k[..., j0:j1, :], j0, j1)
         return S + fk.transpose(-1, -2) @ self.v[..., j0:j1, :], z + fk.sum(-2)
 
     def fold_queries(self, R, r, g, c, i0, i1):
-        """The reverse state (R, r) with queries [i0, i1) folded in, summed over each group."""
+        """The reverse state (R, r) with queries [i0, i1) folded in, summed over each group.
+
+        A query row whose cotangent is 0 (g and c; see ``_surrogate_terms``) is left out by
+        selection, so that a non-finite query nobody differentiates reaches no key's gradient."""
         fq = self.phi_q(self.q[..., i0:i1, :])
-        R = R + (fq.transpose(-1, -2) @ g[..., i0:i1, :]).sum(2, keepdim=True)
-        r = r + (fq * c[..., i0:i1, None]).sum((2, 3)).unsqueeze(2)
+        gc, cc = g[..., i0:i1, :], c[..., i0:i1]
+        active = (gc != 0).any(-1) | (cc != 0)
+        fq = torch.where(active[..., None], fq, self.zero)
+        R = R + (fq.transpose(-1, -2) @ gc).sum(2, keepdim=True)
+        r = r + (fq * cc[..., None]).sum((2, 3)).unsqueeze(2)
         return R, r
 
-    def tile(self, q, k, i0, j0):
-        """A = f(scale q k^T) on visible pairs, for queries from i0 and keys from j0."""
-        weights = self.options.kernel(self.options.scale * (q @ k.transpose(-1, -2)))
-        nq, nk = weights.shape[-2], weights.shape[-1]
+    def keep(self, nq, nk, i0, j0):
+        """Bool, broadcastable to (..., nq, nk): which pairs of queries from i0 and keys from j0
+        are visible (a 0-dim True when every pair is)."""
+        keep = None
         if self.causal:
-            qpos = torch.arange(i0, i0 + nq, device=q.device) + self.offset
-            kpos = torch.arange(j0, j0 + nk, device=q.device)
-            weights = weights * (kpos[None, :] <= qpos[:, None]).to(weights.dtype)
-        if self.m is not None:
-            weights = weights * self.m[..., None, j0 : j0 + nk]
-        return weights
+            qpos = torch.arange(i0, i0 + nq, device=self.q.device) + self.offset
+            kpos = torch.arange(j0, j0 + nk, device=self.q.device)
+            keep = kpos[None, :] <= qpos[:, None]
+        if self.valid is not None:
+            pad = self.valid[..., None, j0 : j0 + nk]
+            keep = pad if keep is None else keep & pad
+        if keep is None:
+            keep = torch.ones((), dtype=torch.bool, device=self.q.device)
+        return keep
+
+    def tile(self, q, k, i0, j0):
+        """(A, keep): A = f(scale q k^T) on visible pairs (exactly 0 elsewhere, by selection),
+        for queries from i0 and keys from j0, and the visibility ``keep`` that ``pairs`` needs."""
+        keep = self.keep(q.shape[-2], k.shape[-2], i0, j0)
+        scores = masked_scores(q, k, keep, finite=self.finite)
+        weights = torch.where(keep, self.options.kernel(self.options.scale * scores), self.zero)
+        return weights, keep
+
+    def pairs(self, A, x, keep):
+        """sum_j A_ij x_j over the visible pairs only (see selection.masked_matmul)."""
+        return masked_matmul(A, x, keep, finite=self.finite)
+
+    def surrogate(self, qc, kc, vc, gc, cc, i0, j0):
+        """sum over visible pairs of A_ij (g_i . v_j - c_i), every product taken by selection."""
+        A, keep = self.tile(qc, kc, i0, j0)
+        gv = masked_scores(gc, vc, keep, finite=self.finite and self.finite_g)
+        return torch.where(keep, A * (gv - cc[..., None]), self.zero).sum()
 
     def visible_keys(self, i1):
         """Keys [0, n) that any query before i1 can see."""
@@ -146,8 +188,8 @@ def _forward_quadratic(P: _Problem, chunk: int):
         n = P.visible_keys(i1)
         if n == 0:
             continue
-        A = P.tile(P.q[..., i0:i1, :], P.k[..., :n, :], i0, 0)
-        out[..., i0:i1, :] = A @ P.v[..., :n, :]
+        A, keep = P.tile(P.q[..., i0:i1, :], P.k[..., :n, :], i0, 0)
+        out[..., i0:i1, :] = P.pairs(A, P.v[..., :n, :], keep)
         den[..., i0:i1] = A.sum(-1)
     return out, den
 
@@ -169,8 +211,8 @@ def _forward_linear(P: _Problem, chunk: int, initial_state=None, return_state: b
             if i1 > i0:
                 qc, kc, vc = P.q[..., i0:i1, :], P.k[..., j0:j1, :], P.v[..., j0:j1, :]
                 fq = P.phi_q(qc)
-                A = P.tile(qc, kc, i0, j0)
-                out[..., i0:i1, :] = fq @ S + A @ vc
+                A, keep = P.tile(qc, kc, i0, j0)
+                out[..., i0:i1, :] = fq @ S + P.pairs(A, vc, keep)
                 den[..., i0:i1] = (fq * z.unsqueeze(-2)).sum(-1) + A.sum(-1)
             S, z = P.fold_keys(S, z, j0, j1)
     else:
@@ -193,11 +235,16 @@ def _normalise(out, den):
 
 
 def _surrogate_terms(out, den, grad_out):
-    """g = do / d and c = (do . o) / d, zero on rows without visible keys."""
+    """g = do / d and c = (do . o) / d, zero on rows without visible keys.
+
+    Zero cotangents are kept exactly zero by selection: a row (or entry) that the loss does not
+    read contributes nothing to any gradient, even where its output is inf or NaN (0 * NaN
+    would otherwise carry a later token's NaN into the gradients of every key it saw)."""
     empty = den == 0
     safe = torch.where(empty, torch.ones_like(den), den)
-    g = torch.where(empty[..., None], torch.zeros_like(grad_out), grad_out / safe[..., None])
-    c = (g * out).sum(-1)
+    zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+    g = torch.where(empty[..., None] | (grad_out == 0), zero, grad_out / safe[..., None])
+    c = torch.where(g == 0, zero, g * out).sum(-1)
     return g, c
 
 
@@ -212,9 +259,7 @@ def _backward_quadratic(P: _Problem, g, c, chunk):
             qc = P.q[..., i0:i1, :].detach().requires_grad_()
             kc = P.k[..., :n, :].detach().requires_grad_()
             vc = P.v[..., :n, :].detach().requires_grad_()
-            A = P.tile(qc, kc, i0, 0)
-            gc, cc = g[..., i0:i1, :], c[..., i0:i1]
-            L = (A * (gc @ vc.transpose(-1, -2) - cc[..., None])).sum()
+            L = P.surrogate(qc, kc, vc, g[..., i0:i1, :], c[..., i0:i1], i0, 0)
             gq, gk, gv = torch.autograd.grad(L, (qc, kc, vc))
         dq[..., i0:i1, :] = gq
         dk[..., :n, :] += gk
@@ -247,8 +292,7 @@ def _backward_linear(P: _Problem, g, c, chunk):
                 if P.causal:
                     kc = P.k[..., j0:j1, :].detach().requires_grad_()
                     vc = P.v[..., j0:j1, :].detach().requires_grad_()
-                    A = P.tile(qc, kc, i0, j0)
-                    L = L + (A * (gc @ vc.transpose(-1, -2) - cc[..., None])).sum()
+                    L = L + P.surrogate(qc, kc, vc, gc, cc, i0, j0)
                     gq, gk, gv = torch.autograd.grad(L, (qc, kc, vc))
                     dk[..., j0:j1, :] += gk
                     dv[..., j0:j1, :] += gv
@@ -295,7 +339,7 @@ class _ChunkedFastmax(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, key_padding_mask, out, den)
         ctx.settings = (causal, options, mode, chunk)
         B, Hq, Nq, _ = q.shape
-        return out.reshape(B, Hq, Nq, -1).to(q.dtype), den.reshape(B, Hq, Nq)
+        return out.reshape(B, Hq, Nq, v.shape[-1]).to(q.dtype), den.reshape(B, Hq, Nq)  # no -1: N or B may be 0
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -305,8 +349,10 @@ class _ChunkedFastmax(torch.autograd.Function):
         P = _Problem(q, k, v, key_padding_mask, causal, options)
         grad_out = grad_out.to(P.compute_dtype).reshape(out.shape)
         g, c = _surrogate_terms(out, den, grad_out)
+        P.finite_g = bool(torch.isfinite(g).all())
         backward_impl = _backward_quadratic if mode == "quadratic" else _backward_linear
         dq, dk, dv = backward_impl(P, g, c, chunk)
+        dk, dv = P._select_valid(dk), P._select_valid(dv)  # a padded key has no gradient, whatever it holds
         return (
             dq.reshape(q.shape).to(q.dtype),
             dk.squeeze(2).to(k.dtype),
@@ -337,7 +383,7 @@ def chunked_step(q, k, v, S, z, options: FastmaxOptions, *, key_padding_mask, ch
     P = _Problem(q, k, v, key_padding_mask, True, options)
     raw, den, (S_new, z_new) = _forward_linear(P, chunk_size, initial_state=(S, z), return_state=True)
     B, Hq, n, _ = q.shape
-    out = _normalise(raw, den).reshape(B, Hq, n, -1).to(q.dtype)
+    out = _normalise(raw, den).reshape(B, Hq, n, v.shape[-1]).to(q.dtype)
     return out, S_new.to(S.dtype), z_new.to(z.dtype)
 
 
@@ -348,13 +394,17 @@ def chunked_state(k, v, *, key_padding_mask, p, chunk_size=DEFAULT_CHUNK):
     cd = torch.float64 if k.dtype == torch.float64 else torch.float32
     S = k.new_zeros(B, Hk, feature_count(D, p), v.shape[-1], dtype=cd)
     z = k.new_zeros(B, Hk, feature_count(D, p), dtype=cd)
-    mask = None if key_padding_mask is None else key_padding_mask.to(cd)[:, None, :, None]
+    valid = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+    zero = torch.zeros((), dtype=cd, device=k.device)
     for j0 in range(0, Nk, chunk_size):
         j1 = min(j0 + chunk_size, Nk)
-        fk = _key_features(k[:, :, j0:j1].to(cd), p)
-        if mask is not None:
-            fk = fk * mask[:, :, j0:j1]
-        S += fk.transpose(-1, -2) @ v[:, :, j0:j1].to(cd)
+        kc, vc = k[:, :, j0:j1].to(cd), v[:, :, j0:j1].to(cd)
+        if valid is not None:  # padded keys removed by selection: nothing they hold enters the sums
+            kc, vc = torch.where(valid[:, :, j0:j1], kc, zero), torch.where(valid[:, :, j0:j1], vc, zero)
+        fk = _key_features(kc, p)
+        if valid is not None:
+            fk = torch.where(valid[:, :, j0:j1], fk, zero)
+        S += fk.transpose(-1, -2) @ vc
         z += fk.sum(-2)
     return S, z
 
@@ -369,4 +419,4 @@ def state_readout(q, S, z, options: FastmaxOptions):
     fq = fq.reshape(B, Hk, Hq // Hk, n, -1)
     num = fq @ S.unsqueeze(2)  # (B, Hk, G, n, Dv)
     den = (fq * z[:, :, None, None, :]).sum(-1)
-    return num.reshape(B, Hq, n, -1), den.reshape(B, Hq, n)
+    return num.reshape(B, Hq, n, S.shape[-1]), den.reshape(B, Hq, n)

@@ -22,14 +22,18 @@ from __future__ import annotations
 import torch
 
 from .options import FastmaxOptions
+from .selection import masked_matmul, masked_scores
 from .stages import apply_dropout
+from .validation import check_flag
 
 
 def _norm_scale(x: torch.Tensor, lim: float, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
     """lim / max ||x_n||: over the whole sequence, or the running maximum n <= i when causal."""
     norms = x.norm(dim=-1)  # (B, H, N)
+    if norms.shape[-1] == 0:  # no token (N = 0): no maximum to take
+        return norms
     if valid is not None:
-        norms = norms * valid[:, None, :].to(norms.dtype)
+        norms = torch.where(valid[:, None, :], norms, torch.zeros((), dtype=norms.dtype, device=norms.device))
     if causal:
         biggest = torch.cummax(norms, dim=-1).values
     else:
@@ -61,6 +65,8 @@ def fastmax_reference(
     Only the coefficients are validated here (by ``FastmaxOptions``), not the tensors; use
     ``fastmax_hf.fastmax(..., backend="reference")`` for checked input.
     """
+    check_flag("causal", causal)
+    check_flag("return_denominator", return_denominator)
     options = FastmaxOptions.resolve(q.shape[-1], scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize,
                                      lim=lim)
     out, denominator = reference_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask,
@@ -76,8 +82,22 @@ def reference_attention(q, k, v, options: FastmaxOptions, *, causal, key_padding
     B, Hq, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     groups = Hq // Hk
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    if key_padding_mask is not None:
+        # a padded key is removed by selection: nothing it holds, not even inf or NaN, is read
+        pad = key_padding_mask[:, None, :, None]
+        k, v = torch.where(pad, k, zero), torch.where(pad, v, zero)
     k = k.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, D)
     v = v.repeat_interleave(groups, dim=1)  # (B, Hq, Nk, Dv)
+
+    query_pos = torch.arange(Nq, device=q.device) + (Nk - Nq)  # t_i
+    key_pos = torch.arange(Nk, device=q.device)
+    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = key_pos[None, :] <= query_pos[:, None]
+    visible = visible[None, None].expand(B, Hq, Nq, Nk)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
 
     if options.normalize:
         # padded positions count towards no maximum; queries share the keys' padding when
@@ -86,9 +106,10 @@ def reference_attention(q, k, v, options: FastmaxOptions, *, causal, key_padding
         q = q * _norm_scale(q, options.lim, causal, query_mask)[..., None]
         k = k * _norm_scale(k, options.lim, causal, key_padding_mask)[..., None]
 
-    scores = q @ k.transpose(-1, -2)  # (B, Hq, Nq, Nk)
-    query_pos = torch.arange(Nq, device=q.device) + (Nk - Nq)  # t_i
-    key_pos = torch.arange(Nk, device=q.device)
+    # Invisible pairs are removed by selection in every product over the key axis (scores,
+    # numerator, and the backward products autograd derives from them): a non-finite key or
+    # value at position j reaches no query that cannot see it (see selection.py).
+    scores = masked_scores(q, k, visible)  # (B, Hq, Nq, Nk), 0 where invisible
     if rpe_matrix is not None:
         centre = (rpe_matrix.shape[0] - 1) // 2
         rows = centre - (query_pos[:, None] - key_pos[None, :])  # (Nq, Nk)
@@ -99,17 +120,35 @@ def reference_attention(q, k, v, options: FastmaxOptions, *, causal, key_padding
     weights = options.a0 + options.a1 * scores
     if options.p == 2:
         weights = weights + options.a2 * scores * scores
+    weights = torch.where(visible, weights, zero)
 
-    visible = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = key_pos[None, :] <= query_pos[:, None]
-    visible = visible[None, None].expand(B, Hq, Nq, Nk)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    weights = torch.where(visible, weights, torch.zeros((), dtype=weights.dtype, device=weights.device))
-
-    numerator = weights @ v  # (B, Hq, Nq, Dv)
+    numerator = masked_matmul(weights, v, visible)  # (B, Hq, Nq, Dv)
     denominator = weights.sum(dim=-1)  # (B, Hq, Nq)
-    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-    out = torch.where((denominator == 0)[..., None], torch.zeros_like(numerator), numerator / safe[..., None])
-    return out, denominator
+    return _RowDivide.apply(numerator, denominator), denominator
+
+
+class _RowDivide(torch.autograd.Function):
+    """numerator / denominator row by row, 0 on rows whose denominator is 0.
+
+    Autograd's own division backward multiplies a zero cotangent by the output (0 * NaN =
+    NaN), so a row the loss does not read would still carry a NaN of its own into the gradients
+    of every key it saw. Here zero cotangents stay exactly zero, by selection, as in the fast
+    paths (chunked._surrogate_terms): the same derivative, d out_i = (d num_i - out_i d den_i)
+    / den_i."""
+
+    @staticmethod
+    def forward(ctx, numerator, denominator):
+        empty = denominator == 0
+        safe = torch.where(empty, torch.ones_like(denominator), denominator)
+        out = torch.where(empty[..., None], torch.zeros_like(numerator), numerator / safe[..., None])
+        ctx.save_for_backward(out, denominator)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, denominator = ctx.saved_tensors
+        empty = denominator == 0
+        safe = torch.where(empty, torch.ones_like(denominator), denominator)
+        zero = torch.zeros((), dtype=grad_out.dtype, device=grad_out.device)
+        g = torch.where(empty[..., None] | (grad_out == 0), zero, grad_out / safe[..., None])
+        return g, -torch.where(g == 0, zero, g * out).sum(-1)
