@@ -33,6 +33,9 @@ def norm_scale(x, lim, causal, valid=None, prev_peak=None):
     else:
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     norms = torch.linalg.vector_norm(work, dim=-1)  # (B, H, N)
+    if norms.shape[-1] == 0:  # no token: nothing to scale, and the peak stays what it was
+        last = prev_peak if prev_peak is not None else norms.new_zeros(norms.shape[:-1])
+        return x.new_zeros(x.shape[:-1] + (1,)), last
     if valid is not None:
         norms = norms.masked_fill(~valid[:, None, :], 0.0)
     peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
