@@ -16,6 +16,7 @@ from .validation import (
     check_dropout,
     check_key_padding_mask,
     check_qkv,
+    check_flag,
     check_rpe_matrix,
 )
 
@@ -79,6 +80,8 @@ def fastmax(
             attention: query head h reads key/value head h // (Hq / Hk); K/V are never repeated).
         v: (B, Hk, Nk, Dv) or (B*H, Nk, Dv).
         causal: key j is visible to query i iff j <= i + (Nk - Nq) (bottom-right aligned).
+            Flags (``causal``, ``normalize``) are Python bools: anything else, a NumPy bool or
+            a bool tensor included, is a TypeError naming the argument (``validation.check_flag``).
         key_padding_mask: bool (B, Nk), True = attend (Hugging Face's convention). A query
             with no visible key returns 0.
         scale: s_ij = (q_i . k_j) * scale; 1/sqrt(D) when None (as in SDPA).
@@ -136,11 +139,11 @@ def fastmax_with_options(
 def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_padding_mask, dropout, drop_noise,
             rpe_matrix, backend) -> torch.Tensor:
     """Checked 4-D q, k, v -> (B, Hq, Nq, Dv): the remaining checks, then the stages of ``stages.py``."""
+    check_flag("causal", causal)
     check_dropout(dropout)
     key_padding_mask = check_key_padding_mask(key_padding_mask, shapes, q.device)
     check_drop_noise(drop_noise, (shapes.batch, shapes.heads_q, shapes.len_q, shapes.dim_v), q.device)
     check_rpe_matrix(rpe_matrix, shapes, q.device)
-    causal = bool(causal)
     has_rpe = rpe_matrix is not None
     implementation = choose_backend(backend, q.device, q.dtype, rpe_matrix=has_rpe)
 

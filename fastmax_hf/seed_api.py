@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .functional import fastmax
+from .validation import check_flag
 
 
 def fastmax_function(
@@ -46,13 +47,16 @@ def fastmax_function(
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature == 0:
         raise ValueError(f"`temperature` must be a non-zero number, got {temperature!r}")
-    backend = "auto" if use_custom_gradient else "reference"
+    # flags are bools, nothing else (``mask="no"`` must not be causal): see validation.check_flag
+    check_flag("mask", mask)
+    check_flag("normalize", normalize)
+    backend = "auto" if check_flag("use_custom_gradient", use_custom_gradient) else "reference"
     return fastmax(
         q, k, v,
-        causal=bool(mask),
+        causal=mask,
         scale=1.0 / float(temperature),
         p=p, a0=a0, a1=a1, a2=a2,
-        normalize=bool(normalize), lim=lim,
+        normalize=normalize, lim=lim,
         dropout=dropout, drop_noise=drop_noise,
         rpe_matrix=rpe_matrix,
         backend=backend,
@@ -65,7 +69,7 @@ class FASTMultiHeadAttention(nn.Module):
 
     def __init__(self, use_custom_gradient: bool = True):
         super().__init__()
-        self.use_custom_gradient = use_custom_gradient
+        self.use_custom_gradient = check_flag("use_custom_gradient", use_custom_gradient)
 
     def forward(
         self,
@@ -104,10 +108,12 @@ def rpe_matrix_creator(n, d, device, dtype, structured=False, is_zero=True):
     ``structured``: sinusoidal vectors of the offset; otherwise zeros (``is_zero``) or
     standard normal noise, to be learned.
     """
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be a positive int, got {n!r}")
-    if not isinstance(d, int) or d < 1:
+    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
         raise ValueError(f"`d` must be a positive int, got {d!r}")
+    check_flag("structured", structured)
+    check_flag("is_zero", is_zero)
     if structured:
         offsets = (n - 1) - torch.arange(2 * n - 1, dtype=torch.float64)  # t for each row
         freqs = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float64) / d)

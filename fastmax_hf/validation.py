@@ -73,6 +73,18 @@ def check_qkv(q, k, v) -> Shapes:
     return Shapes(B, Hq, Hk, Nq, Nk, D, Dv)
 
 
+def check_flag(name: str, value) -> bool:
+    """A flag of the public API (``causal``, ``normalize``, the seed API's ``mask``,
+    ``use_custom_gradient``, ...) is a Python ``bool``, and nothing else.
+
+    ``causal="no"`` or ``causal=0`` would otherwise be read by truthiness (``"no"`` is causal).
+    NumPy bools and 0-dim bool tensors are refused too, for one simple rule: pass
+    ``bool(x)`` to use them. Returns the value; raises a TypeError naming the argument."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+    return value
+
+
 def check_finite_number(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"`{name}` must be a finite number, got {value!r}")
@@ -86,8 +98,7 @@ def check_kernel_options(*, p, a0, a1, a2, normalize, lim) -> None:
         check_finite_number(name, value)
     if lim <= 0:
         raise ValueError(f"`lim` must be positive, got {lim}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"`normalize` must be a bool, got {normalize!r}")
+    check_flag("normalize", normalize)
 
 
 def check_scale(scale, *, allow_none: bool = False) -> None:

@@ -115,3 +115,77 @@ def test_triton_backend_refuses_float64():
     q, k, v = qkv(dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='triton' cannot run this call: .*float64"):
         fastmax(q, k, v, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags are bools (issue 15): anything else is a TypeError naming the argument, never truthiness
+# ---------------------------------------------------------------------------------------------
+
+NOT_BOOLS = ["no", "", 0, 1, 1.0, None, [True], torch.tensor(True), torch.tensor(1)]
+try:  # NumPy is not a dependency; where it is installed its bools are refused like the others
+    import numpy
+
+    NOT_BOOLS.append(numpy.bool_(True))
+except ImportError:  # pragma: no cover
+    pass
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+@pytest.mark.parametrize("flag", ["causal", "normalize"])
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_fastmax_flags_take_only_bools(flag, value, backend):
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"`{flag}` must be a bool"):
+        fastmax(q, k, v, backend=backend, **{flag: value})
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+@pytest.mark.parametrize("flag", ["causal", "normalize", "return_denominator"])
+def test_reference_flags_take_only_bools(flag, value):
+    from fastmax_hf import fastmax_reference
+
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"`{flag}` must be a bool"):
+        fastmax_reference(q, k, v, **{flag: value})
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+def test_step_and_options_flags_take_only_bools(value):
+    from fastmax_hf import FastmaxOptions
+    from fastmax_hf.recurrent import fastmax_step
+
+    q, k, v = qkv(Hk=4, Nk=5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="`normalize` must be a bool"):
+        fastmax_step(q, k, v, None, normalize=value)
+    with pytest.raises(TypeError, match="`normalize` must be a bool"):
+        FastmaxOptions(scale=0.5, normalize=value)
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+@pytest.mark.parametrize("flag", ["mask", "normalize", "use_custom_gradient"])
+def test_seed_api_flags_take_only_bools(flag, value):
+    q = torch.randn(6, 5, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"`{flag}` must be a bool"):
+        fastmax_function(q, q, q, **{flag: value})
+    if flag == "use_custom_gradient":
+        with pytest.raises(TypeError, match="`use_custom_gradient` must be a bool"):
+            FASTMultiHeadAttention(use_custom_gradient=value)
+    else:
+        with pytest.raises(TypeError, match=f"`{flag}` must be a bool"):
+            FASTMultiHeadAttention()(q, q, q, **{flag: value})
+
+
+@pytest.mark.parametrize("value", NOT_BOOLS, ids=repr)
+@pytest.mark.parametrize("flag", ["structured", "is_zero"])
+def test_rpe_matrix_creator_flags_take_only_bools(flag, value):
+    with pytest.raises(TypeError, match=f"`{flag}` must be a bool"):
+        rpe_matrix_creator(4, 3, "cpu", torch.float32, **{flag: value})
+
+
+def test_causal_no_is_not_causal_but_an_error():
+    """The issue's case: causal="no" used to be read as truthy, i.e. causal."""
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(TypeError, match="`causal` must be a bool.*'no'"):
+        fastmax(q, k, v, causal="no")
+    # real bools still work, and mean what they say
+    assert torch.equal(fastmax(q, k, v, causal=False), fastmax(q, k, v))
