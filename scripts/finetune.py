@@ -472,6 +472,8 @@ def save_final_model(model, tokenizer, accelerator, args):
                               save_function=accelerator.save)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
+        # the model card says how to load it (with fastmax_hf imported, as fastmax)
+        Path(args.output_dir, "README.md").write_text(fastmax_hf.integration.model_card(unwrapped.config))
 
 
 # --------------------------------------------------------------------------- main

@@ -400,6 +400,22 @@ def test_saved_fastmax_model_reloads_as_fastmax_unless_told_otherwise(tmp_path, 
     assert (sdpa_logits - expected)[real].abs().max() > 1e-3  # the same weights, another attention
 
 
+def test_model_card_says_how_to_load_and_its_snippet_loads_fastmax(tmp_path):
+    import re
+
+    model = build(llama_config())
+    model.save_pretrained(tmp_path)
+    card = fastmax_hf.integration.model_card(model.config)
+    assert "| `temperature` | `1.3` |" in card and "attn_implementation=\"sdpa\"" in card
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace = {"path": tmp_path}
+    exec(snippet, namespace)
+    assert namespace["model"].config._attn_implementation == "fastmax"
+    plain = llama_config()
+    del plain.fastmax
+    assert "without fastmax options" in fastmax_hf.integration.model_card(plain)
+
+
 def test_config_without_fastmax_options_keeps_transformers_default():
     config = llama_config()
     del config.fastmax

@@ -9,7 +9,7 @@ exactly what it did before; ``disable()`` reverts the patches.
 
 from .attention import ATTN_IMPLEMENTATION, fastmax_attention_forward, fastmax_attention_mask, register_fastmax
 from .cache import FastmaxCache, FastmaxCacheLayer
-from .config import FastmaxConfig, get_fastmax_config, set_fastmax_config
+from .config import FastmaxConfig, get_fastmax_config, model_card, set_fastmax_config
 from .patches import (
     FAMILIES,
     FAMILY_PATCHES,
@@ -56,6 +56,7 @@ __all__ = [
     "fastmax_attention_forward",
     "fastmax_attention_mask",
     "get_fastmax_config",
+    "model_card",
     "patch_all",
     "patch_attn_resolution",
     "patch_generation",

@@ -118,3 +118,44 @@ def get_fastmax_config(config) -> FastmaxConfig:
 def _parse_options(items: tuple) -> FastmaxConfig:
     # Every attention call reads the options: parse and validate each distinct dict once.
     return FastmaxConfig.from_dict(dict(items))
+
+
+def model_card(config, title: str | None = None) -> str:
+    """A README.md (model card) for a model saved with ``config``: what it is and how to load it.
+
+    ``scripts/finetune.py`` writes it beside the saved model."""
+    text_config = config.get_text_config(decoder=True)
+    options = getattr(text_config, CONFIG_ATTRIBUTE, None)
+    name = title or getattr(config, "_name_or_path", None) or type(config).__name__.removesuffix("Config")
+    if options is None:
+        return (
+            f"# {name}\n\nA `{config.model_type}` model without fastmax options (softmax attention): load it with "
+            "`AutoModelForCausalLM.from_pretrained(path)`.\n"
+        )
+    listed = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in FastmaxConfig.from_dict(options).to_dict().items())
+    return f"""# {name}
+
+A `{config.model_type}` model with **Fastmax attention** (polynomial-kernel linear attention, from the
+`fastmax_hf` package); its options are in `config.json` under `"fastmax"`.
+
+## Loading
+
+```python
+import fastmax_hf                      # registers attn_implementation="fastmax"
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(path)    # fastmax: the config carries its options
+```
+
+`import fastmax_hf` must come first: without it transformers loads the weights with softmax
+attention (sdpa), which is not the function the model was trained with. Naming another
+implementation (`from_pretrained(path, attn_implementation="sdpa")`) loads that one instead.
+`generate()` keeps a constant-size recurrent state (`fastmax_hf.FastmaxCache`) instead of a
+key/value cache.
+
+## Fastmax options
+
+| option | value |
+|---|---|
+{listed}
+"""
