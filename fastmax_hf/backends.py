@@ -9,8 +9,10 @@
 
 ``backend="auto"`` takes Triton for CUDA tensors, the reference when an rpe_matrix is given
 and the chunked form otherwise. Nothing is silently slower: when CUDA tensors cannot take the
-kernels, the chunked form runs and a warning (once per reason) says why and how to fix it.
-An explicit ``backend="triton"`` that cannot run is a ValueError naming the reason.
+kernels, the chunked form runs and a warning (once per reason) says why and how to fix it;
+a kernels module that fails to import (missing, or broken: any exception) or a triton that
+fails to import is named with its import error. An explicit ``backend="triton"`` that cannot
+run is a ValueError naming the reason, chained to that import error.
 
 ``fastmax``, ``fastmax_step`` and the Hugging Face cache (through ``step_with_options``) all
 call ``choose_backend``.
@@ -40,23 +42,49 @@ def _import_kernels():
     return kernels
 
 
+def _import_triton():
+    """The module ``triton`` (a function of its own so that tests can make it fail)."""
+    import triton
+
+    return triton
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _triton_problem(device: torch.device, dtype: torch.dtype) -> tuple[str | None, BaseException | None]:
+    """(why the Triton kernels cannot take tensors of ``device`` and ``dtype``, with how to fix
+    it, or None when they can; and the exception behind it, when an import failed).
+
+    A kernels module that is missing or broken (any exception while importing it, not only an
+    ImportError) and a triton that does not import are reported with their own error message."""
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        return f"the Triton kernels need a CUDA device, got {device}", None
+    if dtype not in TRITON_DTYPES:
+        return (f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}: cast the inputs "
+                "(or the model) to one of those"), None
+    try:
+        kernels = _import_kernels()
+    except Exception as error:  # noqa: BLE001 - a broken module can raise anything while importing
+        return (f"fastmax_hf.kernels cannot be imported ({_describe(error)}): install the package from the "
+                "repository root with `pip install -e .`"), error
+    if not kernels.HAS_TRITON:
+        try:  # the kernels swallow triton's import error: recover it, for the message
+            _import_triton()
+            error = None
+        except Exception as triton_error:  # noqa: BLE001
+            error = triton_error
+        detail = f" (importing it failed with {_describe(error)})" if error is not None else ""
+        return f"triton is not installed{detail}: `pip install triton` (Linux; a dependency of the package there)", error
+    return None, None
+
+
 def triton_refusal(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the Triton kernels cannot take tensors of ``device`` and ``dtype`` (with how to fix
     it), or None when they can."""
-    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if device.type != "cuda" and not interpreted:
-        return f"the Triton kernels need a CUDA device, got {device}"
-    if dtype not in TRITON_DTYPES:
-        return (f"the Triton kernels take float16, bfloat16 or float32 inputs, got {dtype}: cast the inputs "
-                "(or the model) to one of those")
-    try:
-        kernels = _import_kernels()
-    except ImportError as error:
-        return (f"fastmax_hf.kernels cannot be imported ({error}): install the package from the repository "
-                "root with `pip install -e .`")
-    if not kernels.HAS_TRITON:
-        return "triton is not installed: `pip install triton` (Linux; a dependency of the package there)"
-    return None
+    return _triton_problem(device, dtype)[0]
 
 
 def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
@@ -92,14 +120,15 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, 
     if requested == "chunked":
         return "chunked"
     if requested == "triton":
-        refusal = triton_refusal(device, dtype)
+        refusal, error = _triton_problem(device, dtype)
         if refusal is not None:
-            raise ValueError(f"backend='triton' cannot run this call: {refusal}")
+            # chained: the traceback shows the import error itself
+            raise ValueError(f"backend='triton' cannot run this call: {refusal}") from error
         return "triton"
     # "auto"
     if device.type != "cuda":
         return "chunked"  # the PyTorch form is the one meant for CPU tensors: nothing to warn about
-    refusal = triton_refusal(device, dtype)
+    refusal, _ = _triton_problem(device, dtype)
     if refusal is None:
         return "triton"
     warn_once(

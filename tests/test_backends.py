@@ -158,3 +158,78 @@ def test_every_caller_takes_reference_as_configured():
     cached, _ = fastmax_attention_forward(module, q, k, v, None, fastmax_cache_layer=layer)
     assert layer.state.layout == "torch"
     assert torch.allclose(cached.transpose(1, 2), stepped, rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed import is never silent (issue 15): a broken kernels module (any exception, not only an
+# ImportError) or a triton that does not import is named with its own error
+# ---------------------------------------------------------------------------------------------
+
+
+def _broken_kernels():
+    raise RuntimeError("CUDA driver initialization failed (kernels/ops.py, line 12)")
+
+
+def _broken_triton():
+    raise ImportError("libcuda.so.1: cannot open shared object file")
+
+
+@pytest.mark.parametrize(
+    "import_kernels, import_triton, words",
+    [
+        (_broken_kernels, None, "RuntimeError: CUDA driver initialization failed"),
+        (_no_kernels, None, "ModuleNotFoundError: No module named 'fastmax_hf.kernels'"),
+        (lambda: SimpleNamespace(HAS_TRITON=False), _broken_triton, "ImportError: libcuda.so.1: cannot open"),
+    ],
+    ids=["broken-kernels", "missing-kernels", "broken-triton"],
+)
+def test_failed_kernel_import_warns_once_under_auto_and_raises_under_triton(monkeypatch, import_kernels,
+                                                                             import_triton, words):
+    monkeypatch.setattr(backends, "_import_kernels", import_kernels)
+    if import_triton is not None:
+        monkeypatch.setattr(backends, "_import_triton", import_triton)
+    # backend="auto" on CUDA tensors: the slower path, and one warning that carries the import error
+    with pytest.warns(UserWarning, match=re.escape(words)) as caught:
+        assert choose_backend("auto", CUDA, torch.float16) == "chunked"
+        assert choose_backend("auto", CUDA, torch.float16) == "chunked"
+        assert choose_backend("auto", CUDA, torch.bfloat16, stateful=True) == "chunked"
+    assert len(caught) == 1
+    # backend="triton": an error with the same words, chained to the import error itself
+    with pytest.raises(ValueError, match=re.escape(words)) as raised:
+        choose_backend("triton", CUDA, torch.float16)
+    cause = raised.value.__cause__
+    assert cause is not None and words.split(": ", 1)[1] in str(cause)
+
+
+def test_a_broken_kernel_module_is_raised_by_every_triton_caller(monkeypatch):
+    """Through the public functions (CPU tensors pass the device check under Triton's interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_import_kernels", _broken_kernels)
+    q, k, v = _qkv(torch.float32)
+    for call in (lambda: fastmax(q, k, v, causal=True, backend="triton"),
+                 lambda: fastmax_step(q, k, v, None, backend="triton")):
+        with pytest.raises(ValueError, match="RuntimeError: CUDA driver initialization failed") as raised:
+            call()
+        assert isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_auto_warns_for_broken_kernels_through_fastmax(monkeypatch):
+    """fastmax(backend="auto") on a CUDA tensor, with the device check faked: the call runs on the
+    PyTorch path and warns once with the import error (the CPU machine has no CUDA tensors; what
+    differs is only the device that choose_backend is told)."""
+    from fastmax_hf import functional
+
+    monkeypatch.setattr(backends, "_import_kernels", _broken_kernels)
+    chosen = []
+
+    def on_cuda(requested, device, dtype, **kw):
+        chosen.append(choose_backend(requested, CUDA, dtype, **kw))
+        return chosen[-1]
+
+    monkeypatch.setattr(functional, "choose_backend", on_cuda)
+    q, k, v = _qkv(torch.float32)
+    with pytest.warns(UserWarning, match="RuntimeError: CUDA driver initialization failed") as caught:
+        out = fastmax(q, k, v, causal=True)
+        fastmax(q, k, v, causal=True)
+    assert len(caught) == 1 and chosen == ["chunked", "chunked"]
+    assert torch.allclose(out, fastmax(q, k, v, causal=True, backend="chunked"))
