@@ -187,15 +187,16 @@ def _quad_config(pb: _Problem, kernel: str) -> dict:
         else:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=1)
         return _chosen(defaults, "quad_fwd_")
+    # bf16 tiles from the H200 sweep of benchmarks/h200/kernels/lab4.jsonl (4k and 16k tokens,
+    # causal, B=1, H=16): dk/dv 64 x 64 with 3 stages at D=64 (2.26 ms at 16k against 2.49 with
+    # 2), 32 queries x 64 keys at D=128 (4.11 ms against 9.74 with 128 x 64 x 8 warps, 4 spilled
+    # registers against 108); dq 64 x 64 with 4 warps at both (2.82 ms at D=128 against 3.49)
     if wide:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
     elif pb.block_d <= 64:
-        defaults = dict(block_m=64, block_n=64, warps=4, stages=2)
+        defaults = dict(block_m=64, block_n=64, warps=4, stages=3 if kernel == "dkdv" else 2)
     elif pb.block_d <= 128:
-        # the tiles of the earlier kernels' sweep (same loops; H100: no spills, 1.42 ms against
-        # 2.49 with 64 x 64 at 4k, benchmarks/h100/kernels/tune_2.json); the H200 run of record
-        # had 64 x 64 with 8 warps (255 registers, 30 spilled)
-        defaults = dict(block_m=128, block_n=64, warps=8, stages=2)
+        defaults = dict(block_m=32 if kernel == "dkdv" else 64, block_n=64, warps=4, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
     return _chosen(defaults, f"quad_{kernel}_")

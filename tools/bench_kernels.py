@@ -8,6 +8,9 @@ Sections (``--sections``, comma separated):
              D = 64 and 128: fastmax vs SDPA (flash and cuDNN), time and peak memory,
              with the useful TFLOP/s of the linear regime
   crossover  quadratic vs linear kernel by N: where the linear one starts to win
+  quadratic  the quadratic regime forced, causal and not, B = 1 and 8, H = 16, D = 64 and 128,
+             N from 1k to 16k, forward and forward+backward: fastmax vs SDPA (flash, cuDNN),
+             and at B = 1 (causal) vs FlexAttention computing exact Fastmax (score_mod = log f)
   fla        D=16, Dv=64 against fla's parallel_based / fused_chunk_based (if installed)
   peers      shapes and peers of the kernel issues: B=1, H=8 and B=4, H=32; non-causal; p=1
              with normalize against fla's chunk_linear_attn(normalize=True)
@@ -46,7 +49,7 @@ from gpu_common import (add_settings_argument, bench_ms, fastmax_options, is_oom
                         peak_mib, rel_err, require_cuda, run_metadata, sweep_combinations)
 
 # fastmax_hf is imported where it is used, so that --help and the argument checks need no GPU stack
-SECTION_NAMES = ("seed", "long", "crossover", "fla", "peers", "retention", "decode", "tune")
+SECTION_NAMES = ("seed", "long", "crossover", "quadratic", "fla", "peers", "retention", "decode", "tune")
 RESULTS: dict = {}
 
 
@@ -174,6 +177,58 @@ def section_crossover(args):
                 rows.append(entry)
                 print(json.dumps(entry), flush=True)
     RESULTS["crossover"] = rows
+
+
+def flex_fastmax_call(q, k, v, causal):
+    """Exact Fastmax through FlexAttention: softmax of log f(s) is f(s) / sum f(s) (f > 0 for
+    the default 1 + s + s^2/2), compiled as FlexAttention must be to be fast."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _FLEX
+    if "_FLEX" not in globals():
+        _FLEX = torch.compile(flex_attention)
+
+    def log_f(score, b, h, i, j):
+        return torch.log(1.0 + score + 0.5 * score * score)
+
+    block_mask = None
+    if causal:
+        N = q.shape[2]
+        block_mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, N, N, device="cuda")
+    return lambda: _FLEX(q, k, v, score_mod=log_f, block_mask=block_mask)
+
+
+def section_quadratic(args):
+    """Issue targets of the quadratic regime: ratios to the best SDPA backend and to FlexAttention."""
+    rows = []
+    flex_lengths = set(ints(args.quad_flex_lengths))
+    for B in ints(args.quad_batches):
+        for D in ints(args.dims):
+            for causal in (True, False):
+                for N in ints(args.quad_lengths):
+                    for backward in (False, True):
+                        def make(B=B, N=N, D=D, backward=backward):
+                            return [torch.randn(B, 16, N, D, device="cuda", dtype=torch.bfloat16,
+                                                requires_grad=backward) for _ in range(3)]
+                        check = (lambda out, q, k, v, c=causal: check_tail(out, q, k, v, c, q.shape[-1] ** -0.5))
+                        calls = {
+                            "fastmax": lambda q, k, v, c=causal: fastmax_call(q, k, v, c, "quadratic"),
+                            "sdpa_flash": lambda q, k, v, c=causal: sdpa_call(q, k, v, c, SDPBackend.FLASH_ATTENTION),
+                            "sdpa_cudnn": lambda q, k, v, c=causal: sdpa_call(q, k, v, c, SDPBackend.CUDNN_ATTENTION),
+                        }
+                        if B == 1 and causal and N in flex_lengths:
+                            calls["flex_log_f"] = lambda q, k, v, c=causal: flex_fastmax_call(q, k, v, c)
+                        entry = _peer_row(f"quadratic B={B} D={D} causal={causal} N={N}", make, calls, backward, check)
+                        entry.update(B=B, H=16, D=D, N=N, causal=causal)
+                        best = [entry[n]["ms"] for n in ("sdpa_flash", "sdpa_cudnn") if "ms" in entry[n]]
+                        if best and "ms" in entry["fastmax"]:
+                            entry["ratio_to_best_sdpa"] = entry["fastmax"]["ms"] / min(best)
+                            if "ms" in entry["sdpa_cudnn"]:
+                                entry["ratio_to_cudnn"] = entry["fastmax"]["ms"] / entry["sdpa_cudnn"]["ms"]
+                        if "ms" in entry.get("flex_log_f", {}) and "ms" in entry["fastmax"]:
+                            entry["flex_over_fastmax"] = entry["flex_log_f"]["ms"] / entry["fastmax"]["ms"]
+                        rows.append(entry)
+    RESULTS["quadratic"] = rows
 
 
 def section_tune(args):
@@ -403,6 +458,9 @@ def parse_args(argv=None):
     parser.add_argument("--sdpa_max", type=int, default=262144, help="longest N timed for SDPA")
     parser.add_argument("--crossover_lengths", default="256,512,1024,2048,4096,8192,16384")
     parser.add_argument("--crossover_dims", default="16,32,64,128")
+    parser.add_argument("--quad_lengths", default="1024,2048,4096,8192,16384", help="quadratic: N")
+    parser.add_argument("--quad_batches", default="1,8", help="quadratic: batch sizes")
+    parser.add_argument("--quad_flex_lengths", default="1024,4096,16384", help="quadratic: N timed for FlexAttention")
     parser.add_argument("--tune", default='{"linear_chunk": [512, 1024], "linear_block_m": [64, 128]}',
                         help="tune: JSON object mapping kernel setting names to lists of values; "
                              "every combination is timed (default: %(default)s)")
