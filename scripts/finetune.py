@@ -22,7 +22,8 @@ Modes:
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
 from_pretrained(dir, attn_implementation="fastmax")), log.csv, tensorboard/, loss.png,
-results.json, checkpoints/step_XXXXXX/ (accelerator state + trainer_state.json).
+results.json, checkpoints/step_XXXXXX/ (accelerator state + trainer_state.json; each written
+into checkpoints/incomplete-step_XXXXXX/ and renamed into place when complete).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -110,7 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks per evaluation (all processes)")
     p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest' in --output_dir")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest': the newest complete one in --output_dir")
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="stop (checkpointed) at this step as if interrupted; the schedule still follows --max_steps")
     args = p.parse_args(argv)
@@ -407,29 +409,59 @@ def save_checkpoint(accelerator, args, step: int, stage: Stage, history: list[di
     """Accelerator state (model, optimizer, RNG) plus the step, stage and log so far.
 
     The data position and the LR are functions of the step, so the step is all they need.
+    Written atomically: into ``incomplete-step_XXXXXX/`` beside the final folder, trainer_state.json
+    last, then renamed to ``step_XXXXXX/`` once every process has written its part. A kill at any
+    instant leaves the previous checkpoints complete and usable, and no partial one under a
+    checkpoint's name.
     """
-    path = checkpoint_dir(args, step)
-    accelerator.save_state(str(path))
+    final = checkpoint_dir(args, step)
+    tmp = script_common.incomplete_dir(final)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left behind
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's files (its RNG state) are in tmp
     if accelerator.is_main_process:
         state = dict(step=step, stage=stage.index, history=history, elapsed_s=elapsed,
                      run=run_definition(args, accelerator))
-        (path / "trainer_state.json").write_text(json.dumps(state))
+        script_common.write_durably(tmp / script_common.TRAINER_STATE, json.dumps(state))
+        script_common.publish_directory(tmp, final)
     accelerator.wait_for_everyone()
 
 
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
 def find_checkpoint(args) -> Path | None:
+    """The checkpoint to resume from: the one named, which must be complete and undamaged (else
+    an error naming the damaged file), or with 'latest' the newest complete one in --output_dir
+    (damaged ones are skipped, each with a line saying why)."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint != "latest":
         path = Path(args.resume_from_checkpoint)
-    else:
-        found = sorted((Path(args.output_dir) / "checkpoints").glob("step_*/trainer_state.json"))
-        if not found:
-            fail(f"--resume_from_checkpoint latest: no checkpoint under {args.output_dir}/checkpoints")
-        path = found[-1].parent
-    if not (path / "trainer_state.json").is_file():
-        fail(f"--resume_from_checkpoint {path}: not a checkpoint directory (no trainer_state.json)")
-    return path
+        problem = script_common.checkpoint_problem(path)
+        if problem is not None:
+            fail(f"--resume_from_checkpoint {path}: {problem}")
+        return path
+    root = Path(args.output_dir) / "checkpoints"
+    found = sorted((p for p in root.glob("step_*") if p.is_dir() and _step_of(p) >= 0), key=_step_of, reverse=True)
+    skipped = []
+    for path in found:
+        problem = script_common.checkpoint_problem(path)
+        if problem is None:
+            for line in skipped:
+                print(f"--resume_from_checkpoint latest: skipping {line}", file=sys.stderr)
+            return path
+        skipped.append(f"{path.name} ({problem})")
+    if skipped:
+        fail(f"--resume_from_checkpoint latest: no complete checkpoint under {root}; damaged: {'; '.join(skipped)}")
+    fail(f"--resume_from_checkpoint latest: no checkpoint under {args.output_dir}/checkpoints")
 
 
 def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str):

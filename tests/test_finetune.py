@@ -8,6 +8,7 @@ through `accelerate launch`.
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ SCRIPT = ROOT / "scripts" / "finetune.py"
 
 
 finetune = load_script(SCRIPT, "finetune_script")
+script_common = sys.modules["script_common"]  # imported by the script from its own folder
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +143,81 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
     assert [r["train_loss"] for r in read_log(resumed_dir)] == [r["train_loss"] for r in read_log(tmp_path / "straight")]
     with pytest.raises(SystemExit, match="different run.*max_steps"):
         run([*argv, "--max_steps", "12", "--resume_from_checkpoint", "latest"], resumed_dir)  # the last flag wins
+
+
+def _truncate(path: Path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _curve(history):
+    return [(r["step"], r["stage"], r.get("train_loss"), r.get("val_loss")) for r in history]
+
+
+def test_damaged_checkpoints_are_named_and_latest_takes_the_newest_complete_one(tmp_path, tiny, capsys):
+    """A truncated trainer_state.json or .safetensors: named explicitly, an error naming the
+    file; with 'latest', skipped for the newest complete checkpoint (and the run still
+    reproduces the uninterrupted one)."""
+    argv = [*tiny, "--max_steps", "6", "--save_every", "2", "--eval_every", "3"]
+    out = tmp_path / "run"
+    straight = run(argv, out)
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002", "step_000004", "step_000006"]
+
+    _truncate(checkpoints / "step_000006" / "trainer_state.json")
+    with pytest.raises(SystemExit, match=r"step_000006/trainer_state\.json is damaged: not valid JSON"):
+        run([*argv, "--resume_from_checkpoint", str(checkpoints / "step_000006")], out)
+    _truncate(checkpoints / "step_000004" / "model.safetensors")
+    with pytest.raises(SystemExit, match=r"step_000004/model\.safetensors is damaged: truncated"):
+        run([*argv, "--resume_from_checkpoint", str(checkpoints / "step_000004")], out)
+    _truncate(checkpoints / "step_000002" / "optimizer.bin")
+    with pytest.raises(SystemExit, match=r"step_000002/optimizer\.bin is damaged"):
+        run([*argv, "--resume_from_checkpoint", str(checkpoints / "step_000002")], out)
+    with pytest.raises(SystemExit, match="no complete checkpoint.*step_000006.*step_000004.*step_000002"):
+        run([*argv, "--resume_from_checkpoint", "latest"], out)
+
+    # step 2 repaired (as a fresh run writes it): 'latest' skips 6 and 4, resumes at 2, and the
+    # checkpoints it writes again replace the damaged ones
+    shutil.rmtree(checkpoints)
+    run([*argv, "--stop_at_step", "2"], out)
+    (checkpoints / "step_000004").mkdir()
+    (checkpoints / "step_000004" / "trainer_state.json").write_text('{"step": 4, "sta')
+    capsys.readouterr()
+    resumed = run([*argv, "--resume_from_checkpoint", "latest"], out)
+    assert "skipping step_000004" in capsys.readouterr().err
+    assert _curve(resumed) == _curve(straight)
+    for name in ("step_000004", "step_000006"):
+        assert script_common.checkpoint_problem(checkpoints / name) is None
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of writing a checkpoint."""
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, tiny, monkeypatch):
+    argv = [*tiny, "--max_steps", "6", "--save_every", "2", "--eval_every", "3"]
+    straight = run(argv, tmp_path / "straight")
+    original = finetune.Accelerator.save_state
+
+    def killed_at_step_4(self, output_dir=None, **kwargs):
+        result = original(self, output_dir, **kwargs)
+        if output_dir.endswith("step_000004"):
+            _truncate(Path(output_dir) / "model.safetensors")  # half written when the kill came
+            raise Killed
+        return result
+
+    monkeypatch.setattr(finetune.Accelerator, "save_state", killed_at_step_4)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run(argv, out)
+    monkeypatch.undo()
+    checkpoints = out / "checkpoints"
+    # nothing partial under a checkpoint's name: step 4 never appeared, step 2 is whole
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["incomplete-step_000004", "step_000002"]
+    assert script_common.checkpoint_problem(checkpoints / "step_000002") is None
+    resumed = run([*argv, "--resume_from_checkpoint", "latest"], out)
+    assert _curve(resumed) == _curve(straight)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000002", "step_000004", "step_000006"]
 
 
 @pytest.mark.parametrize(
