@@ -261,7 +261,8 @@ def fastmax_attention_forward(
         scaling: the model's score scale (1/sqrt(D) when None); divided by the configured temperature.
         is_causal: overrides ``module.is_causal``.
         kwargs: ``position_ids`` / ``cu_seq_lens_q`` / ``cu_seq_lens_k`` mark packed documents;
-            ``fastmax_cache_layer`` (set by the patched attention classes) continues a recurrent state.
+            ``fastmax_cache_layer`` (a ``FastmaxCacheLayer``) continues that recurrent state; without it, the
+            layer a ``FastmaxCache.update`` just handed over (``cache.take_hand_over``) is continued.
 
     Returns:
         (output (B, Nq, Hq, Dv) contiguous, None): fastmax never forms attention weights.

@@ -41,21 +41,25 @@ _NO_KV = (
 )
 
 # The layer whose update() ran last in this thread, waiting for its attention call:
-# _HAND_OVER.pending = (layer_idx, layer, key (B, Hk, n, D), value (B, Hk, n, Dv)) or None.
+# _HAND_OVER.pending = (cache, layer_idx, layer, key (B, Hk, n, D), value (B, Hk, n, Dv)) or None.
 _HAND_OVER = threading.local()
 
 
-def hand_over(layer_idx: int, layer: "FastmaxCacheLayer", key: torch.Tensor, value: torch.Tensor) -> None:
-    """Record that ``layer`` waits for the attention call of module ``layer_idx`` with these key/value."""
+def hand_over(cache, layer_idx: int, layer: "FastmaxCacheLayer", key: torch.Tensor, value: torch.Tensor) -> None:
+    """Record that ``layer`` of ``cache`` waits for the next fastmax attention call, with these key/value.
+
+    A hand-over of the same cache still waiting means the attention call after the previous
+    update() was not fastmax's: refused. One of another cache is what an exception between an
+    update() and its attention call left behind: replaced."""
     pending = getattr(_HAND_OVER, "pending", None)
     _HAND_OVER.pending = None
-    if pending is not None:
+    if pending is not None and pending[0] is cache:
         raise RuntimeError(
-            f"FastmaxCache: layer {pending[0]}'s update() was not followed by a fastmax attention call (its new "
+            f"FastmaxCache: layer {pending[1]}'s update() was not followed by a fastmax attention call (its new "
             f"tokens were never folded into the state) before layer {layer_idx}'s update(). " + _NO_KV.format(
                 what="an attention implementation other than 'fastmax' would have attended to the new tokens only")
         )
-    _HAND_OVER.pending = (layer_idx, layer, key, value)
+    _HAND_OVER.pending = (cache, layer_idx, layer, key, value)
 
 
 def take_hand_over(layer_idx, key: torch.Tensor, value: torch.Tensor) -> "FastmaxCacheLayer | None":
@@ -71,7 +75,7 @@ def take_hand_over(layer_idx, key: torch.Tensor, value: torch.Tensor) -> "Fastma
     if pending is None:
         return None
     _HAND_OVER.pending = None  # taken once, whatever happens next
-    pending_idx, layer, pending_key, pending_value = pending
+    _, pending_idx, layer, pending_key, pending_value = pending
     # (B, n): batch and new tokens of update()'s key and value, and of the attention's
     handed = {tuple(pending_key.shape[:1]) + tuple(pending_key.shape[-2:-1]),
               tuple(pending_value.shape[:1]) + tuple(pending_value.shape[-2:-1])}
@@ -84,11 +88,6 @@ def take_hand_over(layer_idx, key: torch.Tensor, value: torch.Tensor) -> "Fastma
             "with use_cache=False or a DynamicCache."
         )
     return layer
-
-
-def clear_hand_over() -> None:
-    """Drop a pending hand-over (after an exception between update() and the attention call)."""
-    _HAND_OVER.pending = None
 
 
 def _map_state(state: FastmaxState, fn) -> FastmaxState:
@@ -223,28 +222,34 @@ def _layer_types(decoder_config) -> tuple[list[str], list[dict]]:
     return types, [dict(sliding_window=window) if t == "sliding_attention" else {} for t in types]
 
 
-class FastmaxHybridLayer(cache_utils.LinearAttentionLayer, FastmaxCacheLayer):
+# transformers' linear-attention (mamba) cache layer, for hybrid layers; older releases have none.
+_LinearAttentionLayer = getattr(cache_utils, "LinearAttentionLayer", None)
+_HYBRID_BASES = (FastmaxCacheLayer,) if _LinearAttentionLayer is None else (_LinearAttentionLayer, FastmaxCacheLayer)
+
+
+class FastmaxHybridLayer(*_HYBRID_BASES):
     """A "hybrid" layer (Falcon-H1, Zamba): a mamba/linear-attention state beside a fastmax state.
 
     Mirrors transformers' LinearAttentionAndFullAttentionLayer with the key/value part replaced by
-    FastmaxCacheLayer; both parts have a constant size."""
+    FastmaxCacheLayer; both parts have a constant size. Built only where transformers has
+    LinearAttentionLayer (a release without it has no hybrid layer types either)."""
 
     is_compileable = False
 
     def __init__(self, number_of_states: int = 1, layer_type: str = "hybrid", sliding_window: int | None = None,
                  **kwargs):
         FastmaxCacheLayer.__init__(self, layer_type=layer_type, sliding_window=sliding_window)
-        cache_utils.LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
+        _LinearAttentionLayer.__init__(self, number_of_states=number_of_states)
 
     def lazy_initialization(self, *args, **kwargs) -> None:
         if len(args) == 2 and not kwargs:  # the fastmax step: (key, value)
             FastmaxCacheLayer.lazy_initialization(self, *args)
         else:  # update_conv_state / update_recurrent_state: keyword states
-            cache_utils.LinearAttentionLayer.lazy_initialization(self, **kwargs)
+            _LinearAttentionLayer.lazy_initialization(self, **kwargs)
 
     def _both(name):
         def method(self, *args):
-            getattr(cache_utils.LinearAttentionLayer, name)(self, *args)
+            getattr(_LinearAttentionLayer, name)(self, *args)
             getattr(FastmaxCacheLayer, name)(self, *args)
         method.__name__ = name
         return method
@@ -277,11 +282,12 @@ NON_ATTENTION_LAYER_TYPES = ("conv", "linear_attention", "dummy")
 def _cache_layer(layer_type: str, kwargs: dict, model_type: str):
     if layer_type in FASTMAX_LAYER_TYPES:
         return FastmaxCacheLayer(layer_type=layer_type, sliding_window=kwargs.get("sliding_window"))
-    if layer_type in HYBRID_LAYER_TYPES:
+    if layer_type in HYBRID_LAYER_TYPES and _LinearAttentionLayer is not None:
         return FastmaxHybridLayer(number_of_states=kwargs.get("number_of_states", 1), layer_type=layer_type,
                                   sliding_window=kwargs.get("sliding_window"))
-    if layer_type in NON_ATTENTION_LAYER_TYPES:
-        return cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs)
+    own_layers = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
+    if layer_type in NON_ATTENTION_LAYER_TYPES and layer_type in own_layers:
+        return own_layers[layer_type](**kwargs)
     raise ValueError(
         f"FastmaxCache cannot serve {model_type!r} layers of type {layer_type!r} (fastmax keeps a recurrent state "
         f"for {', '.join(FASTMAX_LAYER_TYPES + HYBRID_LAYER_TYPES)} layers only); generate with use_cache=False"
@@ -337,7 +343,7 @@ class FastmaxCache(Cache):
         implementation = getattr(self.config, "_attn_implementation", None)
         if self.config is not None and implementation != "fastmax":
             raise RuntimeError(_NO_KV.format(what=f"a model using attn_implementation={implementation!r} cannot fill it"))
-        hand_over(layer_idx, self.layer(layer_idx), key_states, value_states)
+        hand_over(self, layer_idx, self.layer(layer_idx), key_states, value_states)
         return key_states, value_states
 
     def crop(self, tokens_to_remove: int) -> None:

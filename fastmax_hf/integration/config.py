@@ -7,8 +7,9 @@
 
 The options live in ``config.fastmax`` as a plain dict: ``PreTrainedConfig`` writes unknown
 attributes to config.json and reads them back, so they survive save_pretrained /
-from_pretrained with no custom config class. ``config._attn_implementation`` is *not* saved by
-transformers: pass ``attn_implementation="fastmax"`` again when reloading.
+from_pretrained with no custom config class. transformers does not save ``config._attn_implementation``;
+with fastmax_hf imported, a config that carries these options loads as fastmax unless the caller
+names another implementation (``patches.patch_attn_resolution``).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def set_fastmax_config(config, fastmax_config: FastmaxConfig | None = None, **op
             defaults when it is None), e.g. ``set_fastmax_config(config, temperature=2.0)``.
 
     Returns:
-        The ``FastmaxConfig`` stored. It does not switch the attention implementation: build or load
-        the model with ``attn_implementation="fastmax"`` (or call ``model.set_attn_implementation``).
+        The ``FastmaxConfig`` stored. A model built or loaded from ``config`` without an explicit
+        ``attn_implementation`` then uses "fastmax"; an existing model switches with
+        ``model.set_attn_implementation("fastmax")``.
     """
     base = fastmax_config if fastmax_config is not None else FastmaxConfig()
     resolved = dataclasses.replace(base, **options)

@@ -111,6 +111,7 @@ REFUSED_FAMILIES: dict[str, tuple[str, str]] = {
     "hy_v4": _OWN_MASK,
     "axk2": _INDEXER,
     "deepseek_v32": _INDEXER,
+    "glm_moe_dsa": _INDEXER,
     "dots3_note": _INDEXER,
     "dots3_note_text": _INDEXER,
     "bigbird_pegasus": _NOT_CAUSAL,
