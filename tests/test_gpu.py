@@ -1,0 +1,189 @@
+"""The GPU suite: the Triton kernels on a CUDA device against float64 Fastmax.
+
+    pytest -m gpu            (on a machine with a CUDA GPU; about 3 minutes on an H200)
+
+Marked ``gpu`` and skipped without CUDA, so the CPU test-suite (and CI) is unchanged; on a GPU
+machine a plain ``pytest`` runs it too. It holds the essential checks of tools/check_kernels.py
+(which has the larger grid and writes JSON results): bf16, fp16 and fp32; head dims 64 and
+128; both regimes (``triton_attention(..., regime="quadratic" | "linear")``); forward and
+gradients; grouped-query heads; padding with a fully padded row; Hugging Face's (B, N, H, D)
+memory read through its strides; the public function and the recurrent step on CUDA tensors;
+empty inputs; and tensors of more than 2^31 elements (offsets past int32).
+
+Errors are ||x - ref|| / ||ref|| against the float64 reference, targets fp32 1e-4, fp16 5e-3,
+bf16 2e-2 (the inputs are rounded to the dtype first, so the targets measure the kernels).
+"""
+
+import pytest
+import torch
+
+from fastmax_hf import FastmaxOptions, fastmax, fastmax_reference
+from fastmax_hf.recurrent import fastmax_step
+from conftest import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="needs a CUDA GPU: run `pytest -m gpu` on a GPU machine"),
+]
+
+TARGET = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32"]
+REGIMES = ["quadratic", "linear"]
+
+
+@pytest.fixture
+def cuda_gen():
+    return torch.Generator(device="cuda").manual_seed(1234)
+
+
+def make(gen, B, Hq, Hk, Nq, Nk, D, Dv, dtype, *, pad, hf_layout):
+    """q, k, v in ``dtype`` (HF's (B, N, H, D) memory viewed as (B, H, N, D) with ``hf_layout``),
+    and a padding mask (left padding of row 0, the last row fully padded) with ``pad``."""
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+
+    if hf_layout:
+        q, k, v = rnd(B, Nq, Hq, D).transpose(1, 2), rnd(B, Nk, Hk, D).transpose(1, 2), rnd(B, Nk, Hk, Dv).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, Hq, Nq, D), rnd(B, Hk, Nk, D), rnd(B, Hk, Nk, Dv)
+    mask = None
+    if pad:
+        mask = torch.rand(B, Nk, generator=gen, device="cuda") > 0.2
+        mask[0, : Nk // 4] = False
+        if B > 1:
+            mask[-1] = False
+    return q, k, v, mask
+
+
+def check_against_float64(gen, q, k, v, mask, *, causal, regime, p=2, coefficients=(1.0, 1.0, 0.5)):
+    """Forward and gradients of the kernels against fastmax_reference in float64."""
+    from fastmax_hf.kernels import triton_attention
+
+    dtype, D = q.dtype, q.shape[-1]
+    a0, a1, a2 = coefficients
+    options = FastmaxOptions(scale=D ** -0.5, p=p, a0=a0, a1=a1, a2=a2)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    out, _ = triton_attention(qs, ks, vs, options, causal=causal, key_padding_mask=mask, regime=regime)
+    assert out.dtype == dtype and out.shape == q.shape[:-1] + (v.shape[-1],)
+    do = torch.randn(out.shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
+    grads = torch.autograd.grad(out, (qs, ks, vs), do)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected = fastmax_reference(q64, k64, v64, causal=causal, key_padding_mask=mask, scale=D ** -0.5, p=p,
+                                 a0=a0, a1=a1, a2=a2)
+    want = torch.autograd.grad(expected, (q64, k64, v64), do.double())
+    assert torch.isfinite(out).all()
+    errors = {"out": rel_err(out, expected)}
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        errors[name] = rel_err(a, b)
+    assert max(errors.values()) <= TARGET[dtype], errors
+    if mask is not None and q.shape[0] > 1:
+        assert torch.all(out[-1] == 0)  # the fully padded row sees no key: 0, never NaN
+    return errors
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_causal_gqa_padding_hf_strides(cuda_gen, dtype, D, regime):
+    """The common case of a model: causal, grouped-query heads, padding, HF strides, odd length."""
+    q, k, v, mask = make(cuda_gen, 2, 8, 2, 1003, 1003, D, D, dtype, pad=True, hf_layout=True)
+    assert not q.is_contiguous()
+    check_against_float64(cuda_gen, q, k, v, mask, causal=True, regime=regime)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_unequal_lengths_without_padding_bf16(cuda_gen, causal, D, regime):
+    """Nq < Nk (a query block ending a longer key sequence) and whole tiles without masks."""
+    q, k, v, _ = make(cuda_gen, 1, 4, 4, 257, 1531, D, D, torch.bfloat16, pad=False, hf_layout=False)
+    check_against_float64(cuda_gen, q, k, v, None, causal=causal, regime=regime)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_first_order_kernel_and_dv_unlike_d(cuda_gen, regime):
+    """p = 1 (f = 6 + s), Dv != D, Nq > Nk, GQA with 2 groups, padding."""
+    q, k, v, mask = make(cuda_gen, 3, 6, 3, 777, 129, 64, 48, torch.float32, pad=True, hf_layout=False)
+    check_against_float64(cuda_gen, q, k, v, mask, causal=True, regime=regime, p=1, coefficients=(6.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_public_function_and_decoding_on_cuda(cuda_gen, dtype):
+    """backend="auto" takes the kernels on CUDA tensors (no warning), reads HF strides, and a
+    prefill continued token by token from the recurrent state equals one causal pass."""
+    import warnings
+
+    from fastmax_hf.kernels import triton_attention
+
+    q, k, v, _ = make(cuda_gen, 2, 8, 2, 2000, 2000, 64, 64, dtype, pad=False, hf_layout=True)
+    mask = torch.ones(2, 2000, dtype=torch.bool, device="cuda")
+    mask[1, :123] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the kernels run
+        out = fastmax(q, k, v, causal=True, key_padding_mask=mask)
+    direct, _ = triton_attention(q, k, v, FastmaxOptions(scale=64 ** -0.5), causal=True, key_padding_mask=mask)
+    assert torch.equal(out, direct)
+    expected = fastmax_reference(q.double(), k.double(), v.double(), causal=True, key_padding_mask=mask)
+    assert rel_err(out, expected) <= TARGET[dtype]
+
+    split = 1900
+    step, state = fastmax_step(q[:, :, :split], k[:, :, :split], v[:, :, :split], None,
+                               key_padding_mask=mask[:, :split])
+    assert state.layout == "triton"
+    outs = [step]
+    for t in range(split, 2000):
+        s = slice(t, t + 1)
+        step, state = fastmax_step(q[:, :, s], k[:, :, s], v[:, :, s], state, key_padding_mask=mask[:, s])
+        outs.append(step)
+    assert rel_err(torch.cat(outs, 2), expected) <= TARGET[dtype]
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 2, 64, 64), (2, 4, 2, 0, 0), (2, 4, 2, 0, 37)], ids=str)
+def test_empty_inputs_on_cuda(shape):
+    """N = 0 or B = 0: an empty output and empty gradients, as SDPA gives."""
+    B, Hq, Hk, Nq, Nk = shape
+    q = torch.randn(B, Hq, Nq, 64, device="cuda", requires_grad=True)
+    k = torch.randn(B, Hk, Nk, 64, device="cuda", requires_grad=True)
+    v = torch.randn(B, Hk, Nk, 64, device="cuda", requires_grad=True)
+    out = fastmax(q, k, v, causal=True, backend="triton")
+    assert out.shape == (B, Hq, Nq, 64)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+def test_tensors_past_two_to_the_31_elements(cuda_gen):
+    """q, k, v of 2^31 + 2^25 elements each (bf16, about 4 GiB apiece): the last two heads lie
+    wholly past element 2^31 - 1, so their offsets need 64 bits. The first head and the last are
+    checked: forward rows against the float64 reference, gradients of the last head against
+    the float64 chunked form (O(N) memory)."""
+    from fastmax_hf.kernels import triton_attention
+
+    B, H, N, D = 1, 130, 131072, 128
+    assert (H - 2) * N * D == 2**31  # heads H-2 and H-1 start at or past 2^31
+    dtype = torch.bfloat16
+    q, k, v = (torch.randn(B, H, N, D, generator=cuda_gen, device="cuda", dtype=dtype) for _ in range(3))
+    options = FastmaxOptions(scale=D ** -0.5)
+    qs, ks, vs = (x.requires_grad_() for x in (q, k, v))
+    out, _ = triton_attention(qs, ks, vs, options, causal=True, regime="linear")
+    do = torch.randn(out.shape, generator=cuda_gen, device="cuda", dtype=dtype)
+    dq, dk, dv = torch.autograd.grad(out, (qs, ks, vs), do)
+    assert torch.isfinite(out).all()
+
+    rows = 256
+    for h in (0, H - 1):
+        q64, k64, v64 = (x.detach()[:, h : h + 1].double() for x in (q, k, v))
+        head = fastmax_reference(q64[:, :, :rows], k64[:, :, :rows], v64[:, :, :rows], causal=True)
+        tail = fastmax_reference(q64[:, :, -rows:], k64, v64, causal=True)  # bottom-right aligned
+        assert rel_err(out[:, h : h + 1, :rows], head) <= TARGET[dtype]
+        assert rel_err(out[:, h : h + 1, -rows:], tail) <= TARGET[dtype]
+    h = H - 1
+    q64, k64, v64 = (x.detach()[:, h : h + 1].double().requires_grad_() for x in (q, k, v))
+    expected = fastmax(q64, k64, v64, causal=True, backend="chunked")
+    want = torch.autograd.grad(expected, (q64, k64, v64), do[:, h : h + 1].double())
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
+        assert rel_err(a[:, h : h + 1], b) <= TARGET[dtype], name
