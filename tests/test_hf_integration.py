@@ -589,6 +589,28 @@ def test_generation_refusals(llama):
         sdpa_model(ids, use_cache=True, **{CACHE_KWARG: FastmaxCache(config=sdpa_model.config)})
 
 
+def test_hand_over_refuses_what_the_state_cannot_follow(llama):
+    from fastmax_hf.integration import cache as cache_module
+
+    # An attention implementation that is not fastmax never takes the hand-over: the next update refuses.
+    sdpa_model = build(llama_config(), "sdpa")
+    with pytest.raises(RuntimeError, match="layer 0's update\\(\\) was not followed by a fastmax attention call"):
+        sdpa_model(prompts(23, 5)[0][None], use_cache=True, **{CACHE_KWARG: FastmaxCache()})  # no config to check
+    # Keys/values of other tokens than update() was given: refused.
+    cache = FastmaxCache(config=llama.config)
+    key = torch.zeros(1, 2, 3, 8, dtype=torch.float64)
+    cache.update(key, key, 0)
+    module = llama.model.layers[0].self_attn
+    with pytest.raises(RuntimeError, match="changes which tokens attention sees"):
+        fastmax_hf.integration.fastmax_attention_forward(module, torch.zeros(1, 4, 2, 8, dtype=torch.float64),
+                                                         key[:, :, 1:], key[:, :, 1:], None, scaling=0.3)
+    # A hand-over left by another cache (an exception between its update and attention) is replaced.
+    cache.update(key, key, 0)
+    other = FastmaxCache(config=llama.config)
+    other.update(key, key, 1)
+    assert cache_module.take_hand_over(1, key, key) is other.layers[1]
+
+
 def test_cache_batch_operations(llama):
     ids, mask = left_pad(prompts(19, 5, 3))
     cache = FastmaxCache(config=llama.config)
