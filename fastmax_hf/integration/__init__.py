@@ -12,7 +12,6 @@ from .cache import FastmaxCache, FastmaxCacheLayer
 from .config import FastmaxConfig, get_fastmax_config, model_card, set_fastmax_config
 from .patches import (
     FAMILIES,
-    FAMILY_PATCHES,
     KV_CACHE_FAMILIES,
     REFUSED_CONFIG_OPTIONS,
     REFUSED_FAMILIES,
@@ -42,7 +41,6 @@ def disable() -> None:
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "FAMILIES",
-    "FAMILY_PATCHES",
     "KV_CACHE_FAMILIES",
     "FastmaxCache",
     "FastmaxCacheLayer",

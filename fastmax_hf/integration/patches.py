@@ -1,7 +1,7 @@
 """What ``import fastmax_hf`` changes in transformers, each change small, named and revertible.
 
-Two patches apply to every model; the per-family table ``FAMILY_PATCHES`` holds what one family
-needs beyond them (empty when transformers' own code suffices, as it does in 5.24):
+Two patches, for every model; no family needs a patch of its own in transformers 5.24 (the
+per-family tables below refuse families or keep their key/value cache, and patch nothing):
 
     patch_attn_resolution / unpatch_attn_resolution
         ``PreTrainedModel.get_correct_attn_implementation``, where transformers turns the requested
@@ -24,8 +24,6 @@ Every other attention implementation computes exactly what it computed before th
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import inspect
 import re
 import sys
@@ -343,59 +341,12 @@ def unpatch_generation() -> None:
     _ORIGINAL_PREPARE_CACHE = _MISSING
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-family patches (only where a family needs something the two patches above do not give)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FamilyPatch:
-    """Replace ``attribute`` of ``module.owner`` by ``replacement`` (a function of the original)."""
-
-    family: str
-    module: str
-    owner: str
-    attribute: str
-    replacement: Callable[[Callable], Callable]
-    reason: str
-
-
-# One row per family that needs one; applied by patch_all, reverted by unpatch_all. Empty in
-# transformers 5.24: every family's attention calls cache.update() then ALL_ATTENTION_FUNCTIONS.
-FAMILY_PATCHES: tuple[FamilyPatch, ...] = ()
-_APPLIED: dict[FamilyPatch, object] = {}
-
-
-def _apply(patch: FamilyPatch) -> None:
-    if patch in _APPLIED:
-        return
-    owner = getattr(importlib.import_module(patch.module), patch.owner)
-    original = owner.__dict__.get(patch.attribute, _MISSING)
-    _APPLIED[patch] = original
-    setattr(owner, patch.attribute, patch.replacement(getattr(owner, patch.attribute)))
-
-
-def _revert(patch: FamilyPatch) -> None:
-    original = _APPLIED.pop(patch, None)
-    if original is None:
-        return
-    owner = getattr(importlib.import_module(patch.module), patch.owner)
-    if original is _MISSING:
-        delattr(owner, patch.attribute)
-    else:
-        setattr(owner, patch.attribute, original)
-
-
 def patch_all() -> None:
     """Every patch; what ``import fastmax_hf`` does (idempotent)."""
     patch_attn_resolution()
     patch_generation()
-    for patch in FAMILY_PATCHES:
-        _apply(patch)
 
 
 def unpatch_all() -> None:
-    for patch in FAMILY_PATCHES:
-        _revert(patch)
     unpatch_generation()
     unpatch_attn_resolution()
