@@ -29,6 +29,8 @@ from .validation import check_flag
 
 def _norm_scale(x: torch.Tensor, lim: float, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
     """lim / max ||x_n||: over the whole sequence, or the running maximum n <= i when causal."""
+    if valid is not None:  # padded positions by selection, before the norm and its gradient
+        x = torch.where(valid[:, None, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
     norms = x.norm(dim=-1)  # (B, H, N)
     if norms.shape[-1] == 0:  # no token (N = 0): no maximum to take
         return norms

@@ -32,6 +32,8 @@ def norm_scale(x, lim, causal, valid=None, prev_peak=None):
         work = x.to(prev_peak.dtype)  # the state's precision
     else:
         work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if valid is not None:  # padded positions by selection: nothing they hold reaches a norm or its gradient
+        work = torch.where(valid[:, None, :, None], work, torch.zeros((), dtype=work.dtype, device=work.device))
     norms = torch.linalg.vector_norm(work, dim=-1)  # (B, H, N)
     if norms.shape[-1] == 0:  # no token: nothing to scale, and the peak stays what it was
         last = prev_peak if prev_peak is not None else norms.new_zeros(norms.shape[:-1])
@@ -50,8 +52,12 @@ def normalize_qk(q, k, lim, causal, key_padding_mask):
     """q and k scaled by lim / max ||x_n|| (see ``norm_scale``).
 
     Padded keys do not count towards the maximum, nor do padded queries when q and k are
-    the same tokens (Nq == Nk)."""
+    the same tokens (Nq == Nk). Padded keys come back as zeros (no path reads them)."""
     query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
+    if key_padding_mask is not None:
+        # padded keys are removed by selection before the product: an inf there would otherwise
+        # reach the gradient of the running maximum (inf * 0 in the backward of k * factor)
+        k = torch.where(key_padding_mask[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
     return q * norm_scale(q, lim, causal, query_mask)[0], k * norm_scale(k, lim, causal, key_padding_mask)[0]
 
 

@@ -130,15 +130,17 @@ def test_chunked_tilings_do_not_leak_backwards(mode, kind):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_padded_key_reaches_no_row(backend, causal):
-    """A padded key holding inf and NaN changes nothing at all, output or gradient."""
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_padded_key_reaches_no_row(backend, causal, normalize):
+    """A padded key holding inf and NaN changes nothing at all, output or gradient (its own
+    gradient is 0), with and without normalize (whose maxima skip padded keys)."""
     B, Hq, Hk, N, D, Dv, j = 2, 2, 1, 140, 4, 4, 60
     q, k, v, _ = _case_inputs(11, B, Hq, Hk, N, N, D, Dv, pad=False)
     mask = torch.ones(B, N, dtype=torch.bool)
     mask[0, j] = False
     k_bad, v_bad = _poison(k, v, 0, 0, j, "both")
     do = torch.randn(B, Hq, N, Dv, dtype=torch.float64)
-    kw = dict(causal=causal, key_padding_mask=mask, backend=backend)
+    kw = dict(causal=causal, key_padding_mask=mask, backend=backend, normalize=normalize)
     out, dq, dk, dv = _forward_and_grads(q, k_bad, v_bad, slice(0, N), do, **kw)
     clean, cq, ck, cv = _forward_and_grads(q, k, v, slice(0, N), do, **kw)
     assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
