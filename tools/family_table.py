@@ -29,6 +29,7 @@ MEANING = {
                      "`fastmax_hf.integration.KV_CACHE_FAMILIES`)",
     "refused": "`from_config` / `from_pretrained` raise `FastmaxUnsupportedError` naming the family",
     "no attention layers": "no attention to convert (the `FastmaxCache` holds the family's own states)",
+    "own constant-size cache": "exact generation with a cache of the family's own that does not grow",
     "not built": "the tiny test model does not build or run offline with `eager` either (not a fastmax outcome)",
 }
 

@@ -213,9 +213,12 @@ class FastmaxCacheLayer(CacheLayerMixin):
 
 def _layer_types(decoder_config) -> tuple[list[str], list[dict]]:
     """(layer type, kwargs) per decoder layer, as transformers' DynamicCache reads them from the config."""
-    reader = getattr(cache_utils, "get_layer_types_and_kwargs", None)  # transformers >= 5.2x
+    reader = getattr(cache_utils, "get_layer_types_and_kwargs", None)
     if reader is not None:
-        return reader(decoder_config)
+        types, kwargs = reader(decoder_config)
+        if isinstance(kwargs, dict):  # transformers 5.17: one dict of kwargs for every layer
+            kwargs = [dict(kwargs) for _ in types]
+        return list(types), list(kwargs)
     n = decoder_config.num_hidden_layers
     types = list(getattr(decoder_config, "layer_types", None) or ["full_attention"] * n)
     window = getattr(decoder_config, "sliding_window", None)
@@ -279,12 +282,16 @@ HYBRID_LAYER_TYPES = ("hybrid", "hybrid_sliding")
 NON_ATTENTION_LAYER_TYPES = ("conv", "linear_attention", "dummy")
 
 
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
 def _cache_layer(layer_type: str, kwargs: dict, model_type: str):
+    window = kwargs.get("sliding_window") if layer_type in WINDOWED_LAYER_TYPES else None
     if layer_type in FASTMAX_LAYER_TYPES:
-        return FastmaxCacheLayer(layer_type=layer_type, sliding_window=kwargs.get("sliding_window"))
+        return FastmaxCacheLayer(layer_type=layer_type, sliding_window=window)
     if layer_type in HYBRID_LAYER_TYPES and _LinearAttentionLayer is not None:
         return FastmaxHybridLayer(number_of_states=kwargs.get("number_of_states", 1), layer_type=layer_type,
-                                  sliding_window=kwargs.get("sliding_window"))
+                                  sliding_window=window)
     own_layers = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {})
     if layer_type in NON_ATTENTION_LAYER_TYPES and layer_type in own_layers:
         return own_layers[layer_type](**kwargs)
