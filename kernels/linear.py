@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from .common import key_valid, load_tile, operand
-from .quadratic import attend_keys, dkdv_from_query_heads, dq_from_keys, scaled_grad_rows
+from .quadratic import attend_keys, dkdv_from_query_heads, dq_from_keys, output_rows, scaled_grad_rows
 
 
 @triton.jit
@@ -310,6 +310,7 @@ def linear_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if has_keys:
         if CAUSAL:
             chunk = pos0 // CHUNK
@@ -322,12 +323,14 @@ def linear_fwd_kernel(
             V_h = V + b * stride_vb + hk * stride_vh + pid_v * BLOCK_DV * stride_vd
             MASK_b = MASK + b * stride_mb
             DV_BLOCK = DV - pid_v * BLOCK_DV
-            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   stride_mn, chunk_lo, n_full, Nk, D, DV_BLOCK, a0, c1, c2, P, False, True, HAS_MASK,
-                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
-            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                                   stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk, D, DV_BLOCK, a0, c1, c2, P,
-                                   True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+            acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, stride_mn, chunk_lo, n_full, Nk, D, DV_BLOCK, a0, c1,
+                                          c2, P, False, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                          PRECISION, I64)
+            acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd,
+                                          stride_vn, stride_vd, stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk,
+                                          D, DV_BLOCK, a0, c1, c2, P, True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV,
+                                          EVEN_D, EVEN_DV, PRECISION, I64)
         else:
             chunk = 0
         base = ((b * (Hq // GROUPS) + hk) * N_CHUNKS + chunk) * F_ROWS  # the state this block reads
@@ -351,8 +354,7 @@ def linear_fwd_kernel(
             acc = tl.dot(qf, operand(S_t, OP_BF16), acc, input_precision=PRECISION)
             den += tl.sum(qf.to(tl.float32) * z_t[None, :], 1)
 
-    safe = tl.where(den == 0.0, 1.0, den)
-    out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
+    out = output_rows(acc, den, n_bad)
     o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
     tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & v_ok[None, :])
     if pid_v == 0:
@@ -478,10 +480,10 @@ def linear_bwd_dkdv_kernel(
         lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
         # (block-aligned, so that no row is in both loops; rows at or past row_end are masked)
         diag_hi = tl.cdiv(tl.maximum(n0 + BLOCK_N - offset, 0), BLOCK_M) * BLOCK_M
-        dk, dv = dkdv_from_query_heads(dk, dv, k, v, k, keys, Q, DO, INV_DEN, CROW, INV_DEN, b, hk, Hq, GROUPS,
+        dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
                                        stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
                                        stride_dod, lo, diag_hi, row_end, offset, row_end, Nq, D, DV, a0, c1, c2, P,
-                                       False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+                                       BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
     else:
         chunk = 0
     base = (pid_bh.to(tl.int64) * N_CHUNKS + chunk) * F_ROWS

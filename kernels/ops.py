@@ -67,8 +67,8 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
     (2, 16): (22000, 10000),  # D = 16, 32: the earlier kernels on an H100 (not re-measured)
     (2, 32): (22000, 9500),
-    (2, 64): (31000, 19000),  # H200: benchmarks/h200/kernels/bench.json (fwd), lab1.jsonl (fwd+bwd)
-    (2, 128): (86000, 26000),  # H200: benchmarks/h200/kernels/bench.json
+    (2, 64): (31000, 23000),  # H200: benchmarks/h200/quadratic/bench_quadratic.json, "crossover"
+    (2, 128): (85000, 61000),  # H200: the same run
 }
 
 
@@ -202,12 +202,6 @@ def _quad_config(pb: _Problem, kernel: str) -> dict:
     return _chosen(defaults, f"quad_{kernel}_")
 
 
-def _dq_atomic(pb: _Problem) -> bool:
-    """Whether the backward adds dq with atomics from the key-block kernel (settings, else the default)."""
-    chosen = current_settings().quad_dq_atomic
-    return False if chosen is None else bool(chosen)
-
-
 def _linear_config(pb: _Problem, p: int = 2) -> dict:
     """Chunk, block sizes, warps and stages of the linear kernels: measured defaults, then settings.
 
@@ -273,10 +267,12 @@ def _backward_rows(out, den, grad_out, pb: _Problem):
 
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
     """dq, dk, dv: the dq kernel first (it also writes the row terms 1/d and c), then the
-    key-block kernel; or, with ``quad_dq_atomic``, the row terms and one key-block kernel that
-    adds dq with atomics."""
+    key-block kernel, which reads them."""
     pb = _Problem.of(q, k, v, grad_out)
     m, smb, smn = _mask_args(mask, q)
+    inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    crow = torch.empty_like(inv_den)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
@@ -286,30 +282,18 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
         return dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                     OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
-    atomic = _dq_atomic(pb)
-    if atomic:
-        inv_den, crow = _backward_rows(out, den, grad_out, pb)
-        # dq accumulates in fp32, padded to BLOCK_D columns, and is cast at the end
-        dq_acc = torch.zeros(pb.B, pb.Hq, pb.Nq, pb.block_d, dtype=torch.float32, device=q.device)
-    else:
-        inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-        crow = torch.empty_like(inv_den)
-        dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
-        dq_acc = inv_den  # not read
-        cfg = _quad_config(pb, "dq")
-        compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-            q, k, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides, *out.stride(),
-            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
-        )
-        _record("quadratic_bwd_dq", compiled)
+    cfg = _quad_config(pb, "dq")
+    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides, *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
+    )
+    _record("quadratic_bwd_dq", compiled)
     cfg = _quad_config(pb, "dkdv")
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, m, grad_out, inv_den, crow, dk, dv, dq_acc, *strides,
-        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, DQ_ATOMIC=atomic, **launch_options(cfg),
+        q, k, v, m, grad_out, inv_den, crow, dk, dv, *strides,
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **launch_options(cfg),
     )
     _record("quadratic_bwd_dkdv", compiled)
-    if atomic:
-        dq = dq_acc[..., :pb.D].to(q.dtype)
     return dq, dk, dv
 
 

@@ -17,8 +17,9 @@ Backward, with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i (computed by the dq
     dv_j = sum_i f(r_ij) g_i,   dk_j = sum_i ds_ij q_i,    dq_i = sum_j ds_ij k_j;
 one kernel over key blocks (dk, dv, summed over the query heads of a key/value head: no
 atomics) and one over query blocks (dq), which recomputes r and dA: seven products per tile
-pair. With DQ_ATOMIC the key-block kernel also adds every tile's ds k into an fp32 dq
-buffer with atomics instead: five products, no dq kernel. Keys that are padding or past the sequence are
+pair. (Adding each tile's dq from the key-block kernel with fp32 atomics instead, five
+products, measured slower on an H200 at every shape tried: BENCHMARKS.md.) Keys that are
+padding or past the sequence are
 loaded as zeros in the dq kernel, which makes their ds_ij k_j vanish without a mask; the
 dk, dv kernel writes zeros for them.
 
@@ -33,7 +34,7 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value, key_valid, load_tile, operand, row_offsets
+from .common import kernel_slope, kernel_value, key_valid, load_tile, operand
 
 
 # ----------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ from .common import kernel_slope, kernel_value, key_valid, load_tile, operand, r
 
 @triton.jit
 def attend_keys(
-    acc, den, q, q_pos, K_h, V_h, MASK_b,
+    acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     lo, hi, Nk, D, DV, a0, c1, c2,
     P: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -53,24 +54,33 @@ def attend_keys(
     """acc += sum_j f(r_ij) v_j and den += sum_j f(r_ij) over the keys j in [lo, hi).
 
     CHECK=False: every key of the range is real and visible to every query (no mask at all).
-    CHECK=True: keys past Nk, padding and (CAUSAL) keys after a query's position are masked."""
+    CHECK=True: keys past Nk and padding load as zeros, and (CAUSAL) keys after a query's
+    position are removed by selection, never by a zero weight: 0 * inf is NaN, so a value
+    that is not finite enters the product as 0, and ``n_bad`` counts, per query, the visible
+    keys whose value was not finite (the caller makes those rows NaN)."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     for j0 in range(lo, hi, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
-        k_in = keys < Nk
-        k = load_tile(K_h, keys, k_in, stride_kn, cols_d, D, stride_kd, CHECK, EVEN_D, I64)  # (BLOCK_N, BLOCK_D)
-        v = load_tile(V_h, keys, k_in, stride_vn, cols_v, DV, stride_vd, CHECK, EVEN_DV, I64)  # (BLOCK_N, BLOCK_DV)
+        if CHECK:
+            real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        else:
+            real = keys < Nk
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, CHECK, EVEN_D, I64)  # (BLOCK_N, BLOCK_D)
+        v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, CHECK, EVEN_DV, I64)  # (BLOCK_N, BLOCK_DV)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         w = kernel_value(r, a0, c1, c2, P)
         if CHECK:
-            vis = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)[None, :]
+            vis = real[None, :]
             if CAUSAL:
                 vis = vis & (keys[None, :] <= q_pos[:, None])
+                v_bad = tl.max(tl.where(v == v, tl.abs(v), float("inf")), 1) == float("inf")  # (BLOCK_N,)
+                n_bad += tl.sum(tl.where(vis & v_bad[None, :], 1, 0), 1)
+                v = tl.where(v_bad[:, None], 0.0, v)
             w = tl.where(vis, w, 0.0)
         acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PRECISION)
         den += tl.sum(w, 1)
-    return acc, den
+    return acc, den, n_bad
 
 
 @triton.jit
@@ -86,7 +96,7 @@ def dq_from_keys(
     """dq += sum_j (g_i . v_j - c_i) f'(r_ij) k_j over the keys j in [lo, hi).
 
     g (BLOCK_M, BLOCK_DV) is an operand already; keys that are padding or past Nk load as
-    zeros (CHECK), so only the causal diagonal needs a mask."""
+    zeros (CHECK), so only the causal diagonal needs a mask, by selection."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     for j0 in range(lo, hi, BLOCK_N):
@@ -99,6 +109,10 @@ def dq_from_keys(
         ds = dA * kernel_slope(r, c1, c2, P)
         if CAUSAL:
             ds = tl.where(keys[None, :] <= q_pos[:, None], ds, 0.0)
+            # a key that is not finite would turn the zero ds of the queries before it into
+            # NaN: it enters the product as 0 (the queries that see it have a non-finite ds)
+            k_bad = tl.max(tl.where(k == k, tl.abs(k.to(tl.float32)), float("inf")), 1) == float("inf")
+            k = tl.where(k_bad[:, None], 0.0, k)
         dq = tl.dot(operand(ds, OP_BF16), operand(k, OP_BF16), dq, input_precision=PRECISION)
     return dq
 
@@ -115,10 +129,10 @@ def scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols
 
 @triton.jit
 def dkdv_from_queries(
-    dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_h, CROW_h, DQ_h,
+    dk, dv, k, v, keys, Q_h, DO_h, INV_h, CROW_h,
     stride_qn, stride_qd, stride_don, stride_dod,
     lo, hi, offset, row_limit, D, DV, a0, c1, c2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr,
+    P: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
@@ -129,9 +143,7 @@ def dkdv_from_queries(
     as their first operand, and q and do are read as they are loaded (1/d scales the tile,
     not the operand). Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows
     that see no key (d = 0), load 1/d = c = 0 and add nothing; only the causal diagonal
-    (CAUSAL) needs a mask. DQ_ATOMIC: also dq_i += sum_j ds_ij k_j, added into the fp32
-    (Nq, BLOCK_D) rows at DQ_h with atomics; ``k_dq`` is the key block as an operand with
-    padding keys zeroed."""
+    (CAUSAL) needs a mask."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     k_op = operand(k, OP_BF16)
@@ -151,44 +163,57 @@ def dkdv_from_queries(
             vis = keys[:, None] <= (rows + offset)[None, :]
             wT = tl.where(vis, wT, 0.0)
             dsT = tl.where(vis, dsT, 0.0)
-        ds_op = operand(dsT, OP_BF16)
         dv = tl.dot(operand(wT, OP_BF16), do, dv, input_precision=PRECISION)
-        dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(ds_op), k_dq, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
-            dq_offs = row_offsets(rows, BLOCK_D, I64)[:, None] + cols_d[None, :]
-            tl.atomic_add(DQ_h + dq_offs, dq, mask=ok[:, None], sem="relaxed")
+        dk = tl.dot(operand(dsT, OP_BF16), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit
 def dkdv_from_query_heads(
-    dk, dv, k, v, k_dq, keys, Q, DO, INV_DEN, CROW, DQ, b, hk, Hq, GROUPS,
+    dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
     lo, diag_hi, hi, offset, row_limit, Nq, D, DV, a0, c1, c2,
-    P: tl.constexpr, DQ_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr,
-    PRECISION: tl.constexpr, I64: tl.constexpr,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    I64: tl.constexpr,
 ):
     """``dkdv_from_queries`` summed over the GROUPS query heads that read key/value head hk:
     rows [lo, diag_hi) on the causal diagonal (masked), then rows [diag_hi, hi) that see the
-    whole key block. The (B * Hq, Nq) row terms INV_DEN and CROW are contiguous, and so is
-    the fp32 dq buffer DQ (B * Hq, Nq, BLOCK_D) of DQ_ATOMIC."""
+    whole key block. The (B * Hq, Nq) row terms INV_DEN and CROW are contiguous."""
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         Q_h = Q + b * stride_qb + h * stride_qh
         DO_h = DO + b * stride_dob + h * stride_doh
         row0 = (b * Hq + h) * Nq
-        DQ_h = DQ + row0 * BLOCK_D
-        dk, dv = dkdv_from_queries(dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_h,
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
                                    stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_limit,
-                                   D, DV, a0, c1, c2, P, True, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D,
-                                   EVEN_DV, OP_BF16, PRECISION, I64)
-        dk, dv = dkdv_from_queries(dk, dv, k, v, k_dq, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_h,
+                                   D, DV, a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
                                    stride_qn, stride_qd, stride_don, stride_dod, diag_hi, hi, offset, row_limit,
-                                   D, DV, a0, c1, c2, P, False, DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D,
-                                   EVEN_DV, OP_BF16, PRECISION, I64)
+                                   D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                                   OP_BF16, PRECISION, I64)
     return dk, dv
+
+
+@triton.jit
+def output_rows(acc, den, n_bad):
+    """o = acc / d per row: 0 where no key is visible (d = 0), NaN where a visible key's value
+    was not finite (``attend_keys``)."""
+    safe = tl.where(den == 0.0, 1.0, den)
+    out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
+    return tl.where(n_bad[:, None] > 0, float("nan"), out)
+
+
+@triton.jit
+def row_terms(o, do, den):
+    """1/d and c = (do . o)/d of rows (len, BLOCK_DV) fp32: 0 where d = 0 and on rows whose
+    cotangent is all zero, whatever o and d hold there (a row after a non-finite key has
+    o = NaN; its zero cotangent must not turn the gradients of earlier positions into NaN)."""
+    live = tl.max(tl.where(do != 0.0, 1, 0), 1) > 0
+    inv_den = tl.where(live & (den != 0.0), 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
+    crow = tl.where(live, tl.sum(tl.where(do != 0.0, o * do, 0.0), 1) * inv_den, 0.0)
+    return inv_den, crow
 
 
 # ----------------------------------------------------------------------------------------
@@ -231,6 +256,7 @@ def quadratic_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if CAUSAL:
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
         first_partial = tl.maximum(pid_m * BLOCK_M + offset, 0)  # the first key some query of the block cannot see
@@ -241,15 +267,14 @@ def quadratic_fwd_kernel(
         n_full = 0
     else:
         n_full = tl.minimum(first_partial, Nk) // BLOCK_N * BLOCK_N
-    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                           stride_mn, 0, n_full, Nk, D, DV, a0, c1, c2, P, False, CAUSAL, HAS_MASK,
-                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
-    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                           stride_mn, n_full, k_end, Nk, D, DV, a0, c1, c2, P, True, CAUSAL, HAS_MASK,
-                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+    acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, stride_mn, 0, n_full, Nk, D, DV, a0, c1, c2, P, False, CAUSAL, HAS_MASK,
+                                  BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+    acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, stride_mn, n_full, k_end, Nk, D, DV, a0, c1, c2, P, True, CAUSAL,
+                                  HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
 
-    safe = tl.where(den == 0.0, 1.0, den)
-    out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
+    out = output_rows(acc, den, n_bad)
     o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
     tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & (cols_v[None, :] < DV))
     tl.store(DEN + pid_bh.to(tl.int64) * Nq + rows, den, mask=q_ok)
@@ -263,7 +288,7 @@ def backward_rows_kernel(
     Hq, Nq, DV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, I64: tl.constexpr,
 ):
-    """Grid (cdiv(Nq, BLOCK_M), B * Hq): 1/d and c = (do . o)/d per query row, fp32 (B * Hq, Nq); 0 where d = 0."""
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): 1/d and c = (do . o)/d per query row, fp32 (B * Hq, Nq) (``row_terms``)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -276,29 +301,27 @@ def backward_rows_kernel(
                    True, EVEN_DV, I64)
     row0 = pid_bh.to(tl.int64) * Nq
     den = tl.load(DEN + row0 + rows, mask=ok, other=0.0)
-    inv_den = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
-    crow = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1) * inv_den
+    inv_den, crow = row_terms(o.to(tl.float32), do.to(tl.float32), den)
     tl.store(INV_DEN + row0 + rows, inv_den, mask=ok)
     tl.store(CROW + row0 + rows, crow, mask=ok)
 
 
 @triton.jit
 def quadratic_bwd_dkdv_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT, DQ,
+    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
     Hq, Hk, GROUPS, Nq, Nk, D, DV, a0, c1, c2,
-    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DQ_ATOMIC: tl.constexpr,
+    P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
     I64: tl.constexpr,
 ):
     """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
-    of one key block, summed over the GROUPS query heads that read it. DQ_ATOMIC: every tile's
-    dq is added into the zeroed fp32 buffer DQ (B * Hq, Nq, BLOCK_D)."""
+    of one key block, summed over the GROUPS query heads that read it."""
     pid_n = tl.program_id(0)  # the first key blocks are seen by the most queries: launched first
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
@@ -322,13 +345,12 @@ def quadratic_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_hi = 0
-    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
-    k_dq = operand(tl.where(real[:, None], k, 0.0), OP_BF16)  # padding keys add nothing to dq
-    dk, dv = dkdv_from_query_heads(dk, dv, k, v, k_dq, keys, Q, DO, INV_DEN, CROW, DQ, b, hk, Hq, GROUPS,
+    dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
                                    stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
                                    stride_dod, lo, diag_hi, n_rows, offset, Nq, Nq, D, DV, a0, c1, c2, P,
-                                   DQ_ATOMIC, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
 
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
     key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
     tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
              mask=k_in[:, None] & (cols_d[None, :] < D))
@@ -370,8 +392,7 @@ def quadratic_bwd_dq_kernel(
     do = load_tile(DO + b * stride_dob + h * stride_doh, rows, q_ok, stride_don, cols_v, DV, stride_dod,
                    True, EVEN_DV, I64).to(tl.float32)
     den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
-    inv_den = tl.where(den != 0.0, 1.0 / tl.where(den != 0.0, den, 1.0), 0.0)
-    crow = tl.sum(o.to(tl.float32) * do, 1) * inv_den
+    inv_den, crow = row_terms(o.to(tl.float32), do, den)
     tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
     tl.store(CROW + row0 + rows, crow, mask=q_ok)
     g = operand(do * inv_den[:, None], OP_BF16)

@@ -24,8 +24,7 @@ class KernelSettings:
     quad_fwd_block_n: int | None = None
     quad_fwd_warps: int | None = None
     quad_fwd_stages: int | None = None
-    # backward: the kernel over key blocks (dk, dv; with quad_dq_atomic also dq) and the one
-    # over query blocks (dq)
+    # backward: the kernel over key blocks (dk, dv) and the one over query blocks (dq)
     quad_dkdv_block_m: int | None = None
     quad_dkdv_block_n: int | None = None
     quad_dkdv_warps: int | None = None
@@ -34,9 +33,6 @@ class KernelSettings:
     quad_dq_block_n: int | None = None
     quad_dq_warps: int | None = None
     quad_dq_stages: int | None = None
-    # 1: the key-block kernel also adds each tile's dq into an fp32 buffer with atomics (five
-    # products per tile pair instead of seven, no dq kernel); 0: a dq kernel of its own
-    quad_dq_atomic: int | None = None
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
     # per tile, warps and stages
@@ -63,10 +59,6 @@ class KernelSettings:
                     raise ValueError(f"kernel setting `scratch_fraction` must be a number in [0, 1], got {value!r}")
                 continue
             if value is None and field.default is None:
-                continue
-            if field.name == "quad_dq_atomic":
-                if value not in (0, 1) or isinstance(value, float):
-                    raise ValueError(f"kernel setting `quad_dq_atomic` must be 0, 1 or None, got {value!r}")
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"kernel setting `{field.name}` must be a positive integer"

@@ -157,14 +157,12 @@ def test_linear_kernels_across_chunks(gen, causal, shape):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dq_atomic", [0, 1])
-def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal, dq_atomic):
+def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal):
     """Tiles of 16 x 16: key blocks that every query of a block sees run unmasked, the diagonal
-    and the ragged end masked; Nq < Nk and Nq > Nk shift the diagonal off the block grid. The
-    backward both ways: a dq kernel of its own, and dq added with atomics by the key-block
-    kernel (with GQA: several query heads add into one key block's programs)."""
+    and the ragged end masked; Nq < Nk and Nq > Nk shift the diagonal off the block grid; GQA
+    sums several query heads into one key block's program."""
     small = dict(quad_fwd_block_m=32, quad_fwd_block_n=16, quad_dkdv_block_m=16, quad_dkdv_block_n=32,
-                 quad_dq_block_m=16, quad_dq_block_n=32, quad_dq_atomic=dq_atomic)
+                 quad_dq_block_m=16, quad_dq_block_n=32)
     for shape in ((1, 2, 1, 75, 101, 16, 16), (1, 2, 2, 101, 67, 32, 16), (2, 4, 2, 40, 40, 24, 16)):
         for mask_on in (False, True):
             (q, k, v), (qe, ke, ve), mask = inputs(gen, *shape, torch.float32)

@@ -1,8 +1,9 @@
 """Turn the benchmark JSON written by bench_kernels.py into BENCHMARKS.md tables and PNG plots.
 
-Reads --results (bench_kernels' JSON: its "long", "seed", "fla" and "decode" sections) and
---crossover (a bench_kernels JSON with a "crossover" section; by default crossover.json beside
---results, if there is one). Writes --out (markdown: the tables, the plots linked relative to
+Reads --results (bench_kernels' JSON: its "long", "seed", "fla" and "decode" sections),
+--quadratic (a bench_kernels JSON with a "quadratic" section: the quadratic regime's targets)
+and --crossover (a bench_kernels JSON with a "crossover" section; by default the --quadratic
+file's, else crossover.json beside --results, else --results' own). Writes --out (markdown: the tables, the plots linked relative to
 it, then --analysis appended as written) and the plots long_context.png and crossover.png into
 --plots (by default the folder of --results). Needs no GPU.
 
@@ -108,11 +109,35 @@ def plot_crossover(rows, path):
     plt.close(fig)
 
 
+def quadratic_section(data, path):
+    """The quadratic regime forced: fastmax against SDPA and FlexAttention, by B, D, mask and N."""
+    meta = data["meta"]
+    lines = ["| B | D | causal | N | pass | fastmax | SDPA flash | SDPA cuDNN | fastmax / best SDPA | "
+             "FlexAttention log f | Flex / fastmax |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in data["quadratic"]:
+        ratio = f"{e['ratio_to_best_sdpa']:.2f}" if "ratio_to_best_sdpa" in e else "–"
+        flex = cell(e, "flex_log_f", 3) if "flex_log_f" in e else ""
+        flex_ratio = f"{e['flex_over_fastmax']:.2f}" if "flex_over_fastmax" in e else ""
+        lines.append(f"| {e['B']} | {e['D']} | {e['causal']} | {e['N']:,} | {e['pass']} | {cell(e, 'fastmax', 3)} | "
+                     f"{cell(e, 'sdpa_flash', 3)} | {cell(e, 'sdpa_cudnn', 3)} | {ratio} | {flex} | {flex_ratio} |")
+    return (f"## Quadratic regime forced: H=16, bf16 (ms)
+
+{meta['gpu']}, torch {meta['torch']}, Triton "
+            f"{meta['triton']}, {meta['date']}; raw numbers `{path}`. FlexAttention computes exact Fastmax "
+            "(score_mod = log f, compiled), timed at B=1 with the causal mask.
+
+" + "
+".join(lines))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="benchmarks/h200/kernels/bench.json", help="bench_kernels' JSON")
+    parser.add_argument("--quadratic", default="benchmarks/h200/quadratic/bench_quadratic.json",
+                        help="JSON with a quadratic section ('none': no table)")
     parser.add_argument("--crossover", default=None,
-                        help="JSON with a crossover section (default: crossover.json beside --results; 'none': no table)")
+                        help="JSON with a crossover section (default: the --quadratic file's, else crossover.json "
+                             "beside --results; 'none': no table)")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (default: the folder of --results)")
     parser.add_argument("--analysis", default="benchmarks/analysis.md",
@@ -120,7 +145,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     results_dir = Path(args.results).parent
     if args.crossover is None:
-        args.crossover = str(results_dir / "crossover.json")
+        quadratic = Path(args.quadratic)
+        has_own = args.quadratic != "none" and quadratic.exists() and "crossover" in json.loads(quadratic.read_text())
+        args.crossover = str(quadratic if has_own else results_dir / "crossover.json")
     if args.plots is None:
         args.plots = str(results_dir)
     return args
@@ -155,6 +182,9 @@ def main(argv=None):
         parts.append("TFLOP/s counts the useful work of the linear regime: 4 F Dv FLOPs per token and head "
                      "forward, 12 F Dv forward+backward, F = 1 + D + D(D+1)/2. Up to the crossover the "
                      "quadratic kernel runs instead (`kernels/ops.py::CROSSOVER`); its TFLOP/s cell is left empty.")
+    quadratic = Path(args.quadratic)
+    if args.quadratic != "none" and quadratic.exists():
+        parts.append(quadratic_section(json.loads(quadratic.read_text()), args.quadratic))
     if crossover:
         plot_crossover(crossover, plots / "crossover.png")
         lines = ["| D | N | quadratic fwd | linear fwd | quadratic fwd+bwd | linear fwd+bwd |", "|---|---|---|---|---|---|"]
