@@ -126,8 +126,9 @@ class _Problem:
         selection, so that a non-finite query nobody differentiates reaches no key's gradient."""
         fq = self.phi_q(self.q[..., i0:i1, :])
         gc, cc = g[..., i0:i1, :], c[..., i0:i1]
-        active = (gc != 0).any(-1) | (cc != 0)
-        fq = torch.where(active[..., None], fq, self.zero)
+        if not self.finite:  # (finite features times a zero cotangent are exactly zero already)
+            active = (gc != 0).any(-1) | (cc != 0)
+            fq = torch.where(active[..., None], fq, self.zero)
         R = R + (fq.transpose(-1, -2) @ gc).sum(2, keepdim=True)
         r = r + (fq * cc[..., None]).sum((2, 3)).unsqueeze(2)
         return R, r
@@ -151,18 +152,23 @@ class _Problem:
         """(A, keep): A = f(scale q k^T) on visible pairs (exactly 0 elsewhere, by selection),
         for queries from i0 and keys from j0, and the visibility ``keep`` that ``pairs`` needs."""
         keep = self.keep(q.shape[-2], k.shape[-2], i0, j0)
-        scores = masked_scores(q, k, keep, finite=self.finite)
+        # finite inputs: the selection of the weights below is all it takes (a product of
+        # finite numbers with a selected 0 is exactly 0, forward and backward)
+        scores = q @ k.transpose(-1, -2) if self.finite else masked_scores(q, k, keep)
         weights = torch.where(keep, self.options.kernel(self.options.scale * scores), self.zero)
         return weights, keep
 
     def pairs(self, A, x, keep):
-        """sum_j A_ij x_j over the visible pairs only (see selection.masked_matmul)."""
-        return masked_matmul(A, x, keep, finite=self.finite)
+        """sum_j A_ij x_j over the visible pairs only (see selection.masked_matmul); A is a
+        ``tile``, already exactly 0 on the pairs not kept."""
+        return A @ x if self.finite else masked_matmul(A, x, keep)
 
     def surrogate(self, qc, kc, vc, gc, cc, i0, j0):
         """sum over visible pairs of A_ij (g_i . v_j - c_i), every product taken by selection."""
         A, keep = self.tile(qc, kc, i0, j0)
-        gv = masked_scores(gc, vc, keep, finite=self.finite and self.finite_g)
+        if self.finite and self.finite_g:
+            return (A * (gc @ vc.transpose(-1, -2) - cc[..., None])).sum()
+        gv = masked_scores(gc, vc, keep)
         return torch.where(keep, A * (gv - cc[..., None]), self.zero).sum()
 
     def visible_keys(self, i1):
