@@ -43,7 +43,9 @@ def fastmax_function(
 
     ``use_custom_gradient=True`` takes the fused kernels with their hand-written backward
     (Triton on a GPU, the chunked linear-memory PyTorch form elsewhere); False takes the
-    plain differentiable PyTorch path (the direct O(N^2) form).
+    plain differentiable PyTorch path (the direct O(N^2) form). The flags ``mask``, ``normalize``
+    and ``use_custom_gradient`` take Python bools only (a TypeError naming the flag otherwise:
+    the seed read ``mask="no"`` as causal).
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature == 0:
         raise ValueError(f"`temperature` must be a non-zero number, got {temperature!r}")
