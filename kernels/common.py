@@ -77,3 +77,10 @@ def key_valid(MASK_b, smn, keys, Nk, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         valid = valid & (tl.load(MASK_b + keys * smn, mask=keys < Nk, other=0) != 0)
     return valid
+
+
+@triton.jit
+def nonfinite_marks(x):
+    """Per row of a tile: 0.0 where every entry is finite, NaN where one is inf or NaN
+    (x * 0 is NaN exactly there); cheap enough for the masked tiles that need it."""
+    return tl.sum(x.to(tl.float32) * 0.0, 1)

@@ -310,7 +310,6 @@ def linear_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    n_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if has_keys:
         if CAUSAL:
             chunk = pos0 // CHUNK
@@ -323,14 +322,12 @@ def linear_fwd_kernel(
             V_h = V + b * stride_vb + hk * stride_vh + pid_v * BLOCK_DV * stride_vd
             MASK_b = MASK + b * stride_mb
             DV_BLOCK = DV - pid_v * BLOCK_DV
-            acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, stride_mn, chunk_lo, n_full, Nk, D, DV_BLOCK, a0, c1,
-                                          c2, P, False, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                          PRECISION, I64)
-            acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd,
-                                          stride_vn, stride_vd, stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk,
-                                          D, DV_BLOCK, a0, c1, c2, P, True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV,
-                                          EVEN_D, EVEN_DV, PRECISION, I64)
+            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_mn, chunk_lo, n_full, Nk, D, DV_BLOCK, a0, c1, c2, P, False, True, HAS_MASK,
+                                   BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+            acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk, D, DV_BLOCK, a0, c1, c2, P,
+                                   True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
         else:
             chunk = 0
         base = ((b * (Hq // GROUPS) + hk) * N_CHUNKS + chunk) * F_ROWS  # the state this block reads
@@ -354,7 +351,7 @@ def linear_fwd_kernel(
             acc = tl.dot(qf, operand(S_t, OP_BF16), acc, input_precision=PRECISION)
             den += tl.sum(qf.to(tl.float32) * z_t[None, :], 1)
 
-    out = output_rows(acc, den, n_bad)
+    out = output_rows(acc, den)
     o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
     tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & v_ok[None, :])
     if pid_v == 0:

@@ -34,7 +34,7 @@ i + Nk - Nq (bottom-right causal alignment).
 import triton
 import triton.language as tl
 
-from .common import kernel_slope, kernel_value, key_valid, load_tile, operand
+from .common import kernel_slope, kernel_value, key_valid, load_tile, nonfinite_marks, operand
 
 
 # ----------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ from .common import kernel_slope, kernel_value, key_valid, load_tile, operand
 
 @triton.jit
 def attend_keys(
-    acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b,
+    acc, den, q, q_pos, K_h, V_h, MASK_b,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
     lo, hi, Nk, D, DV, a0, c1, c2,
     P: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -55,9 +55,9 @@ def attend_keys(
 
     CHECK=False: every key of the range is real and visible to every query (no mask at all).
     CHECK=True: keys past Nk and padding load as zeros, and (CAUSAL) keys after a query's
-    position are removed by selection, never by a zero weight: 0 * inf is NaN, so a value
-    that is not finite enters the product as 0, and ``n_bad`` counts, per query, the visible
-    keys whose value was not finite (the caller makes those rows NaN)."""
+    position are removed by selection, never by a zero weight (0 * inf is NaN): a value
+    that is not finite enters the product as 0, and the weights of the queries that do see
+    it become NaN, so that exactly those rows come out NaN."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     for j0 in range(lo, hi, BLOCK_N):
@@ -74,13 +74,13 @@ def attend_keys(
             vis = real[None, :]
             if CAUSAL:
                 vis = vis & (keys[None, :] <= q_pos[:, None])
-                v_bad = tl.max(tl.where(v == v, tl.abs(v), float("inf")), 1) == float("inf")  # (BLOCK_N,)
-                n_bad += tl.sum(tl.where(vis & v_bad[None, :], 1, 0), 1)
-                v = tl.where(v_bad[:, None], 0.0, v)
+                v_nan = nonfinite_marks(v)  # (BLOCK_N,): 0, or NaN where the key's value is not finite
+                v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
+                w = w + v_nan[None, :]
             w = tl.where(vis, w, 0.0)
         acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PRECISION)
         den += tl.sum(w, 1)
-    return acc, den, n_bad
+    return acc, den
 
 
 @triton.jit
@@ -111,8 +111,7 @@ def dq_from_keys(
             ds = tl.where(keys[None, :] <= q_pos[:, None], ds, 0.0)
             # a key that is not finite would turn the zero ds of the queries before it into
             # NaN: it enters the product as 0 (the queries that see it have a non-finite ds)
-            k_bad = tl.max(tl.where(k == k, tl.abs(k.to(tl.float32)), float("inf")), 1) == float("inf")
-            k = tl.where(k_bad[:, None], 0.0, k)
+            k = tl.where(nonfinite_marks(k)[:, None] == 0.0, k, 0.0)
         dq = tl.dot(operand(ds, OP_BF16), operand(k, OP_BF16), dq, input_precision=PRECISION)
     return dq
 
@@ -197,12 +196,10 @@ def dkdv_from_query_heads(
 
 
 @triton.jit
-def output_rows(acc, den, n_bad):
-    """o = acc / d per row: 0 where no key is visible (d = 0), NaN where a visible key's value
-    was not finite (``attend_keys``)."""
+def output_rows(acc, den):
+    """o = acc / d per row, 0 where no key is visible (d = 0)."""
     safe = tl.where(den == 0.0, 1.0, den)
-    out = tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
-    return tl.where(n_bad[:, None] > 0, float("nan"), out)
+    return tl.where(den[:, None] == 0.0, 0.0, acc / safe[:, None])
 
 
 @triton.jit
@@ -256,7 +253,6 @@ def quadratic_fwd_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    n_bad = tl.zeros((BLOCK_M,), dtype=tl.int32)
     if CAUSAL:
         k_end = tl.minimum(Nk, pid_m * BLOCK_M + BLOCK_M + offset)
         first_partial = tl.maximum(pid_m * BLOCK_M + offset, 0)  # the first key some query of the block cannot see
@@ -267,14 +263,14 @@ def quadratic_fwd_kernel(
         n_full = 0
     else:
         n_full = tl.minimum(first_partial, Nk) // BLOCK_N * BLOCK_N
-    acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, stride_mn, 0, n_full, Nk, D, DV, a0, c1, c2, P, False, CAUSAL, HAS_MASK,
-                                  BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
-    acc, den, n_bad = attend_keys(acc, den, n_bad, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, stride_mn, n_full, k_end, Nk, D, DV, a0, c1, c2, P, True, CAUSAL,
-                                  HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_mn, 0, n_full, Nk, D, DV, a0, c1, c2, P, False, CAUSAL, HAS_MASK,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
+    acc, den = attend_keys(acc, den, q, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
+                           stride_mn, n_full, k_end, Nk, D, DV, a0, c1, c2, P, True, CAUSAL, HAS_MASK,
+                           BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
 
-    out = output_rows(acc, den, n_bad)
+    out = output_rows(acc, den)
     o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
     tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & (cols_v[None, :] < DV))
     tl.store(DEN + pid_bh.to(tl.int64) * Nq + rows, den, mask=q_ok)
