@@ -36,7 +36,7 @@ import dataclasses
 import traceback
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import fastmax_hf
@@ -106,7 +106,13 @@ def _settable(config, name: str) -> bool:
         return False
     except Exception:  # noqa: BLE001 - e.g. per-layer attributes that refuse a global read
         return False
-    return not (name in DROPOUTS and not isinstance(current, float))  # some configs type them int
+    if name in DROPOUTS and not isinstance(current, float):  # some configs type them int
+        return False
+    try:  # some configs refuse a value for an attribute they have (xlnet's max_position_embeddings)
+        setattr(copy.copy(config), name, TINY[name])
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _overrides_for(config) -> dict:
@@ -177,24 +183,28 @@ def _inputs():
     return ids, mask
 
 
-def _generate(model, ids, mask, use_cache, processor=None):
-    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                  use_cache=use_cache, return_dict_in_generate=True)
-    if processor is not None:
-        kwargs["logits_processor"] = LogitsProcessorList([processor])
-    return model.generate(ids, attention_mask=mask, **kwargs)
+def _generate(model, ids, mask, use_cache):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False, pad_token_id=0, use_cache=use_cache, return_dict_in_generate=True)
+
+
+def _tensor_bytes(held) -> int:
+    if isinstance(held, torch.Tensor):
+        return held.numel() * held.element_size()
+    if isinstance(held, dict):
+        return sum(_tensor_bytes(v) for v in held.values())
+    if isinstance(held, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in held)
+    return 0
 
 
 def _cache_bytes(cache) -> int:
-    """Bytes a cache holds: FastmaxCache.nbytes, else the tensors of its layers (keys, values, states)."""
+    """Bytes a cache holds: FastmaxCache.nbytes, else every tensor of the cache and of its layers."""
     if isinstance(cache, FastmaxCache):
         return cache.nbytes()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for held in vars(layer).values():
-            held = list(held.values()) if isinstance(held, dict) else held if isinstance(held, (list, tuple)) else [held]
-            total += sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
-    return total
+    layers = getattr(cache, "layers", [])
+    own = {k: v for k, v in vars(cache).items() if k != "layers"}
+    return _tensor_bytes(own) + sum(_tensor_bytes(vars(layer)) for layer in layers)
 
 
 def _returned_cache(output):
@@ -235,34 +245,34 @@ def _run_fastmax(family: str, config) -> Result:
     if not bool(torch.isfinite(logits[:, 2:]).all()):
         return Result(family, "forward not finite")
 
+    # The bytes of the cache after every forward of generate(), read from each forward's output.
     sizes = []
+    original_update = model._update_model_kwargs_for_generation
 
-    class Bytes(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            sizes.append(_cache_bytes(holder[0]) if holder else None)
-            return scores
+    def update_and_measure(outputs, *args, **kwargs):
+        model_kwargs = original_update(outputs, *args, **kwargs)
+        # the forward's output holds the cache, or (RecurrentGemma's does not) generate's model kwargs do
+        cache = _returned_cache(outputs) or next(
+            (model_kwargs[n] for n in ("cache", "past_key_values") if model_kwargs.get(n) is not None), None)
+        sizes.append(None if cache is None else _cache_bytes(cache))
+        return model_kwargs
 
-    holder: list = []
-    original_prepare = model._prepare_cache_for_generation
-
-    def prepare_and_remember(generation_config, model_kwargs, *args, **kwargs):
-        result = original_prepare(generation_config, model_kwargs, *args, **kwargs)
-        holder.extend(model_kwargs[n] for n in ("cache", "past_key_values") if model_kwargs.get(n) is not None)
-        return result
-
-    model._prepare_cache_for_generation = prepare_and_remember
+    model._update_model_kwargs_for_generation = update_and_measure
     with torch.no_grad():
-        cached = _generate(model, ids, mask, True, Bytes())
+        cached = _generate(model, ids, mask, True)
+        model._update_model_kwargs_for_generation = original_update
         recomputed = _generate(model, ids, mask, False)
     cache = _returned_cache(cached)
     if not torch.equal(cached.sequences, recomputed.sequences):
         return Result(family, "generation differs", f"cached {cached.sequences[:, PROMPT:].tolist()} vs "
                                                     f"recomputed {recomputed.sequences[:, PROMPT:].tolist()}")
+    if None in sizes or len(sizes) != NEW_TOKENS:
+        return Result(family, "cache not measured", f"cache bytes per step {sizes}")
     if not isinstance(cache, FastmaxCache):
-        if len(set(sizes)) == 1 and len(sizes) == NEW_TOKENS:  # e.g. an older transformers' MambaCache
+        if len(set(sizes)) == 1:  # e.g. an older transformers' MambaCache
             return Result(family, "own constant-size cache", f"generate() used a {type(cache).__name__}")
         return Result(family, "growing cache", f"generate() used a {type(cache).__name__}")
-    if len(set(sizes)) != 1 or len(sizes) != NEW_TOKENS:
+    if len(set(sizes)) != 1:
         return Result(family, "cache grows", f"cache bytes per step {sizes}")
     states = [layer for layer in cache.layers if isinstance(layer, FastmaxCacheLayer)]
     if not states:
