@@ -256,7 +256,8 @@ def test_report_turns_a_small_result_file_into_tables_and_plots(tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps(results))
     (tmp_path / "notes.md").write_text("## Notes\n\nhand-written\n")
     out = tmp_path / "report" / "BENCHMARKS.md"
-    report.main(["--results", str(tmp_path / "bench.json"), "--out", str(out), "--analysis", str(tmp_path / "notes.md")])
+    report.main(["--results", str(tmp_path / "bench.json"), "--out", str(out), "--analysis", str(tmp_path / "notes.md"),
+                 "--quadratic", "none"])
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nGPU: **Test GPU**, torch 2.x, Triton 3.x, fastmax_hf 0.1.0, 2030-01-01.")
     assert "![long context](../long_context.png)" in text and "![crossover](../crossover.png)" in text
@@ -271,9 +272,25 @@ def test_report_turns_a_small_result_file_into_tables_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     report.main(["--results", str(tmp_path / "bench.json"), "--out", str(out), "--crossover", "none",
-                 "--plots", str(tmp_path / "plots"), "--analysis", "none"])
+                 "--plots", str(tmp_path / "plots"), "--analysis", "none", "--quadratic", "none"])
     text = out.read_text()
     assert "Crossover" not in text and "Notes" not in text and "![long context](../plots/long_context.png)" in text
+
+    # a quadratic-regime file: its table, and its crossover section in place of the results'
+    quadratic = {"meta": results["meta"], "quadratic": [
+        {"B": 8, "D": 64, "causal": True, "N": 4096, "pass": "fwd+bwd", "fastmax": {"ms": 2.0},
+         "sdpa_flash": {"ms": 4.0}, "sdpa_cudnn": {"ms": 2.5}, "ratio_to_best_sdpa": 0.8},
+        {"B": 1, "D": 64, "causal": True, "N": 4096, "pass": "fwd", "fastmax": {"ms": 0.5},
+         "sdpa_flash": {"error": "x"}, "sdpa_cudnn": {"ms": 0.25}, "ratio_to_best_sdpa": 2.0,
+         "flex_log_f": {"ms": 1.5}, "flex_over_fastmax": 3.0}],
+        "crossover": [{"D": 128, "N": 8192, "pass": "fwd", "quadratic": {"ms": 4.0}, "linear": {"ms": 5.0}}]}
+    (tmp_path / "quadratic.json").write_text(json.dumps(quadratic))
+    report.main(["--results", str(tmp_path / "bench.json"), "--out", str(out), "--analysis", "none",
+                 "--quadratic", str(tmp_path / "quadratic.json")])
+    text = out.read_text()
+    assert "| 8 | 64 | True | 4,096 | fwd+bwd | 2.000 | 4.000 | 2.500 | 0.80 |  |  |" in text
+    assert "| 1 | 64 | True | 4,096 | fwd | 0.500 | – | 0.250 | 2.00 | 1.500 | 3.00 |" in text
+    assert "| 128 | 8,192 | 4.00 | 5.00 | – | – |" in text and "| 64 | 4,096 | 1.00 |" not in text
 
 
 def test_benchmarks_md_is_the_report_of_the_results_and_analysis(tmp_path, monkeypatch):

@@ -120,14 +120,9 @@ def quadratic_section(data, path):
         flex_ratio = f"{e['flex_over_fastmax']:.2f}" if "flex_over_fastmax" in e else ""
         lines.append(f"| {e['B']} | {e['D']} | {e['causal']} | {e['N']:,} | {e['pass']} | {cell(e, 'fastmax', 3)} | "
                      f"{cell(e, 'sdpa_flash', 3)} | {cell(e, 'sdpa_cudnn', 3)} | {ratio} | {flex} | {flex_ratio} |")
-    return (f"## Quadratic regime forced: H=16, bf16 (ms)
-
-{meta['gpu']}, torch {meta['torch']}, Triton "
+    return (f"## Quadratic regime forced: H=16, bf16 (ms)\n\n{meta['gpu']}, torch {meta['torch']}, Triton "
             f"{meta['triton']}, {meta['date']}; raw numbers `{path}`. FlexAttention computes exact Fastmax "
-            "(score_mod = log f, compiled), timed at B=1 with the causal mask.
-
-" + "
-".join(lines))
+            "(score_mod = log f, compiled), timed at B=1 with the causal mask.\n\n" + "\n".join(lines))
 
 
 def parse_args(argv=None):
