@@ -9,7 +9,9 @@ per-family tables below refuse families or keep their key/value cache, and patch
         config carries fastmax options (``config.fastmax``, written by ``set_fastmax_config`` and saved
         in config.json) resolves None to "fastmax": ``from_pretrained(path)`` reloads a converted model
         as fastmax, ``from_pretrained(path, attn_implementation="sdpa")`` as sdpa. Whenever the result is
-        "fastmax", the family is checked (``check_family``): a family whose attention does not go through
+        "fastmax", the family is checked (``check_family``) and a config without fastmax options gets
+        the defaults written into it (so that a model built with attn_implementation="fastmax" and
+        saved reloads as fastmax too): a family whose attention does not go through
         ``ALL_ATTENTION_FUNCTIONS`` (Falcon's own dispatch, for example) or whose config asks for what
         fastmax cannot compute (logit soft-capping) is refused here, at from_config / from_pretrained,
         with an error naming the family and, where there is one, the config change that converts it.
@@ -34,7 +36,7 @@ import transformers
 from ..notices import warn_once
 from .attention import ATTN_IMPLEMENTATION
 from .cache import FastmaxCache
-from .config import CONFIG_ATTRIBUTE
+from .config import CONFIG_ATTRIBUTE, set_fastmax_config
 
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 
@@ -215,6 +217,10 @@ def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs)
     resolved = _ORIGINAL_RESOLUTION(self, requested_attention, *args, **kwargs)
     if resolved == ATTN_IMPLEMENTATION:
         check_family(type(self), self.config)
+        if getattr(self.config, CONFIG_ATTRIBUTE, None) is None:
+            # record the (default) options, so that save_pretrained writes them and the saved
+            # model reloads as fastmax: transformers itself does not save the implementation
+            set_fastmax_config(self.config)
     return resolved
 
 
