@@ -14,6 +14,9 @@ a kernels module that fails to import (missing, or broken: any exception) or a t
 fails to import is named with its import error. An explicit ``backend="triton"`` that cannot
 run is a ValueError naming the reason, chained to that import error.
 
+A hybrid ``window`` (``fastmax_hf.window``) has no Triton kernel yet: "triton" is refused with
+it, and "auto" runs the chunked form (with a warning, once, for CUDA tensors).
+
 ``fastmax``, ``fastmax_step`` and the Hugging Face cache (through ``step_with_options``) all
 call ``choose_backend``.
 """
@@ -92,8 +95,14 @@ def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -
     return triton_refusal(device, dtype) is None
 
 
+WINDOW_REFUSAL = (
+    "the Triton kernels do not implement `window` (the hybrid softmax window) yet: use backend='chunked' "
+    "(the PyTorch form, linear time and memory) or backend='auto'"
+)
+
+
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, rpe_matrix: bool = False,
-                   stateful: bool = False) -> str:
+                   stateful: bool = False, window: bool = False) -> str:
     """The implementation that runs a call: "reference", "chunked" or "triton".
 
     Args:
@@ -102,6 +111,9 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, 
         rpe_matrix: whether the call adds relative position vectors (only the reference can).
         stateful: a recurrent step (``fastmax_step``, the cache). A state has no O(N^2) form,
             so "reference" there means the exact PyTorch step, "chunked".
+        window: the call has a hybrid ``window`` (``fastmax_hf.window``), which only the reference
+            and the chunked form implement: "triton" is refused, and "auto" on CUDA tensors runs
+            the chunked form with a warning (once).
 
     Raises:
         ValueError naming the argument: an unknown backend, an rpe_matrix with a backend
@@ -118,6 +130,17 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, 
     if requested == "reference":
         return "chunked" if stateful else "reference"
     if requested == "chunked":
+        return "chunked"
+    if window:
+        if requested == "triton":
+            raise ValueError(f"backend='triton' cannot run this call: {WINDOW_REFUSAL}")
+        if device.type == "cuda":  # "auto": nothing silently slower
+            warn_once(
+                "backend-fallback:window",
+                "fastmax: `window` runs on the PyTorch path (backend='chunked') because the Triton kernels do not "
+                "implement the hybrid window yet. Pass backend='chunked' to choose that path explicitly and "
+                "silence this warning.",
+            )
         return "chunked"
     if requested == "triton":
         refusal, error = _triton_problem(device, dtype)

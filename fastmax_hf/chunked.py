@@ -79,9 +79,13 @@ class _Problem:
     """Inputs of one call, upcast and arranged for grouped-query broadcasting.
 
     q: (B, Hk, G, Nq, D); k: (B, Hk, 1, Nk, D); v: (B, Hk, 1, Nk, Dv); m: (B, 1, 1, Nk) or None.
+
+    ``lag`` (causal only) moves every query ``lag`` positions back on the key timeline: query i
+    then sees the keys j <= t_i - lag. The hybrid window (``fastmax_hf.window``) takes the
+    fastmax part of its keys that way, lag = W; plain fastmax has lag = 0.
     """
 
-    def __init__(self, q, k, v, key_padding_mask, causal, options: FastmaxOptions):
+    def __init__(self, q, k, v, key_padding_mask, causal, options: FastmaxOptions, lag: int = 0):
         B, Hq, Nq, D = q.shape
         Hk, Nk = k.shape[1], k.shape[2]
         self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -97,7 +101,7 @@ class _Problem:
         self.finite = bool(torch.isfinite(self.q).all() & torch.isfinite(self.k).all() & torch.isfinite(self.v).all())
         self.causal, self.options, self.p = causal, options, options.p
         self.Nq, self.Nk, self.D = Nq, Nk, D
-        self.offset = Nk - Nq  # query i sits at key position i + offset
+        self.offset = Nk - Nq - lag  # query i sits at key position i + offset
         self.wq = _query_weights(D, options, self.q)
         self.finite_g = True  # whether the backward's g = do / d is finite (set by backward)
 

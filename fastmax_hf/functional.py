@@ -10,8 +10,11 @@ from .chunked import chunked_attention
 from .options import FastmaxOptions
 from .reference import reference_attention
 from .stages import apply_dropout, check_denominators, normalize_qk
+from .window import window_attention
 from .validation import (
     Shapes,
+    check_window_causal,
+    check_window_gain_tensor,
     check_drop_noise,
     check_dropout,
     check_key_padding_mask,
@@ -71,6 +74,8 @@ def fastmax(
     drop_noise: torch.Tensor | None = None,
     rpe_matrix: torch.Tensor | None = None,
     backend: str = "auto",
+    window: int | None = None,
+    window_gain: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """Fastmax attention: o_i = sum_j f(s_ij) v_j / sum_j f(s_ij), f(s) = a0 + a1 s + a2 s^2.
 
@@ -100,6 +105,16 @@ def fastmax(
             it), and the chunked PyTorch form otherwise (CPU, float64); CUDA tensors that
             cannot take the kernels get the chunked form and a warning saying why
             (``fastmax_hf.backends`` decides).
+        window: None (default: plain fastmax, unchanged) or a positive int W: the hybrid window
+            (causal only, else a ValueError). Query i weights the visible keys of its last W
+            positions, t_i - W < j <= t_i, by exp(s_ij) and the earlier visible keys by
+            window_gain * f(s_ij), with one normaliser for both (``fastmax_hf.window`` derives
+            it). W >= Nk is exact softmax over the visible keys. Backends: "reference" and
+            "chunked" (linear time, O(N) memory); "triton" refuses it, and "auto" runs the
+            chunked form (warning once on CUDA tensors).
+        window_gain: gamma, the weight of the fastmax part: a positive number (default 1.0, which
+            makes f(s), the Taylor expansion of e^s, commensurate with the window's e^s) or a
+            floating tensor of shape () or (Hq,) (one per query head), differentiable.
 
     Returns:
         (B, Hq, Nq, Dv) (or (B*H, Nq, Dv)) in q's dtype.
@@ -109,7 +124,8 @@ def fastmax(
         kernel's coefficients let a denominator reach 0 and it does.
     """
     q, k, v, drop_noise, shapes, three_d = _as_4d(q, k, v, drop_noise)
-    options = FastmaxOptions.resolve(shapes.dim, scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim)
+    options = FastmaxOptions.resolve(shapes.dim, scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim,
+                                     window=window, window_gain=window_gain)
     out = _attend(q, k, v, shapes, options, causal=causal, key_padding_mask=key_padding_mask, dropout=dropout,
                   drop_noise=drop_noise, rpe_matrix=rpe_matrix, backend=backend)
     return out.squeeze(1) if three_d else out
@@ -144,8 +160,10 @@ def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_pad
     key_padding_mask = check_key_padding_mask(key_padding_mask, shapes, q.device)
     check_drop_noise(drop_noise, (shapes.batch, shapes.heads_q, shapes.len_q, shapes.dim_v), q.device)
     check_rpe_matrix(rpe_matrix, shapes, q.device)
+    check_window_causal(options.window, causal)
+    check_window_gain_tensor(options.window_gain, shapes.heads_q, q.device)
     has_rpe = rpe_matrix is not None
-    implementation = choose_backend(backend, q.device, q.dtype, rpe_matrix=has_rpe)
+    implementation = choose_backend(backend, q.device, q.dtype, rpe_matrix=has_rpe, window=options.window is not None)
 
     if implementation == "reference":
         out, den = reference_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask,
@@ -157,6 +175,8 @@ def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_pad
             from .kernels import triton_attention
 
             out, den = triton_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
+        elif options.window is not None:
+            out, den = window_attention(q, k, v, options, key_padding_mask=key_padding_mask)
         else:
             out, den = chunked_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
 

@@ -12,9 +12,11 @@ attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` and know nothing else of thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .validation import check_kernel_options, check_scale
+import torch
+
+from .validation import check_kernel_options, check_scale, check_window, check_window_gain
 
 
 def default_scale(dim: int) -> float:
@@ -32,6 +34,11 @@ class FastmaxOptions:
         a0, a1, a2: the kernel's coefficients (a2 is unused when p = 1).
         normalize, lim: scale q and k by lim / max ||x_n|| first (the running maximum under a
             causal mask), so that |s| <= lim^2 * |scale|.
+        window: None (plain fastmax) or W >= 1: the hybrid of ``fastmax_hf.window``, exact
+            softmax over the last W visible positions and f(s) over the earlier ones (causal only).
+        window_gain: gamma, the weight of the fastmax part against the softmax window: a positive
+            number or a floating tensor of shape () or (Hq,) (per head, differentiable). Unused
+            without a window. Not part of equality (a tensor has no truth value).
 
     Construction validates every field (a ValueError or TypeError naming it).
     """
@@ -43,18 +50,24 @@ class FastmaxOptions:
     a2: float = 0.5
     normalize: bool = False
     lim: float = 1.0
+    window: int | None = None
+    window_gain: float | torch.Tensor = field(default=1.0, compare=False)
 
     def __post_init__(self):
         check_scale(self.scale)
         check_kernel_options(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
+        check_window(self.window)
+        check_window_gain(self.window_gain)
 
     @classmethod
     def resolve(cls, dim: int, *, scale: float | None = None, p: int = 2, a0: float = 1.0, a1: float = 1.0,
-                a2: float = 0.5, normalize: bool = False, lim: float = 1.0) -> "FastmaxOptions":
+                a2: float = 0.5, normalize: bool = False, lim: float = 1.0, window: int | None = None,
+                window_gain: float | torch.Tensor = 1.0) -> "FastmaxOptions":
         """Validated options for head dim ``dim``; ``scale=None`` means ``default_scale(dim)``."""
         check_scale(scale, allow_none=True)  # before float(), which would take True or "2"
         resolved_scale = default_scale(dim) if scale is None else float(scale)
-        return cls(scale=resolved_scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim)
+        return cls(scale=resolved_scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize, lim=lim, window=window,
+                   window_gain=window_gain)
 
     def kernel(self, s):
         """f(s), elementwise on a tensor or a number."""

@@ -9,7 +9,14 @@ For query i and key j,
 where t_i = i + (Nk - Nq) is the position of query i on the key timeline
 (bottom-right alignment). Under ``causal`` key j is visible iff j <= t_i, and a
 ``key_padding_mask`` (True = attend) removes keys. A row with no visible key is
-0. Everything is computed in the inputs' dtype, so float64 inputs give a float64
+0.
+
+With a ``window`` W (causal only; see ``fastmax_hf.window`` for the derivation), the visible
+keys with t_i - W < j <= t_i (the window) are weighted by exp(s_ij - m_i), m_i the largest
+window score of row i (0 when the window holds no visible key), and the earlier visible keys
+by gamma_h e^{-m_i} f(s_ij):
+
+    o_i = (sum_win e^{s-m} v + gamma e^{-m} sum_rest f(s) v) / (sum_win e^{s-m} + gamma e^{-m} sum_rest f(s)) Everything is computed in the inputs' dtype, so float64 inputs give a float64
 ground truth; memory is O(B H Nq Nk).
 
 This module deliberately shares no attention code with the fast paths: it reads the
@@ -24,7 +31,7 @@ import torch
 from .options import FastmaxOptions
 from .selection import masked_matmul, masked_scores
 from .stages import apply_dropout
-from .validation import check_flag
+from .validation import check_flag, check_window_causal
 
 
 def _norm_scale(x: torch.Tensor, lim: float, causal: bool, valid: torch.Tensor | None) -> torch.Tensor:
@@ -61,6 +68,8 @@ def fastmax_reference(
     drop_noise: torch.Tensor | None = None,
     rpe_matrix: torch.Tensor | None = None,
     return_denominator: bool = False,
+    window: int | None = None,
+    window_gain: float | torch.Tensor = 1.0,
 ):
     """Fastmax by its definition. q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv).
 
@@ -70,7 +79,8 @@ def fastmax_reference(
     check_flag("causal", causal)
     check_flag("return_denominator", return_denominator)
     options = FastmaxOptions.resolve(q.shape[-1], scale=scale, p=p, a0=a0, a1=a1, a2=a2, normalize=normalize,
-                                     lim=lim)
+                                     lim=lim, window=window, window_gain=window_gain)
+    check_window_causal(options.window, causal)
     out, denominator = reference_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask,
                                            rpe_matrix=rpe_matrix)
     out = apply_dropout(out, dropout, drop_noise)
@@ -123,10 +133,32 @@ def reference_attention(q, k, v, options: FastmaxOptions, *, causal, key_padding
     if options.p == 2:
         weights = weights + options.a2 * scores * scores
     weights = torch.where(visible, weights, zero)
+    if options.window is not None:
+        weights = _window_weights(scores, weights, visible, query_pos, key_pos, options)
 
     numerator = masked_matmul(weights, v, visible)  # (B, Hq, Nq, Dv)
     denominator = weights.sum(dim=-1)  # (B, Hq, Nq)
     return _RowDivide.apply(numerator, denominator), denominator
+
+
+def _window_weights(scores, poly, visible, query_pos, key_pos, options: FastmaxOptions):
+    """The hybrid window's weights (B, Hq, Nq, Nk): exp(s - m_i) on the last W visible positions,
+    gamma e^{-m_i} f(s) on the earlier visible ones, 0 elsewhere (``poly`` = f(s), 0 where invisible).
+
+    m_i (the largest window score of row i) only keeps the exponentials in range: the output does
+    not depend on it (it scales numerator and denominator alike), so it is taken without gradient."""
+    in_window = visible & (key_pos[None, :] > query_pos[:, None] - options.window)  # (B, Hq, Nq, Nk)
+    rest = visible & ~in_window
+    minus_inf = torch.full((), float("-inf"), dtype=scores.dtype, device=scores.device)
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    m = torch.where(in_window, scores, minus_inf).amax(dim=-1, keepdim=True).detach()  # (B, Hq, Nq, 1)
+    m = torch.where(in_window.any(dim=-1, keepdim=True), m, zero)  # no window key: any finite shift works
+    gain = options.window_gain
+    if isinstance(gain, torch.Tensor):
+        gain = gain.to(scores.dtype).reshape(-1)[None, :, None, None] if gain.dim() == 1 else gain.to(scores.dtype)
+    exact = torch.exp(torch.where(in_window, scores - m, minus_inf))  # exactly 0 outside the window
+    approx = gain * torch.exp(-m) * torch.where(rest, poly, zero)
+    return exact + approx
 
 
 class _RowDivide(torch.autograd.Function):

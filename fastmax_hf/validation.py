@@ -101,6 +101,53 @@ def check_kernel_options(*, p, a0, a1, a2, normalize, lim) -> None:
     check_flag("normalize", normalize)
 
 
+def check_window(window) -> None:
+    """``window``: None (plain fastmax) or a positive Python int, the number of positions attended
+    to by exact softmax (see ``fastmax_hf.window``)."""
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"`window` must be None or a positive int, got {window!r} of type {type(window).__name__}")
+    if window < 1:
+        raise ValueError(f"`window` must be a positive int (at least 1), got {window}")
+
+
+def check_window_causal(window, causal) -> None:
+    """The hybrid window is defined for causal attention only: refuse it otherwise."""
+    if window is not None and causal is not True:
+        raise ValueError(
+            f"`window`={window} needs causal=True: the hybrid window (exact softmax over the last W keys, fastmax "
+            "over the earlier ones) is defined for causal attention only"
+        )
+
+
+def check_window_gain(gain) -> None:
+    """``window_gain``: a positive finite number, or a floating tensor of shape () or (Hq,) (one
+    gain per query head; its shape and positivity are checked per call, ``check_window_gain_tensor``)."""
+    if isinstance(gain, torch.Tensor):
+        if not gain.is_floating_point():
+            raise TypeError(f"`window_gain` must be a floating tensor, got dtype {gain.dtype}")
+        if gain.dim() > 1:
+            raise ValueError(f"`window_gain` must be a number or a tensor of shape () or (Hq,), got {tuple(gain.shape)}")
+        return
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain):
+        raise TypeError(f"`window_gain` must be a positive finite number or a tensor, got {gain!r}")
+    if gain <= 0:
+        raise ValueError(f"`window_gain` must be positive, got {gain}")
+
+
+def check_window_gain_tensor(gain, heads_q: int, device) -> None:
+    """A tensor ``window_gain`` against the call: shape () or (Hq,), q's device, every entry positive and finite."""
+    if not isinstance(gain, torch.Tensor):
+        return
+    if gain.dim() == 1 and gain.shape[0] != heads_q:
+        raise ValueError(f"`window_gain` must have shape () or (Hq,) = ({heads_q},), got {tuple(gain.shape)}")
+    if gain.device != device:
+        raise ValueError(f"`window_gain` is on {gain.device} but `q` is on {device}")
+    if not bool((torch.isfinite(gain) & (gain > 0)).all()):
+        raise ValueError("`window_gain` must be positive and finite in every head")
+
+
 def check_scale(scale, *, allow_none: bool = False) -> None:
     """``allow_none``: where None stands for the default scale (``options.default_scale``)."""
     if scale is None and allow_none:
