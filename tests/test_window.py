@@ -4,12 +4,15 @@ Every path is compared with the float64 reference on fresh random inputs (``gen`
 itself is checked against the definition written out key by key, and against softmax for W >= Nk.
 """
 
+import inspect
+import json
 import math
 import warnings
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
 import fastmax_hf
 from fastmax_hf import fastmax, fastmax_reference
@@ -300,3 +303,84 @@ def test_a_state_continues_with_its_own_window(gen):
 
 def test_the_package_exports_the_option():
     assert "window" in fastmax_hf.fastmax.__doc__ and "window_gain" in fastmax_hf.fastmax.__doc__
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face: the option in the config, the cache's tail, generation
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_llama(window, window_gain=1.0):
+    """A float32 2-layer GQA Llama (random weights) with the hybrid window in its fastmax options."""
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fastmax_hf.set_fastmax_config(config, window=window, window_gain=window_gain)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="fastmax").eval()
+
+
+def greedy(model, ids, new_tokens, **kwargs):
+    return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=0, **kwargs)
+
+
+def test_the_window_is_saved_in_config_json_and_reloaded(tmp_path):
+    model = tiny_llama(window=5, window_gain=0.5)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["fastmax"]
+    assert saved["window"] == 5 and saved["window_gain"] == 0.5
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    options = fastmax_hf.get_fastmax_config(reloaded.config)
+    assert (options.window, options.window_gain) == (5, 0.5)
+    assert options.options_for(None, 8).window == 5
+    ids = torch.randint(3, 97, (1, 12))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="`window`"):
+        fastmax_hf.FastmaxConfig(window=0)
+    with pytest.raises(TypeError, match="`window_gain`"):
+        fastmax_hf.FastmaxConfig(window=3, window_gain=torch.tensor(1.0))
+
+
+def test_the_window_changes_what_the_model_computes():
+    ids = torch.randint(3, 97, (1, 20))
+    plain, windowed = tiny_llama(window=None)(ids).logits, tiny_llama(window=4)(ids).logits
+    assert not torch.allclose(plain, windowed)
+    # the first 4 positions see only their window: exact softmax over every previous token
+    softmax = tiny_llama(window=None)
+    softmax.set_attn_implementation("sdpa")
+    torch.testing.assert_close(windowed[:, :4], softmax(ids).logits[:, :4], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 6])
+def test_cached_greedy_generation_equals_recomputation(window):
+    model = tiny_llama(window=window, window_gain=0.7)
+    ids, mask = torch.randint(3, 97, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    ids[1, :3], mask[1, :3] = 0, 0  # a left-padded row
+    out = greedy(model, ids, 20, attention_mask=mask, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    assert isinstance(cache, fastmax_hf.FastmaxCache)
+    assert cache.layers[0].state.tail_k.shape[2] == window
+    assert torch.equal(out.sequences, greedy(model, ids, 20, attention_mask=mask, use_cache=False))
+
+
+class _CacheBytes(LogitsProcessor):
+    """Records the cache's bytes after every forward of generate()."""
+
+    def __init__(self, cache):
+        self.cache, self.sizes = cache, []
+
+    def __call__(self, input_ids, scores):
+        self.sizes.append(self.cache.nbytes())
+        return scores
+
+
+def test_the_cache_stays_constant_in_the_generated_length():
+    model = tiny_llama(window=4)
+    cache = fastmax_hf.FastmaxCache(config=model.config)
+    recorder = _CacheBytes(cache)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    greedy(model, torch.randint(3, 97, (1, 6)), 25, logits_processor=LogitsProcessorList([recorder]), **{key: cache})
+    assert len(set(recorder.sizes)) == 1, recorder.sizes  # the prompt (6 >= W) filled the tail already
+    state = cache.layers[1].state
+    assert state.tail_k.shape == (1, 2, 4, 8) and state.tail_v.shape == (1, 2, 4, 8)

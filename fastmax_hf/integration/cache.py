@@ -3,7 +3,10 @@
 Per layer, ``FastmaxCacheLayer`` holds one ``FastmaxState``: S (B, Hk, F, Dv) and z (B, Hk, F) in
 fp32 (float64 for float64 models), F = 1 + D + D(D+1)/2 for p = 2. Its size depends on the batch,
 the heads and the head dim, never on the number of tokens: the prompt and every generated token
-are folded in by the recurrent step (``fastmax_hf.recurrent``) and then forgotten. What it
+are folded in by the recurrent step (``fastmax_hf.recurrent``) and then forgotten. With a hybrid
+``window`` W in the model's fastmax options the state also keeps the keys and values of the last
+W positions (``FastmaxState.tail_k``/``tail_v``, B x Hk x W x D each): still constant in the number
+of tokens. What it
 cannot do follows from that: ``crop`` (assisted decoding, rollback) would need the states of
 earlier positions, and a static cache preallocates per-token slots that fastmax never uses.
 Both are refused.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..backends import check_backend
 from ..options import FastmaxOptions, default_scale
-from ..validation import check_finite_number, check_kernel_options
+from ..validation import check_finite_number, check_kernel_options, check_window, check_window_gain
 
 CONFIG_ATTRIBUTE = "fastmax"
 
@@ -39,6 +39,11 @@ class FastmaxConfig:
             (see ``fastmax_hf.fastmax``); under a causal mask the maximum runs over past tokens only.
         backend: forwarded to ``fastmax_hf.fastmax`` ("auto", "reference", "chunked", "triton";
             see ``fastmax_hf.backends``); the recurrent state takes "reference" as "chunked".
+        window: None, or W: the hybrid window of ``fastmax_hf.fastmax`` (exact softmax over the
+            last W positions, fastmax over the earlier ones; causal layers only). The generation
+            cache then keeps the last W positions' keys and values per layer beside the state.
+            Runs on the PyTorch path ("triton" is refused).
+        window_gain: gamma, the weight of the fastmax part (a positive number; 1.0 by default).
 
     ``options_for`` gives the ``FastmaxOptions`` of an attention call.
     """
@@ -51,6 +56,8 @@ class FastmaxConfig:
     normalize: bool = False
     lim: float = 1.0
     backend: str = "auto"
+    window: int | None = None
+    window_gain: float = 1.0
 
     def __post_init__(self):
         check_kernel_options(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
@@ -58,6 +65,11 @@ class FastmaxConfig:
         if self.temperature <= 0:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}")
         check_backend(self.backend)
+        check_window(self.window)
+        if not isinstance(self.window_gain, (int, float)) or isinstance(self.window_gain, bool):
+            # config.json holds numbers: a per-head learnable gain belongs to the model, not its config
+            raise TypeError(f"`window_gain` in a FastmaxConfig must be a positive number, got {self.window_gain!r}")
+        check_window_gain(self.window_gain)
 
     def options_for(self, scaling: float | None, head_dim: int) -> FastmaxOptions:
         """The kernel's options for an attention call: s = q . k * scaling / temperature.
@@ -66,7 +78,8 @@ class FastmaxConfig:
         ``default_scale(head_dim)`` (1/sqrt(head_dim))."""
         model_scale = default_scale(head_dim) if scaling is None else scaling
         return FastmaxOptions(scale=float(model_scale / self.temperature), p=self.p, a0=self.a0, a1=self.a1,
-                              a2=self.a2, normalize=self.normalize, lim=self.lim)
+                              a2=self.a2, normalize=self.normalize, lim=self.lim, window=self.window,
+                              window_gain=float(self.window_gain))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
