@@ -19,6 +19,8 @@ Modes:
            the KL from the softmax model's next-token distributions (--kd_weight 1, the
            default; below 1 it is mixed with the data's cross-entropy).
   swap and distill spend the same --max_steps, so their token budgets are equal.
+  --window W (with fastmax attention, any mode) stores the hybrid window in the fastmax config:
+           exact softmax over the last W positions, fastmax over the earlier ones.
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
 from_pretrained(dir, attn_implementation="fastmax")), log.csv, tensorboard/, loss.png,
@@ -108,6 +110,10 @@ def parse_args(argv=None):
     p.add_argument("--fastmax_temperature", type=float, default=1.0)
     p.add_argument("--fastmax_normalize", action="store_true")
     p.add_argument("--fastmax_lim", type=float, default=1.0)
+    p.add_argument("--window", type=int, default=None,
+                   help="hybrid window: exact softmax over the last W positions, fastmax over the earlier ones "
+                        "(stored in the fastmax config; PyTorch path, no Triton kernel yet)")
+    p.add_argument("--window_gain", type=float, default=1.0, help="with --window: the weight of the fastmax part")
     # evaluation, checkpoints
     p.add_argument("--eval_every", type=int, default=50)
     p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks per evaluation (all processes)")
@@ -139,6 +145,10 @@ def check_args(args):
         fail("--kd_weight needs a pretrained softmax --model to learn from (swap or distill)")
     if not 0 <= args.kd_weight <= 1:
         fail(f"--kd_weight must lie in [0, 1], got {args.kd_weight}")
+    if args.window is not None and args.window < 1:
+        fail(f"--window must be a positive number of positions, got {args.window}")
+    if not args.window_gain > 0:
+        fail(f"--window_gain must be positive, got {args.window_gain}")
     if args.stop_at_step is not None and not 0 < args.stop_at_step <= args.max_steps:
         fail(f"--stop_at_step must lie in (0, --max_steps], got {args.stop_at_step}")
 
@@ -233,7 +243,8 @@ def plan_stages(args) -> list[Stage]:
 
 def fastmax_options(args) -> dict:
     return dict(p=args.fastmax_p, a0=args.fastmax_a0, a1=args.fastmax_a1, a2=args.fastmax_a2,
-                temperature=args.fastmax_temperature, normalize=args.fastmax_normalize, lim=args.fastmax_lim)
+                temperature=args.fastmax_temperature, normalize=args.fastmax_normalize, lim=args.fastmax_lim,
+                window=args.window, window_gain=args.window_gain)
 
 
 def build_model(args, config):

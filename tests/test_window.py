@@ -384,3 +384,21 @@ def test_the_cache_stays_constant_in_the_generated_length():
     assert len(set(recorder.sizes)) == 1, recorder.sizes  # the prompt (6 >= W) filled the tail already
     state = cache.layers[1].state
     assert state.tail_k.shape == (1, 2, 4, 8) and state.tail_v.shape == (1, 2, 4, 8)
+
+
+def test_finetune_window_flag_reaches_the_model_config():
+    from pathlib import Path
+
+    from conftest import load_script
+
+    script = load_script(Path(__file__).resolve().parents[1] / "scripts" / "finetune.py", "finetune_window_test")
+    def built(argv):  # the model main() builds for these flags (the built-in tiny Llama, random weights)
+        args = script.parse_args(["--model", "llama-tiny", *argv])
+        script.check_args(args)
+        return script.build_model(args, script.data.builtin_model_config("llama-tiny", 512))
+
+    options = fastmax_hf.get_fastmax_config(built(["--window", "16", "--window_gain", "0.5"]).config)
+    assert (options.window, options.window_gain) == (16, 0.5)
+    assert fastmax_hf.get_fastmax_config(built([]).config).window is None
+    with pytest.raises(SystemExit, match="--window"):
+        script.check_args(script.parse_args(["--window", "0"]))
