@@ -123,6 +123,85 @@ def default_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT, max_f
     return TextSplits(name, train, validation)
 
 
+# --------------------------------------------------------------------------- held-out texts of a real model's conversion
+
+# Converting a pretrained model (issue 18, SmolLM2-135M) is evaluated on texts it is never trained
+# on, all of them on every Python install: the documentation's topic texts (English prose,
+# ``pydoc_data.topics``) and these standard-library sources (paths relative to the stdlib root,
+# present in Python 3.10 to 3.14; prose-heavy docstrings and varied code). ``stdlib_training_files``
+# leaves them out. (The 30M study's ``default_corpus`` above is unchanged: it splits by crc32.)
+HELD_OUT_STDLIB_FILES = (
+    "argparse.py",
+    "dataclasses.py",
+    "email/message.py",
+    "fractions.py",
+    "heapq.py",
+    "http/client.py",
+    "json/decoder.py",
+    "logging/handlers.py",
+    "statistics.py",
+    "textwrap.py",
+)
+
+# A directory of the standard library's own test suites: a path component named "test" or
+# "tests" (Lib/test/, unittest/test/, lib2to3/tests/, ...) or ending in "_test" (idlelib/idle_test/).
+TEST_DIRECTORY_NAMES = ("test", "tests")
+TEST_DIRECTORY_SUFFIX = "_test"
+
+
+def pydoc_topics_text() -> str:
+    """The Python documentation's topic texts (``pydoc_data.topics.topics``, a dict of topic name
+    -> text, ~120k tokens of English prose with SmolLM2's tokenizer) as one string: the texts in
+    sorted order of their topic names, each followed by a blank line ("\\n\\n" between texts)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def held_out_stdlib_files() -> list[Path]:
+    """The files of ``HELD_OUT_STDLIB_FILES`` under this Python's stdlib, in that (sorted) order;
+    FileNotFoundError naming the ones this Python lacks."""
+    root = stdlib_root()
+    files = [root / name for name in HELD_OUT_STDLIB_FILES]
+    missing = [name for name, path in zip(HELD_OUT_STDLIB_FILES, files) if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"held-out standard-library files missing under {root}: {missing}")
+    return files
+
+
+def held_out_stdlib_texts() -> dict[str, str]:
+    """Relative path -> text of every held-out standard-library file, in ``HELD_OUT_STDLIB_FILES`` order."""
+    return {name: path.read_text(encoding="utf-8", errors="replace")
+            for name, path in zip(HELD_OUT_STDLIB_FILES, held_out_stdlib_files())}
+
+
+def is_in_test_directory(relative_path: str) -> bool:
+    """Whether a stdlib path (relative, posix) lies in a test-suite directory (see ``TEST_DIRECTORY_NAMES``)."""
+    directories = relative_path.split("/")[:-1]
+    return any(d in TEST_DIRECTORY_NAMES or d.endswith(TEST_DIRECTORY_SUFFIX) for d in directories)
+
+
+def stdlib_training_files() -> list[Path]:
+    """The standard library's ``.py`` files a conversion may train on: all of ``stdlib_source_files``
+    (sorted by relative path, site-packages excluded) but the held-out files and test-suite directories."""
+    root = stdlib_root()
+    held_out = set(HELD_OUT_STDLIB_FILES)
+    held_out_stdlib_files()  # fail on a Python that lacks one, rather than hold out fewer files
+    files = []
+    for path in stdlib_source_files():
+        rel = path.relative_to(root).as_posix()
+        if rel not in held_out and not is_in_test_directory(rel):
+            files.append(path)
+    return files
+
+
+def iter_stdlib_training_texts():
+    """(relative path, text) of every ``stdlib_training_files`` file, in that order, read lazily."""
+    root = stdlib_root()
+    for path in stdlib_training_files():
+        yield path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace")
+
+
 # --------------------------------------------------------------------------- other datasets
 
 
