@@ -360,9 +360,10 @@ def linear_fwd_kernel(
 
 @triton.jit
 def linear_bwd_dq_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, H, Z, DQ, TILE_M, TILE_N,
+    Q, K, KF, V, MASK, DO, INV_DEN, CROW, H, Z, DQ, TILE_M, TILE_N,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kfb, stride_kfh, stride_kfn, stride_kfd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
@@ -373,7 +374,8 @@ def linear_bwd_dq_kernel(
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
     """Grid (query blocks, B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) from the
-    chunk's own tile and the prefix states H, Z. BLOCK_DV covers all of Dv."""
+    chunk's own tile and the prefix states H, Z. BLOCK_DV covers all of Dv. KF: the keys with
+    non-finite entries set to 0, for the diagonal tile (``dq_from_keys``)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -402,12 +404,15 @@ def linear_bwd_dq_kernel(
             K_h = K + b * stride_kb + hk * stride_kh
             V_h = V + b * stride_vb + hk * stride_vh
             MASK_b = MASK + b * stride_mb
-            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_mn, chunk_lo, n_full, Nk, D, DV, c1, c2, P, False, False, HAS_MASK,
-                              BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
-            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk, D, DV, c1, c2, P, True, True,
-                              HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+            KF_h = KF + b * stride_kfb + hk * stride_kfh
+            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, KF_h, V_h, MASK_b, stride_kn, stride_kd, stride_kfn,
+                              stride_kfd, stride_vn, stride_vd, stride_mn, chunk_lo, n_full, Nk, D, DV, c1, c2, P,
+                              False, False, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION,
+                              I64)
+            dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, KF_h, V_h, MASK_b, stride_kn, stride_kd, stride_kfn,
+                              stride_kfd, stride_vn, stride_vd, stride_mn, n_full, tl.minimum(pos0 + BLOCK_M, Nk), Nk,
+                              D, DV, c1, c2, P, True, True, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
+                              OP_BF16, PRECISION, I64)
         else:
             chunk = 0
         base = ((b * (Hq // GROUPS) + hk) * N_CHUNKS + chunk) * F_ROWS

@@ -265,6 +265,13 @@ def _backward_rows(out, den, grad_out, pb: _Problem):
     return inv_den, crow
 
 
+def finite_keys(k: torch.Tensor) -> torch.Tensor:
+    """k with its inf and NaN entries set to 0: what the dq kernels multiply ds by on the causal
+    diagonal, where a query before a non-finite key has ds = 0 and 0 * inf would be NaN. One
+    elementwise pass over k (the kernels' register budget is worth more than it)."""
+    return torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
     """dq, dk, dv: the dq kernel first (it also writes the row terms 1/d and c), then the
     key-block kernel, which reads them."""
@@ -283,8 +290,10 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
                     OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
     cfg = _quad_config(pb, "dq")
+    k_finite = finite_keys(k) if causal else k
     compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides, *out.stride(),
+        q, k, k_finite, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides[:8], *k_finite.stride(),
+        *strides[8:], *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
     )
     _record("quadratic_bwd_dq", compiled)
@@ -455,8 +464,10 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     block_m = cfg["block_m"]
     pos0 = (pb.Nk - pb.Nq) // block_m * block_m
     n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
+    k_finite = finite_keys(k) if causal else k
     compiled = linear_bwd_dq_kernel[(n_blocks, pb.B * pb.Hq)](
-        q, k, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides,
+        q, k, k_finite, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides[:8], *k_finite.stride(),
+        *strides[8:],
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, c1, c2, **common,
     )
     _record("linear_bwd_dq", compiled)

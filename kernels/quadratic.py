@@ -85,8 +85,8 @@ def attend_keys(
 
 @triton.jit
 def dq_from_keys(
-    dq, q, g, crow, q_pos, K_h, V_h, MASK_b,
-    stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+    dq, q, g, crow, q_pos, K_h, KF_h, V_h, MASK_b,
+    stride_kn, stride_kd, stride_kfn, stride_kfd, stride_vn, stride_vd, stride_mn,
     lo, hi, Nk, D, DV, c1, c2,
     P: tl.constexpr, CHECK: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -96,7 +96,10 @@ def dq_from_keys(
     """dq += sum_j (g_i . v_j - c_i) f'(r_ij) k_j over the keys j in [lo, hi).
 
     g (BLOCK_M, BLOCK_DV) is an operand already; keys that are padding or past Nk load as
-    zeros (CHECK), so only the causal diagonal needs a mask, by selection."""
+    zeros (CHECK), so only the causal diagonal needs a mask, by selection. There a key that
+    is not finite would turn the zero ds of the queries before it into NaN (0 * inf), so the
+    product reads the keys from KF_h, a copy of the keys with non-finite entries set to 0
+    (the queries that see such a key have a non-finite ds already)."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     for j0 in range(lo, hi, BLOCK_N):
@@ -109,9 +112,7 @@ def dq_from_keys(
         ds = dA * kernel_slope(r, c1, c2, P)
         if CAUSAL:
             ds = tl.where(keys[None, :] <= q_pos[:, None], ds, 0.0)
-            # a key that is not finite would turn the zero ds of the queries before it into
-            # NaN: it enters the product as 0 (the queries that see it have a non-finite ds)
-            k = tl.where(nonfinite_marks(k)[:, None] == 0.0, k, 0.0)
+            k = load_tile(KF_h, keys, ok, stride_kfn, cols_d, D, stride_kfd, CHECK, EVEN_D, I64)
         dq = tl.dot(operand(ds, OP_BF16), operand(k, OP_BF16), dq, input_precision=PRECISION)
     return dq
 
@@ -356,9 +357,10 @@ def quadratic_bwd_dkdv_kernel(
 
 @triton.jit
 def quadratic_bwd_dq_kernel(
-    Q, K, V, MASK, DO, O, DEN, INV_DEN, CROW, DQ,
+    Q, K, KF, V, MASK, DO, O, DEN, INV_DEN, CROW, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kfb, stride_kfh, stride_kfn, stride_kfd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
@@ -371,7 +373,8 @@ def quadratic_bwd_dq_kernel(
 ):
     """Grid (cdiv(Nq, BLOCK_M), B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) of one
     query block, and the block's row terms 1/d and c = (do . o)/d (fp32 (B * Hq, Nq), 0 where
-    d = 0), which the key-block kernel launched after it reads."""
+    d = 0), which the key-block kernel launched after it reads. KF: the keys with non-finite
+    entries set to 0 (``dq_from_keys``)."""
     pid_m = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -394,6 +397,7 @@ def quadratic_bwd_dq_kernel(
     g = operand(do * inv_den[:, None], OP_BF16)
     q_pos = rows + offset
     K_h = K + b * stride_kb + hk * stride_kh
+    KF_h = KF + b * stride_kfb + hk * stride_kfh
     V_h = V + b * stride_vb + hk * stride_vh
     MASK_b = MASK + b * stride_mb
 
@@ -406,11 +410,11 @@ def quadratic_bwd_dq_kernel(
         n_full = Nk // BLOCK_N * BLOCK_N
     if HAS_MASK:
         n_full = 0
-    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                      stride_mn, 0, n_full, Nk, D, DV, c1, c2, P, False, False, HAS_MASK,
+    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, KF_h, V_h, MASK_b, stride_kn, stride_kd, stride_kfn, stride_kfd,
+                      stride_vn, stride_vd, stride_mn, 0, n_full, Nk, D, DV, c1, c2, P, False, False, HAS_MASK,
                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
-    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
-                      stride_mn, n_full, k_end, Nk, D, DV, c1, c2, P, True, CAUSAL, HAS_MASK,
+    dq = dq_from_keys(dq, q, g, crow, q_pos, K_h, KF_h, V_h, MASK_b, stride_kn, stride_kd, stride_kfn, stride_kfd,
+                      stride_vn, stride_vd, stride_mn, n_full, k_end, Nk, D, DV, c1, c2, P, True, CAUSAL, HAS_MASK,
                       BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
     tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_ok[:, None] & (cols_d[None, :] < D))

@@ -1,0 +1,103 @@
+"""Registers, stack (spills) and shared memory of the quadratic kernels compiled for Hopper, without a GPU.
+
+Triton compiles for a named target (sm_90) on any Linux machine; its bundled cuobjdump reads
+the registers and stack of the cubin. The kernels are specialised as a contiguous bf16 launch
+(B=1, H=16, N a multiple of 16) would specialise them on the GPU: unit strides and GROUPS=1 as
+constants, pointers and the other integers divisible by 16; block sizes, warps and stages are
+the launchers' defaults (``kernels/ops.py``). The counts track the GPU's within a few
+registers when Triton's version is the same, and show which change raises register pressure
+before any device time is spent; they are not timings.
+
+    python tools/kernel_registers.py --dims 64,128 --out benchmarks/h200/quadratic/registers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret (before the kernels are defined)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from fastmax_hf.kernels import ops, quadratic  # noqa: E402
+
+POINTERS = {"Q": "*bf16", "K": "*bf16", "KF": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*bf16", "DQ": "*bf16",
+            "DK": "*bf16", "DV_OUT": "*bf16", "MASK": "*u8", "DEN": "*fp32", "INV_DEN": "*fp32", "CROW": "*fp32"}
+FLOATS = {"a0", "c1", "c2"}
+UNIT = {"stride_qd", "stride_kd", "stride_kfd", "stride_vd", "stride_dod", "stride_od", "stride_mn", "GROUPS"}
+KERNELS = {"fwd": quadratic.quadratic_fwd_kernel, "dq": quadratic.quadratic_bwd_dq_kernel,
+           "dkdv": quadratic.quadratic_bwd_dkdv_kernel}
+
+
+def compile_report(fn, constexprs: dict, warps: int, stages: int, arch: int = 90) -> dict:
+    """Registers per thread, stack bytes per thread and dynamic shared memory of one compiled kernel."""
+    signature, attrs, constants = {}, {}, dict(constexprs)
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in UNIT:
+            signature[name], constants[name] = "constexpr", 1
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in FLOATS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {usage[-300:]}")
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)), "shared_bytes": compiled.metadata.shared}
+
+
+def default_report(D: int, causal: bool = True) -> dict:
+    """Every quadratic kernel at the launchers' default tiles for bf16, head dim D."""
+    problem = ops._Problem(1, 16, 16, 16384, 16384, D, D, torch.bfloat16, False)
+    rows = {}
+    for name, fn in KERNELS.items():
+        cfg = ops._quad_config(problem, name)
+        constexprs = dict(P=2, CAUSAL=causal, HAS_MASK=False, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                          **problem.flags())
+        if name != "fwd":
+            constexprs["OP_BF16"] = True
+        rows[name] = {"tiles": cfg, **compile_report(fn, constexprs, cfg["warps"], cfg["stages"])}
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", default="64,128", help="head dims (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    args = parser.parse_args(argv)
+    try:
+        dims = [int(d) for d in args.dims.split(",")]
+    except ValueError:
+        parser.error(f"--dims must be comma-separated integers, got {args.dims!r}")
+    results = {"meta": {"triton": triton.__version__, "target": "sm_90", "dtype": "bfloat16", "causal": True},
+               "kernels": {str(D): default_report(D) for D in dims}}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
