@@ -364,6 +364,13 @@ def test_cached_greedy_generation_equals_recomputation(window):
     assert torch.equal(out.sequences, greedy(model, ids, 20, attention_mask=mask, use_cache=False))
 
 
+def test_beam_search_reorders_the_tail_with_the_state():
+    model = tiny_llama(window=3)
+    ids = torch.randint(3, 97, (1, 5))
+    kwargs = dict(num_beams=3, num_return_sequences=3, early_stopping=False, length_penalty=0.0)
+    assert torch.equal(greedy(model, ids, 10, **kwargs), greedy(model, ids, 10, use_cache=False, **kwargs))
+
+
 class _CacheBytes(LogitsProcessor):
     """Records the cache's bytes after every forward of generate()."""
 
