@@ -4,6 +4,7 @@
     python scripts/finetune.py --mode scratch --attention sdpa   # the softmax baseline / teacher
     python scripts/finetune.py --mode swap --model runs/teacher  # load softmax weights, switch, fine-tune
     python scripts/finetune.py --mode distill --model runs/teacher --lora_rank 16
+    python scripts/finetune.py --mode distill --gguf_file /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF model
     accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/finetune.py ...   # DDP (FSDP: accelerate_fsdp.yaml)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py   # 2 CPU processes (gloo)
 
@@ -60,6 +61,8 @@ if SCRIPTS not in sys.path:
 import script_common  # noqa: E402
 from script_common import check_vocabulary, fail, max_positions  # noqa: E402
 
+import gguf_model  # noqa: E402
+
 MODES = ("scratch", "swap", "distill")
 
 
@@ -68,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=MODES, default="scratch")
     p.add_argument("--model", default=data.DEFAULT_MODEL,
                    help=f"a built-in config {sorted(data.BUILTIN_MODELS)}, a hub id or a local model directory")
+    p.add_argument("--gguf_file", default=None,
+                   help="instead of --model: a GGUF file (llama.cpp's format; needs the `gguf` package) holding the "
+                        "pretrained softmax model, dequantized to float32, and its tokenizer (the default --tokenizer); "
+                        "default: none")
     p.add_argument("--attention", choices=("fastmax", "sdpa"), default="fastmax",
                    help="scratch only: sdpa trains the softmax baseline (e.g. a teacher to convert later)")
     p.add_argument("--dataset", default=data.DEFAULT, help="'default' (the stdlib corpus), a hub name, or local files")
@@ -122,6 +129,10 @@ def parse_args(argv=None):
     p.add_argument("--stop_at_step", type=int, default=None,
                    help="stop (checkpointed) at this step as if interrupted; the schedule still follows --max_steps")
     args = p.parse_args(argv)
+    if args.gguf_file is not None:
+        if args.model != data.DEFAULT_MODEL:
+            fail(f"--gguf_file and --model both name the model to convert (--model {args.model}): give one of them")
+        args.model = args.gguf_file  # a pretrained model, for every check below (not a built-in config)
     if args.lr is None:
         args.lr = 1e-3 if args.mode == "scratch" or args.lora_rank > 0 else 3e-4
     if args.mode == "distill" and args.distill_steps is None:
@@ -154,7 +165,12 @@ def check_args(args):
 
 
 def load_model_config(args):
-    """The config of a hub id / local path --model (built-in ones are made from the tokenizer)."""
+    """The config of a hub id / local path --model or of --gguf_file (built-in ones are made from the tokenizer)."""
+    if args.gguf_file is not None:
+        try:
+            return gguf_model.load_gguf_config(args.gguf_file)
+        except (ValueError, ImportError) as err:
+            fail(str(err))
     return script_common.load_pretrained_config(args.model, data.BUILTIN_MODELS)
 
 
@@ -174,7 +190,13 @@ def check_model_config(args, config, vocab_size: int):
 
 
 def load_tokenizer(args, accelerator):
-    """--tokenizer, else the model's own, else (built-in models) the default BPE, trained once."""
+    """--tokenizer, else the model's own (--gguf_file: the one it embeds), else (built-in models) the
+    default BPE, trained once."""
+    if args.gguf_file is not None and args.tokenizer is None:
+        try:
+            return gguf_model.load_gguf_tokenizer(args.gguf_file)
+        except (ValueError, ImportError) as err:
+            fail(str(err))
     return script_common.load_tokenizer(args, accelerator, builtin=args.model in data.BUILTIN_MODELS)
 
 
@@ -266,6 +288,8 @@ def build_model(args, config):
             print(f"note: --model {args.model} is a built-in config with random weights; "
                   f"{args.mode} then only exercises the pipeline", file=sys.stderr)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+    if args.gguf_file is not None:
+        return gguf_model.load_gguf_causal_lm(args.gguf_file, attn_implementation=attention, config=config).train()
     return AutoModelForCausalLM.from_pretrained(args.model, config=config, attn_implementation=attention)
 
 
@@ -353,7 +377,10 @@ def load_teacher(args, accelerator):
     """The softmax model being converted, frozen, in sdpa: the target of --kd_weight."""
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
+    if args.gguf_file is not None:
+        teacher = gguf_model.load_gguf_causal_lm(args.gguf_file, attn_implementation="sdpa")
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa")
     return teacher.requires_grad_(False).eval().to(accelerator.device)
 
 

@@ -46,22 +46,57 @@ def check_gguf_package(argument: str = "--gguf_file"):
         )
 
 
-def load_gguf_model(gguf_file: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                    argument: str = "--gguf_file"):
-    """(model, tokenizer) from a GGUF file: the weights dequantized to ``dtype``, attention
-    ``attn_implementation`` ("sdpa" for the teacher; "fastmax" once fastmax_hf is imported).
-
-    The model is in eval mode. Errors (ValueError, ImportError) name ``argument``: a missing or
-    non-GGUF file, no ``gguf`` package, a tokenizer without an eos token (which packing needs).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf_config(gguf_file: str | Path, argument: str = "--gguf_file"):
+    """The model config a GGUF file holds (its metadata; no weights are read)."""
+    from transformers import AutoConfig
 
     path = check_gguf_file(gguf_file, argument)
     check_gguf_package(argument)
-    folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def load_gguf_tokenizer(gguf_file: str | Path, argument: str = "--gguf_file"):
+    """The tokenizer a GGUF file embeds, as a transformers fast tokenizer; it must have an eos
+    token (which packing needs between documents)."""
+    from transformers import AutoTokenizer
+
+    path = check_gguf_file(gguf_file, argument)
+    check_gguf_package(argument)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{argument} {str(gguf_file)!r}: its tokenizer has no eos token, which packing needs")
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
-                                                 attn_implementation=attn_implementation)
-    return model.eval(), tokenizer
+    return tokenizer
+
+
+def load_gguf_causal_lm(gguf_file: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                        config=None, argument: str = "--gguf_file"):
+    """The causal LM of a GGUF file, its weights dequantized to ``dtype``, attention
+    ``attn_implementation`` ("sdpa" for the teacher; "fastmax" once fastmax_hf is imported), in
+    eval mode. ``config``: a config to build it from (the file's own, changed: fastmax options);
+    None reads the file's.
+
+    ``GgufConfig(dequantize=True)`` makes it a plain model: without it transformers keeps the
+    weights in GGUF blocks where the `kernels` package has a GGUF matmul kernel for the device
+    (frozen, and refused by save_pretrained), and even where it dequantizes it leaves a quantizer
+    attached that makes save_pretrained refuse the model.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = check_gguf_file(gguf_file, argument)
+    check_gguf_package(argument)
+    extra = {} if config is None else {"config": config}
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                 attn_implementation=attn_implementation,
+                                                 quantization_config=GgufConfig(dequantize=True), **extra)
+    return model.eval()
+
+
+def load_gguf_model(gguf_file: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                    argument: str = "--gguf_file"):
+    """(model, tokenizer) from a GGUF file: ``load_gguf_causal_lm`` and ``load_gguf_tokenizer``.
+
+    Errors (ValueError, ImportError) name ``argument``: a missing or non-GGUF file, no ``gguf``
+    package, a tokenizer without an eos token.
+    """
+    tokenizer = load_gguf_tokenizer(gguf_file, argument)
+    return load_gguf_causal_lm(gguf_file, dtype, attn_implementation, argument=argument), tokenizer

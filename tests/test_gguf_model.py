@@ -89,6 +89,9 @@ def test_the_model_and_tokenizer_come_from_the_file(tiny_gguf):
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
             config.intermediate_size, config.max_position_embeddings) == (HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT)
     assert model.dtype == torch.float32 and config._attn_implementation == "sdpa"
+    # a plain float model, which trains and saves: no GGUF quantizer left attached
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert not hasattr(config, "quantization_config")
     # tensors llama.cpp stores as HF does (q/k are permuted for its RoPE layout, and unpermuted on load)
     assert torch.equal(model.model.embed_tokens.weight, torch.from_numpy(written["token_embd.weight"]))
     assert torch.equal(model.model.layers[1].self_attn.v_proj.weight, torch.from_numpy(written["blk.1.attn_v.weight"]))
@@ -124,3 +127,45 @@ def test_a_missing_gguf_package_is_reported_with_how_to_get_it(monkeypatch):
     monkeypatch.setattr(gguf_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="--gguf_file needs the `gguf` package: pip install gguf"):
         gguf_model.check_gguf_package()
+
+
+# --------------------------------------------------------------------------- scripts/finetune.py --gguf_file
+
+
+@pytest.mark.parametrize("mode", ["swap", "distill"])
+def test_finetune_converts_a_gguf_model_and_the_result_reloads_as_fastmax(tiny_gguf, tmp_path, mode):
+    """swap: the file's weights in fastmax from the start; distill: from the file's weights in sdpa,
+    with the file itself, in sdpa, as the teacher of the KL. Its tokenizer is the default; the
+    saved model reloads with fastmax."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import load_script
+
+    finetune = load_script(ROOT / "scripts" / "finetune.py", "finetune_script")
+    path, _ = tiny_gguf
+    args = ["--gguf_file", str(path), "--mode", mode, "--max_files", "20", "--seq_len", "16", "--batch_size", "2",
+            "--max_steps", "4", "--eval_every", "2", "--eval_blocks", "4", "--mixed_precision", "no",
+            "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out")]
+    parsed = finetune.parse_args(args)
+    assert parsed.model == str(path)  # a pretrained model, not a built-in config
+    assert parsed.kd_weight == (1.0 if mode == "distill" else 0.0)
+    history = finetune.main(args)
+    losses = [r["train_loss"] for r in history if r.get("train_loss") is not None]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    stages = [r["stage"] for r in history if r.get("train_loss") is not None]
+    assert stages == (["transfer"] + ["train"] * 3 if mode == "distill" else ["train"] * 4)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="fastmax")
+    assert reloaded.config.fastmax["p"] == 2 and reloaded.config.vocab_size == 300
+    assert reloaded.config.num_hidden_layers == LAYERS and reloaded.config.num_key_value_heads == KV_HEADS
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_finetune_refuses_gguf_file_with_model(tiny_gguf, tmp_path, monkeypatch):
+    from conftest import load_script
+
+    finetune = load_script(ROOT / "scripts" / "finetune.py", "finetune_script")
+    monkeypatch.setattr(sys, "argv", ["finetune.py"])
+    with pytest.raises(SystemExit, match="--gguf_file and --model both name the model"):
+        finetune.parse_args(["--gguf_file", str(tiny_gguf[0]), "--model", "llama-tiny"])
+    with pytest.raises(SystemExit, match=r"--gguf_file '.*missing\.gguf': no such file"):
+        finetune.main(["--gguf_file", str(tmp_path / "missing.gguf"), "--output_dir", str(tmp_path / "out")])
