@@ -49,10 +49,14 @@ def feature_count(dim: int, p: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _pair_index(dim: int, device: torch.device, dtype: torch.dtype):
-    """Rows, columns and weights (1 on the diagonal, sqrt(2) off it) of the m <= n pairs."""
-    rows, cols = torch.triu_indices(dim, dim, device=device)
-    weight = torch.full(rows.shape, math.sqrt(2.0), dtype=dtype, device=device)
-    weight[rows == cols] = 1.0
+    """Rows, columns and weights (1 on the diagonal, sqrt(2) off it) of the m <= n pairs.
+
+    Made outside inference mode even when first asked for inside it (generation runs under
+    torch.inference_mode): a cached inference tensor could not be saved for a later backward."""
+    with torch.inference_mode(False):
+        rows, cols = torch.triu_indices(dim, dim, device=device)
+        weight = torch.full(rows.shape, math.sqrt(2.0), dtype=dtype, device=device)
+        weight[rows == cols] = 1.0
     return rows, cols, weight
 
 

@@ -92,8 +92,9 @@ def _pair_tiles(block_d: int, device_str: str):
     """Tiles (mb, nb), nb >= mb, of the upper triangle of the (m, n) grid."""
     blocks = block_d // PAIR_TILE
     pairs = [(mb, nb) for mb in range(blocks) for nb in range(mb, blocks)]
-    tile_m = torch.tensor([p[0] for p in pairs] or [0], dtype=torch.int32, device=device_str)
-    tile_n = torch.tensor([p[1] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+    with torch.inference_mode(False):  # cached: never an inference tensor (see chunked._pair_index)
+        tile_m = torch.tensor([p[0] for p in pairs] or [0], dtype=torch.int32, device=device_str)
+        tile_n = torch.tensor([p[1] for p in pairs] or [0], dtype=torch.int32, device=device_str)
     return tile_m, tile_n
 
 

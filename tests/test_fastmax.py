@@ -187,3 +187,18 @@ def test_autocast_takes_mixed_inputs(gen):
     assert rel_err(out, expected) < 3e-2
     with pytest.raises(TypeError, match="share one dtype"):
         fastmax(q, k, v)  # outside autocast, mixed dtypes are an error
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_training_after_inference_mode_generation(window):
+    """Generation runs under torch.inference_mode; constants the chunked path caches there (the
+    pair indices of a head dim first seen then) must still serve a later backward."""
+    D = 11  # a head dim no other test uses, so that inference mode makes the cache entry
+    q, k, v = (torch.randn(1, 2, 300, D, dtype=torch.float32) for _ in range(3))  # N > F = 78: the linear tiling
+    with torch.inference_mode():
+        fastmax(q, k, v, causal=True, window=window, backend="chunked")
+    q.requires_grad_()
+    out = fastmax(q, k, v, causal=True, window=window, backend="chunked")
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(grad).all()
+
