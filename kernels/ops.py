@@ -472,7 +472,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, c1, c2, **common,
     )
     _record("linear_bwd_dq", compiled)
-    del H, Z
+    del H, Z, k_finite  # before the query-side states are allocated
 
     # dk, dv from the query-side states: the chunks after each key (all of them without a causal mask)
     offset = pb.Nk - pb.Nq

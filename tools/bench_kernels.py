@@ -62,6 +62,14 @@ def check_tail(out, q, k, v, causal, scale, rows=128, heads=2):
     return rel_err(out[:1, :heads, -rows:], expected)
 
 
+def bf16_inputs(B, H, N, D, backward):
+    """A maker of fresh q, k, v (B, H, N, D) bf16 CUDA tensors (with gradients for a backward)."""
+    def make():
+        return [torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                for _ in range(3)]
+    return make
+
+
 def fastmax_call(q, k, v, causal, regime="auto", scale=None):
     from fastmax_hf import kernels
 
@@ -136,9 +144,7 @@ def section_long(args):
     for D in ints(args.dims):
         for N in ints(args.lengths):
             for backward in (False, True):
-                def make(N=N, D=D, backward=backward):
-                    return [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-                            for _ in range(3)]
+                make = bf16_inputs(1, 16, N, D, backward)
                 entry = {"D": D, "N": N, "pass": "fwd+bwd" if backward else "fwd"}
                 check = (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
                 entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward, check)
@@ -168,9 +174,7 @@ def section_crossover(args):
     for D in ints(args.crossover_dims):
         for N in ints(args.crossover_lengths):
             for backward in (False, True):
-                def make(N=N, D=D, backward=backward):
-                    return [torch.randn(1, 16, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-                            for _ in range(3)]
+                make = bf16_inputs(1, 16, N, D, backward)
                 entry = {"D": D, "N": N, "pass": "fwd+bwd" if backward else "fwd"}
                 for regime in ("quadratic", "linear"):
                     entry[regime] = timed(regime, make, lambda q, k, v, r=regime: fastmax_call(q, k, v, True, r), backward)
@@ -207,9 +211,7 @@ def section_quadratic(args):
             for causal in (True, False):
                 for N in ints(args.quad_lengths):
                     for backward in (False, True):
-                        def make(B=B, N=N, D=D, backward=backward):
-                            return [torch.randn(B, 16, N, D, device="cuda", dtype=torch.bfloat16,
-                                                requires_grad=backward) for _ in range(3)]
+                        make = bf16_inputs(B, 16, N, D, backward)
                         check = (lambda out, q, k, v, c=causal: check_tail(out, q, k, v, c, q.shape[-1] ** -0.5))
                         calls = {
                             "fastmax": lambda q, k, v, c=causal: fastmax_call(q, k, v, c, "quadratic"),
@@ -348,9 +350,7 @@ def section_peers(args):
     for B, H, N, causal in ((1, 8, 16384, True), (1, 8, 65536, True), (4, 32, 16384, True), (4, 32, 65536, True),
                             (1, 16, 16384, False), (1, 16, 65536, False)):
         for backward in (False, True):
-            def make(B=B, H=H, N=N, backward=backward):
-                return [torch.randn(B, H, N, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-                        for _ in range(3)]
+            make = bf16_inputs(B, H, N, 64, backward)
             check = (lambda out, q, k, v, c=causal: check_tail(out, q, k, v, c, q.shape[-1] ** -0.5))
             entry = _peer_row(f"B={B} H={H} N={N} D=64 causal={causal}", make, {
                 "fastmax": lambda q, k, v, c=causal: fastmax_call(q, k, v, c),

@@ -207,6 +207,17 @@ def section_variants(args):
                       shape.get("backward", True), extra={"settings": variant})
 
 
+def kernel_ms(fn, reps=10):
+    """GPU time per call of each kernel that ``fn`` launches (torch.profiler), ms."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: round(e.device_time_total / reps / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
+
+
 def section_overhead(args):
     for regime in ("quadratic", "linear"):
         q, k, v = _inputs(1024, 64, grad=True)
@@ -222,11 +233,7 @@ def section_overhead(args):
         host = (time.perf_counter() - t0) / 50 * 1e3
         torch.cuda.synchronize()
         total = (time.perf_counter() - t0) / 50 * 1e3
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                run()
-            torch.cuda.synchronize()
-        gpu = sum(e.device_time_total for e in prof.key_averages()) / 10 / 1e3
+        gpu = sum(kernel_ms(run).values())
         emit({"section": "overhead", "regime": regime, "host_ms_per_call": host, "wall_ms_per_call": total,
               "gpu_kernel_ms_per_call": gpu, "bench_ms": bench(run)})
 
@@ -252,18 +259,6 @@ def section_hostprof(args):
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
     emit({"section": "hostprof", "profile": text.getvalue()[-6000:]})
-
-
-def kernel_ms(fn, reps=10):
-    """GPU time per call of each kernel that ``fn`` launches (torch.profiler), ms."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return {e.key[:60]: round(e.device_time_total / reps / 1e3, 4) for e in prof.key_averages()
-            if e.device_time_total > 0}
 
 
 def section_quadsweep(args):
