@@ -482,10 +482,10 @@ def linear_bwd_dkdv_kernel(
         lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
         # (block-aligned, so that no row is in both loops; rows at or past row_end are masked)
         diag_hi = tl.cdiv(tl.maximum(n0 + BLOCK_N - offset, 0), BLOCK_M) * BLOCK_M
-        dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+        dk, dv = dkdv_from_query_heads(dk, dv, k, v, k, keys, Q, DO, INV_DEN, CROW, INV_DEN, b, hk, Hq, GROUPS,
                                        stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
                                        stride_dod, lo, diag_hi, row_end, offset, row_end, Nq, D, DV, a0, c1, c2, P,
-                                       BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+                                       BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64, 0)
     else:
         chunk = 0
     base = (pid_bh.to(tl.int64) * N_CHUNKS + chunk) * F_ROWS

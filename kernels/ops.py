@@ -13,10 +13,12 @@ defaults below (measured on an H200: BENCHMARKS.md).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 from .linear import (
     chunk_states_kernel,
@@ -175,7 +177,8 @@ def _chosen(defaults: dict, prefix: str) -> dict:
 
 
 def _quad_config(pb: _Problem, kernel: str) -> dict:
-    """Block sizes, warps and stages of a quadratic kernel ("fwd", "dkdv" or "dq"): measured
+    """Block sizes, warps and stages of a quadratic kernel ("fwd", "dkdv", "dq", or "fused":
+    the key-block kernel that also adds dq, set through the quad_dkdv_ settings): measured
     defaults, then settings."""
     wide = pb.dtype == torch.float32 or (kernel != "fwd" and pb.dtype == torch.float16)  # fp32 operands
     if kernel == "fwd":
@@ -194,13 +197,18 @@ def _quad_config(pb: _Problem, kernel: str) -> dict:
     # registers against 108); dq 64 x 64 with 4 warps at both (2.82 ms at D=128 against 3.49)
     if wide:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
+    elif kernel == "fused":
+        # the key-block kernel that also adds dq: 64 queries x 128 keys, 8 warps (H200, D=128,
+        # 16k causal: 7.16 ms against 9.78 with 32 x 64 x 4 warps; benchmarks/h200/quadratic/
+        # lab7_fused_dq.jsonl)
+        defaults = dict(block_m=64, block_n=128, warps=8, stages=2)
     elif pb.block_d <= 64:
         defaults = dict(block_m=64, block_n=64, warps=4, stages=3 if kernel == "dkdv" else 2)
     elif pb.block_d <= 128:
         defaults = dict(block_m=32 if kernel == "dkdv" else 64, block_n=64, warps=4, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
-    return _chosen(defaults, f"quad_{kernel}_")
+    return _chosen(defaults, "quad_dkdv_" if kernel == "fused" else f"quad_{kernel}_")
 
 
 def _linear_config(pb: _Problem, p: int = 2) -> dict:
@@ -273,37 +281,81 @@ def finite_keys(k: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(k, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _tma_reduce_available(device: torch.device) -> bool:
+    """Whether this Triton and GPU add a whole tile to global memory in one TMA reduction
+    (Hopper or newer, compiled kernels, a Triton with tensor-descriptor atomics)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
+        return False
+    if not hasattr(tl.tensor_descriptor, "atomic_add"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _dq_fused(pb: _Problem, device: torch.device) -> bool:
+    """Whether the key-block kernel also computes dq (the setting, else the measured default)."""
+    chosen = current_settings().quad_dq_fused
+    if chosen is not None:
+        return chosen
+    # measured on the H200 (lab7_fused_dq.jsonl, bf16, causal, 16k): at D=128 the fused kernel
+    # takes 7.16 ms where the split takes 4.71 (dq) + 3.91 (dk, dv); at D=64 it takes 4.00
+    # where the split takes 1.51 + 2.36, the extra (1, BLOCK_M, 64) fp32 reduction per tile
+    # costing more than the two products it saves. fp16/fp32 inputs: not measured, split.
+    return pb.op_bf16 and pb.block_d == 128 and _tma_reduce_available(device)
+
+
+def _dq_accumulator(pb: _Problem, block_m: int, device: torch.device):
+    """The fp32 (B * Hq, Nq, BLOCK_D) zeros the fused key-block kernel adds dq into, what it
+    is handed (a TMA descriptor, or the tensor for pointer atomics) and its DQ_MODE."""
+    acc = torch.zeros(pb.B * pb.Hq, pb.Nq, pb.block_d, dtype=torch.float32, device=device)
+    if _tma_reduce_available(device):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        desc = TensorDescriptor(acc, list(acc.shape), list(acc.stride()), [1, block_m, pb.block_d])
+        return acc, desc, 2
+    return acc, acc, 1
+
+
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
-    """dq, dk, dv: the dq kernel first (it also writes the row terms 1/d and c), then the
-    key-block kernel, which reads them."""
+    """dq, dk, dv. Split: the dq kernel first (it also writes the row terms 1/d and c), then
+    the key-block kernel, which reads them. Fused: the row terms, then the key-block kernel,
+    which also adds every tile's dq to an fp32 accumulator."""
     pb = _Problem.of(q, k, v, grad_out)
     m, smb, smn = _mask_args(mask, q)
-    inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-    crow = torch.empty_like(inv_den)
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
     c1, c2 = a1 * scale, a2 * scale * scale
+    # the dq products read the keys with inf and NaN set to 0 (``finite_keys``)
+    k_finite = finite_keys(k) if causal else k
 
     def launch_options(cfg):
         return dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                     OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
-    cfg = _quad_config(pb, "dq")
-    k_finite = finite_keys(k) if causal else k
-    compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, k_finite, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides[:8], *k_finite.stride(),
-        *strides[8:], *out.stride(),
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
-    )
-    _record("quadratic_bwd_dq", compiled)
-    cfg = _quad_config(pb, "dkdv")
+    if _dq_fused(pb, q.device):
+        inv_den, crow = _backward_rows(out, den, grad_out, pb)
+        cfg = _quad_config(pb, "fused")
+        dq_acc, dq_arg, dq_mode = _dq_accumulator(pb, cfg["block_m"], q.device)
+    else:
+        inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+        crow = torch.empty_like(inv_den)
+        dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+        cfg = _quad_config(pb, "dq")
+        compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+            q, k, k_finite, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides[:8], *k_finite.stride(),
+            *strides[8:], *out.stride(),
+            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
+        )
+        _record("quadratic_bwd_dq", compiled)
+        cfg = _quad_config(pb, "dkdv")
+        dq_acc, dq_arg, dq_mode = None, inv_den, 0
     compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, m, grad_out, inv_den, crow, dk, dv, *strides,
-        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **launch_options(cfg),
+        q, k, k_finite, v, m, grad_out, inv_den, crow, dk, dv, dq_arg, *strides[:8], *k_finite.stride(), *strides[8:],
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **launch_options(cfg), DQ_MODE=dq_mode,
     )
-    _record("quadratic_bwd_dkdv", compiled)
+    _record("quadratic_bwd_dkdv" if dq_mode == 0 else "quadratic_bwd_fused", compiled)
+    if dq_acc is not None:
+        dq = dq_acc[..., :pb.D].to(q.dtype).view(pb.B, pb.Hq, pb.Nq, pb.D)
     return dq, dk, dv
 
 

@@ -129,12 +129,12 @@ def scaled_grad_rows(DO_h, INV_h, CROW_h, rows, ok, stride_don, stride_dod, cols
 
 @triton.jit
 def dkdv_from_queries(
-    dk, dv, k, v, keys, Q_h, DO_h, INV_h, CROW_h,
+    dk, dv, k, v, kf, keys, Q_h, DO_h, INV_h, CROW_h, DQ_ACC, dq_head,
     stride_qn, stride_qd, stride_don, stride_dod,
     lo, hi, offset, row_limit, D, DV, a0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr, DQ_MODE: tl.constexpr,
 ):
     """dv_j += sum_i f(r_ij) g_i and dk_j += sum_i ds_ij q_i over the query rows i in [lo, hi).
 
@@ -143,7 +143,13 @@ def dkdv_from_queries(
     as their first operand, and q and do are read as they are loaded (1/d scales the tile,
     not the operand). Rows at or past ``row_limit`` (Nq, or the end of a chunk), and rows
     that see no key (d = 0), load 1/d = c = 0 and add nothing; only the causal diagonal
-    (CAUSAL) needs a mask."""
+    (CAUSAL) needs a mask.
+
+    DQ_MODE > 0 also adds each tile's dq_i = sum_j ds_ij kf_j (kf: the key block with
+    non-finite entries set to 0, an operand) to the fp32 (B * Hq, Nq, BLOCK_D) accumulator
+    DQ_ACC at head ``dq_head`` (row_limit is Nq then): 1 through pointer atomics (DQ_ACC a pointer), 2 through a
+    TMA reduction of the whole tile (DQ_ACC a tensor descriptor with block (1, BLOCK_M, BLOCK_D),
+    which drops the rows past Nq)."""
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     k_op = operand(k, OP_BF16)
@@ -163,19 +169,27 @@ def dkdv_from_queries(
             vis = keys[:, None] <= (rows + offset)[None, :]
             wT = tl.where(vis, wT, 0.0)
             dsT = tl.where(vis, dsT, 0.0)
+        ds_op = operand(dsT, OP_BF16)
         dv = tl.dot(operand(wT, OP_BF16), do, dv, input_precision=PRECISION)
-        dk = tl.dot(operand(dsT, OP_BF16), q, dk, input_precision=PRECISION)
+        dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
+        if DQ_MODE == 1:
+            dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+            dq_offs = (dq_head.to(tl.int64) * row_limit + rows)[:, None] * BLOCK_D + cols_d[None, :]
+            tl.atomic_add(DQ_ACC + dq_offs, dq, mask=ok[:, None], sem="relaxed")
+        elif DQ_MODE == 2:
+            dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)
+            DQ_ACC.atomic_add([dq_head, i0, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
     return dk, dv
 
 
 @triton.jit
 def dkdv_from_query_heads(
-    dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+    dk, dv, k, v, kf, keys, Q, DO, INV_DEN, CROW, DQ_ACC, b, hk, Hq, GROUPS,
     stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod,
     lo, diag_hi, hi, offset, row_limit, Nq, D, DV, a0, c1, c2,
     P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, DQ_MODE: tl.constexpr,
 ):
     """``dkdv_from_queries`` summed over the GROUPS query heads that read key/value head hk:
     rows [lo, diag_hi) on the causal diagonal (masked), then rows [diag_hi, hi) that see the
@@ -185,14 +199,15 @@ def dkdv_from_query_heads(
         Q_h = Q + b * stride_qb + h * stride_qh
         DO_h = DO + b * stride_dob + h * stride_doh
         row0 = (b * Hq + h) * Nq
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+        dq_head = (b * Hq + h).to(tl.int32)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, kf, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_ACC, dq_head,
                                    stride_qn, stride_qd, stride_don, stride_dod, lo, diag_hi, offset, row_limit,
                                    D, DV, a0, c1, c2, P, True, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
-        dk, dv = dkdv_from_queries(dk, dv, k, v, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0,
+                                   OP_BF16, PRECISION, I64, DQ_MODE)
+        dk, dv = dkdv_from_queries(dk, dv, k, v, kf, keys, Q_h, DO_h, INV_DEN + row0, CROW + row0, DQ_ACC, dq_head,
                                    stride_qn, stride_qd, stride_don, stride_dod, diag_hi, hi, offset, row_limit,
                                    D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64)
+                                   OP_BF16, PRECISION, I64, DQ_MODE)
     return dk, dv
 
 
@@ -305,9 +320,10 @@ def backward_rows_kernel(
 
 @triton.jit
 def quadratic_bwd_dkdv_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT,
+    Q, K, KF, V, MASK, DO, INV_DEN, CROW, DK, DV_OUT, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kfb, stride_kfh, stride_kfn, stride_kfd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
@@ -315,10 +331,12 @@ def quadratic_bwd_dkdv_kernel(
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, DQ_MODE: tl.constexpr,
 ):
     """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
-    of one key block, summed over the GROUPS query heads that read it."""
+    of one key block, summed over the GROUPS query heads that read it; with DQ_MODE > 0 also
+    every tile's dq, added to DQ_ACC (``dkdv_from_queries``). KF: the keys with non-finite
+    entries set to 0 (read only with DQ_MODE > 0)."""
     pid_n = tl.program_id(0)  # the first key blocks are seen by the most queries: launched first
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
@@ -329,8 +347,15 @@ def quadratic_bwd_dkdv_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     cols_v = tl.arange(0, BLOCK_DV)
     k_in = keys < Nk
-    k = load_tile(K + b * stride_kb + hk * stride_kh, keys, k_in, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, keys, k_in, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+    # padding keys load as zeros (their dk, dv are written as zeros): no dq term from them
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+    if DQ_MODE > 0:
+        kf = operand(load_tile(KF + b * stride_kfb + hk * stride_kfh, keys, real, stride_kfn, cols_d, D, stride_kfd,
+                               True, EVEN_D, I64), OP_BF16)
+    else:
+        kf = k
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
@@ -342,12 +367,11 @@ def quadratic_bwd_dkdv_kernel(
     else:
         lo = 0
         diag_hi = 0
-    dk, dv = dkdv_from_query_heads(dk, dv, k, v, keys, Q, DO, INV_DEN, CROW, b, hk, Hq, GROUPS,
+    dk, dv = dkdv_from_query_heads(dk, dv, k, v, kf, keys, Q, DO, INV_DEN, CROW, DQ_ACC, b, hk, Hq, GROUPS,
                                    stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don,
                                    stride_dod, lo, diag_hi, n_rows, offset, Nq, Nq, D, DV, a0, c1, c2, P,
-                                   BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64)
+                                   BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16, PRECISION, I64, DQ_MODE)
 
-    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
     key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
     tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
              mask=k_in[:, None] & (cols_d[None, :] < D))

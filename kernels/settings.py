@@ -33,6 +33,10 @@ class KernelSettings:
     quad_dq_block_n: int | None = None
     quad_dq_warps: int | None = None
     quad_dq_stages: int | None = None
+    # True: the key-block kernel also adds every tile's dq into an fp32 accumulator (five
+    # products per tile pair instead of seven, no dq kernel); False: the separate dq kernel;
+    # None: the measured default for the GPU
+    quad_dq_fused: bool | None = None
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
     # per tile, warps and stages
@@ -54,6 +58,10 @@ class KernelSettings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "quad_dq_fused":
+                if value is not None and not isinstance(value, bool):
+                    raise ValueError(f"kernel setting `quad_dq_fused` must be True, False or None, got {value!r}")
+                continue
             if field.name == "scratch_fraction":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                     raise ValueError(f"kernel setting `scratch_fraction` must be a number in [0, 1], got {value!r}")

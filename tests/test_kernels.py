@@ -156,13 +156,15 @@ def test_linear_kernels_across_chunks(gen, causal, shape):
             assert rel_err(a, b) < TOL[dtype], (dtype, p, "d" + name)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal):
+def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal, fused):
     """Tiles of 16 x 16: key blocks that every query of a block sees run unmasked, the diagonal
     and the ragged end masked; Nq < Nk and Nq > Nk shift the diagonal off the block grid; GQA
-    sums several query heads into one key block's program."""
+    sums several query heads into one key block's program. Both backward forms: the separate
+    dq kernel, and dq added by the key-block kernel (pointer atomics here, TMA on a GPU)."""
     small = dict(quad_fwd_block_m=32, quad_fwd_block_n=16, quad_dkdv_block_m=16, quad_dkdv_block_n=32,
-                 quad_dq_block_m=16, quad_dq_block_n=32)
+                 quad_dq_block_m=16, quad_dq_block_n=32, quad_dq_fused=fused)
     for shape in ((1, 2, 1, 75, 101, 16, 16), (1, 2, 2, 101, 67, 32, 16), (2, 4, 2, 40, 40, 24, 16)):
         for mask_on in (False, True):
             (q, k, v), (qe, ke, ve), mask = inputs(gen, *shape, torch.float32)
@@ -241,6 +243,9 @@ def test_backward_in_head_groups(gen):
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="linear_chunk"):
         with kernels.settings(linear_chunk=100):
+            pass
+    with pytest.raises(ValueError, match="quad_dq_fused"):
+        with kernels.settings(quad_dq_fused=1):
             pass
     with pytest.raises(ValueError, match="unknown kernel setting"):
         with kernels.settings(chunk=64):
