@@ -286,9 +286,20 @@ def _tma_reduce_available(device: torch.device) -> bool:
     (Hopper or newer, compiled kernels, a Triton with tensor-descriptor atomics)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda":
         return False
-    if not hasattr(tl.tensor_descriptor, "atomic_add"):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _tma_reduce_on(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_reduce_on(device_index: int) -> bool:
+    descriptor = getattr(tl, "tensor_descriptor", None)
+    if descriptor is None or not hasattr(descriptor, "atomic_add"):
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _dq_fused(pb: _Problem, device: torch.device) -> bool:
