@@ -10,6 +10,9 @@ Sections (``--sections``):
   overhead  host time of one forward+backward call at a short length (launch-bound)
   hostprof  cProfile of that call
   quadsweep quadratic tile settings from --variants, with per-kernel GPU times and cuDNN's
+  hoststub  (CPU, no GPU needed) the host time of one quadratic forward+backward call with every
+            kernel launch replaced by a no-op: what the package's own Python costs, apart from
+            Triton's launcher and the GPU
 
 Every timing is a median of triton.testing.do_bench after a float64 check of the same
 configuration. Results are JSON lines on stdout and in ``--out``.
@@ -261,6 +264,38 @@ def section_hostprof(args):
     emit({"section": "hostprof", "profile": text.getvalue()[-6000:]})
 
 
+def section_hoststub(args):
+    """Host time of triton_attention forward+backward (quadratic, causal, 64 tokens, CPU tensors)
+    with the kernels replaced by no-op stubs: the launchers, autograd and allocations only."""
+    from fastmax_hf.kernels import ops
+
+    class _NoLaunch:
+        n_regs, n_spills = 0, 0
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self
+
+    names = ["quadratic_fwd_kernel", "quadratic_bwd_dq_kernel", "quadratic_bwd_dkdv_kernel", "backward_rows_kernel"]
+    saved = {name: getattr(ops, name) for name in names}
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the launchers' device checks
+    try:
+        for name in names:
+            setattr(ops, name, _NoLaunch())
+        q, k, v = (torch.randn(1, 16, 64, 64, requires_grad=True) for _ in range(3))
+        do = torch.randn(1, 16, 64, 64)
+        run = _fwd_bwd(lambda: run_fastmax(q, k, v, True, "quadratic"), (q, k, v), do)
+        for _ in range(20):
+            run()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            run()
+        emit({"section": "hoststub", "host_ms_per_call": (time.perf_counter() - t0) / 200 * 1e3,
+              "threads": torch.get_num_threads()})
+    finally:
+        for name, kernel in saved.items():
+            setattr(ops, name, kernel)
+
+
 def section_quadsweep(args):
     """Backward and forward tile choices at 4k and 16k (B=1, H=16, causal, bf16), with the
     GPU time of every kernel, beside cuDNN's; each configuration checked against float64."""
@@ -314,7 +349,8 @@ def main():
     OUT = args.out
     import triton
 
-    emit({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    emit({"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
+          "torch": torch.__version__, "triton": triton.__version__,
           "settings": kernels.current_settings().__dict__})
     for name in args.sections.split(","):
         t0 = time.time()
