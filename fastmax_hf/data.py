@@ -108,7 +108,10 @@ def is_validation(key: str, validation_percent: float) -> bool:
 def default_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT, max_files: int | None = None) -> TextSplits:
     """The embedded default corpus: the standard library's sources, split by file.
 
-    ``max_files`` keeps only the first files in path order (small corpora for tests).
+    ``max_files`` keeps only the first files in path order (small corpora for tests). The
+    held-out evaluation texts (``is_held_out``: the files of ``HELD_OUT_STDLIB_FILES`` and the
+    sources of ``pydoc_topics_text``, ``PYDOC_TOPICS_SOURCES``) are never trained on: such a
+    file stays in validation if crc32 puts it there, and is left out otherwise.
     """
     root = stdlib_root()
     files = stdlib_source_files()[:max_files]
@@ -116,9 +119,11 @@ def default_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT, max_f
         raise FileNotFoundError(f"found no .py files under the standard library at {root}")
     train, validation = [], []
     for path in files:
-        text = path.read_text(encoding="utf-8", errors="replace")
         key = path.relative_to(root).as_posix()
-        (validation if is_validation(key, validation_percent) else train).append(text)
+        if is_validation(key, validation_percent):
+            validation.append(path.read_text(encoding="utf-8", errors="replace"))
+        elif not is_held_out(key):
+            train.append(path.read_text(encoding="utf-8", errors="replace"))
     name = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib" + (f"[:{max_files}]" if max_files else "")
     return TextSplits(name, train, validation)
 
@@ -129,7 +134,8 @@ def default_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT, max_f
 # on, all of them on every Python install: the documentation's topic texts (English prose,
 # ``pydoc_data.topics``) and these standard-library sources (paths relative to the stdlib root,
 # present in Python 3.10 to 3.14; prose-heavy docstrings and varied code). ``stdlib_training_files``
-# leaves them out. (The 30M study's ``default_corpus`` above is unchanged: it splits by crc32.)
+# leaves them out, and so does the train split of the 30M study's ``default_corpus`` above (which
+# otherwise splits by crc32).
 HELD_OUT_STDLIB_FILES = (
     "argparse.py",
     "dataclasses.py",
@@ -142,6 +148,10 @@ HELD_OUT_STDLIB_FILES = (
     "statistics.py",
     "textwrap.py",
 )
+
+# Standard-library sources that carry the topic texts, held out with them: topics.py (a dict literal
+# of the same prose) and pdb.py (its commands' help is the text of the "debugger" topic).
+PYDOC_TOPICS_SOURCES = ("pdb.py", "pydoc_data/topics.py")
 
 # A directory of the standard library's own test suites: a path component named "test" or
 # "tests" (Lib/test/, unittest/test/, lib2to3/tests/, ...) or ending in "_test" (idlelib/idle_test/).
@@ -175,6 +185,12 @@ def held_out_stdlib_texts() -> dict[str, str]:
             for name, path in zip(HELD_OUT_STDLIB_FILES, held_out_stdlib_files())}
 
 
+def is_held_out(relative_path: str) -> bool:
+    """Whether a stdlib path (relative, posix) holds held-out evaluation text: one of
+    ``HELD_OUT_STDLIB_FILES`` or ``PYDOC_TOPICS_SOURCES``."""
+    return relative_path in HELD_OUT_STDLIB_FILES or relative_path in PYDOC_TOPICS_SOURCES
+
+
 def is_in_test_directory(relative_path: str) -> bool:
     """Whether a stdlib path (relative, posix) lies in a test-suite directory (see ``TEST_DIRECTORY_NAMES``)."""
     directories = relative_path.split("/")[:-1]
@@ -183,14 +199,14 @@ def is_in_test_directory(relative_path: str) -> bool:
 
 def stdlib_training_files() -> list[Path]:
     """The standard library's ``.py`` files a conversion may train on: all of ``stdlib_source_files``
-    (sorted by relative path, site-packages excluded) but the held-out files and test-suite directories."""
+    (sorted by relative path, site-packages excluded) but the held-out ones (``is_held_out``) and
+    test-suite directories."""
     root = stdlib_root()
-    held_out = set(HELD_OUT_STDLIB_FILES)
     held_out_stdlib_files()  # fail on a Python that lacks one, rather than hold out fewer files
     files = []
     for path in stdlib_source_files():
         rel = path.relative_to(root).as_posix()
-        if rel not in held_out and not is_in_test_directory(rel):
+        if not is_held_out(rel) and not is_in_test_directory(rel):
             files.append(path)
     return files
 
@@ -210,9 +226,9 @@ def looks_like_local_path(dataset: str) -> bool:
     return os.path.exists(dataset) or Path(dataset).suffix.lower() in LOCAL_BUILDERS
 
 
-def local_data_files(dataset: str) -> tuple[str, list[str]]:
+def local_data_files(dataset: str, argument: str = "--dataset") -> tuple[str, list[str]]:
     """The `datasets` builder and file list for a local file, a directory, or a
-    comma-separated list of files (all of one format)."""
+    comma-separated list of files (all of one format). Errors name ``argument``."""
     paths = [Path(p) for p in dataset.split(",")]
     files: list[Path] = []
     for path in paths:
@@ -221,24 +237,25 @@ def local_data_files(dataset: str) -> tuple[str, list[str]]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"--dataset: no such file or directory: {path}")
+            raise FileNotFoundError(f"{argument}: no such file or directory: {path}")
     if not files:
-        raise FileNotFoundError(f"--dataset: no data files ({', '.join(sorted(LOCAL_BUILDERS))}) in {dataset}")
+        raise FileNotFoundError(f"{argument}: no data files ({', '.join(sorted(LOCAL_BUILDERS))}) in {dataset}")
     builders = {LOCAL_BUILDERS.get(f.suffix.lower()) for f in files}
     if None in builders or len(builders) != 1:
         suffixes = sorted({f.suffix for f in files})
         raise ValueError(
-            f"--dataset: files must share one format among {sorted(LOCAL_BUILDERS)}, got suffixes {suffixes}"
+            f"{argument}: files must share one format among {sorted(LOCAL_BUILDERS)}, got suffixes {suffixes}"
         )
     return builders.pop(), [str(f) for f in files]
 
 
-def _import_datasets():
+def _import_datasets(argument: str, dataset: str):
     """`datasets` is needed only for non-default data, so import it only then."""
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("--dataset other than 'default' needs the `datasets` package: pip install datasets") from err
+        raise ImportError(f"{argument} {dataset!r} is read with the `datasets` package, which is not installed: "
+                          "pip install datasets") from err
     return datasets
 
 
@@ -260,42 +277,43 @@ def split_documents(name: str, documents: list[str], validation_percent: float) 
 
 def load_datasets_source(
     dataset: str, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
-    config_name: str | None = None,
+    config_name: str | None = None, argument: str = "--dataset", local: bool | None = None,
 ) -> TextSplits:
     """Documents from a hub dataset or local files via `datasets`.
 
     A "validation" (else "test") split is used as is; otherwise the "train" split is
-    divided by ``split_documents``.
+    divided by ``split_documents``. ``local``: True reads ``dataset`` as local files, None
+    guesses (``looks_like_local_path``). Errors name ``argument``, the option that gave ``dataset``.
     """
-    datasets = _import_datasets()
-    if looks_like_local_path(dataset):
-        builder, files = local_data_files(dataset)
+    datasets = _import_datasets(argument, dataset)
+    if local or (local is None and looks_like_local_path(dataset)):
+        builder, files = local_data_files(dataset, argument)
         loaded = datasets.load_dataset(builder, data_files=files)
     else:
         try:
             loaded = datasets.load_dataset(dataset, config_name)
         except Exception as err:  # the hub raises many kinds; say what was asked for
             raise ValueError(
-                f"--dataset {dataset!r} is neither 'default', an existing local file/directory, nor a dataset "
+                f"{argument} {dataset!r} is neither 'default', an existing local file/directory, nor a dataset "
                 f"`datasets.load_dataset` can load ({type(err).__name__}: {err})"
             ) from err
     if "train" not in loaded:
-        raise ValueError(f"--dataset {dataset!r} has no 'train' split (splits: {list(loaded)})")
-    train = _documents(loaded["train"], text_column, f"--dataset {dataset!r}")
+        raise ValueError(f"{argument} {dataset!r} has no 'train' split (splits: {list(loaded)})")
+    train = _documents(loaded["train"], text_column, f"{argument} {dataset!r}")
     held_out = next((s for s in ("validation", "test") if s in loaded), None)
     if held_out is None:
         return split_documents(dataset, train, validation_percent)
-    return TextSplits(dataset, train, _documents(loaded[held_out], text_column, f"--dataset {dataset!r}"))
+    return TextSplits(dataset, train, _documents(loaded[held_out], text_column, f"{argument} {dataset!r}"))
 
 
 def load_text_dataset(
     dataset: str = DEFAULT, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
-    max_files: int | None = None, config_name: str | None = None,
+    max_files: int | None = None, config_name: str | None = None, argument: str = "--dataset",
 ) -> TextSplits:
-    """"default" (the standard-library corpus), a hub name, or local data files."""
+    """"default" (the standard-library corpus), a hub name, or local data files (errors name ``argument``)."""
     if dataset == DEFAULT:
         return default_corpus(validation_percent, max_files=max_files)
-    return load_datasets_source(dataset, text_column, validation_percent, config_name)
+    return load_datasets_source(dataset, text_column, validation_percent, config_name, argument)
 
 
 # --------------------------------------------------------------------------- tokenizer
