@@ -2,11 +2,18 @@
 
     python scripts/finetune.py                                   # 5M-param Llama, fastmax, stdlib corpus: ~2 min on a CPU
     python scripts/finetune.py --mode scratch --attention sdpa   # the softmax baseline / teacher
-    python scripts/finetune.py --mode swap --model runs/teacher  # load softmax weights, switch, fine-tune
-    python scripts/finetune.py --mode distill --model runs/teacher --lora_rank 16
+    python scripts/finetune.py --mode swap --model_name_or_path runs/teacher   # softmax weights, switched, fine-tuned
+    python scripts/finetune.py --mode distill --model_name_or_path runs/teacher --lora_rank 16
     python scripts/finetune.py --mode distill --gguf_file /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF model
     accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/finetune.py ...   # DDP (FSDP: accelerate_fsdp.yaml)
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/finetune.py   # 2 CPU processes (gloo)
+    python scripts/finetune.py --train_file notes.jsonl          # your own text (read with `datasets`)
+    python scripts/finetune.py --resume_from_checkpoint latest --max_train_steps 400   # extend a finished run
+
+The options follow transformers' run_clm_no_trainer.py (--model_name_or_path, --dataset_name,
+--train_file, --per_device_train_batch_size, --learning_rate, --max_train_steps, ...); the names
+this script had before (--model, --dataset, --batch_size, --lr, --max_steps, ...) still work.
+`--help` lists them all with their defaults.
 
 Modes:
   scratch  random initialisation, trained with --attention (fastmax unless told sdpa).
@@ -19,14 +26,17 @@ Modes:
            Both merge into q_proj/k_proj; stage 2 fine-tunes with fastmax (full or LoRA) on
            the KL from the softmax model's next-token distributions (--kd_weight 1, the
            default; below 1 it is mixed with the data's cross-entropy).
-  swap and distill spend the same --max_steps, so their token budgets are equal.
+  swap and distill spend the same --max_train_steps, so their token budgets are equal.
   --window W (with fastmax attention, any mode) stores the hybrid window in the fastmax config:
            exact softmax over the last W positions, fastmax over the earlier ones.
 
 Outputs in --output_dir: the final model and tokenizer (save_pretrained; reload with
 from_pretrained(dir, attn_implementation="fastmax")), log.csv, tensorboard/, loss.png,
 results.json, checkpoints/step_XXXXXX/ (accelerator state + trainer_state.json; each written
-into checkpoints/incomplete-step_XXXXXX/ and renamed into place when complete).
+into checkpoints/incomplete-step_XXXXXX/ and renamed into place when complete). The data order
+and the learning rate are functions of the step, so a resumed run reads the batches and takes the
+steps the uninterrupted one would have; resuming with a larger --max_train_steps extends a run
+(finished or not), its later steps on the schedule of the longer run.
 """
 
 from __future__ import annotations
@@ -64,77 +74,127 @@ from script_common import check_vocabulary, fail, max_positions  # noqa: E402
 import gguf_model  # noqa: E402
 
 MODES = ("scratch", "swap", "distill")
+# --report_to: trackers accelerate knows (each the name of its package), "all" of those installed, or none
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "aim", "dvclive", "all", "none")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=MODES, default="scratch")
-    p.add_argument("--model", default=data.DEFAULT_MODEL,
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default after its help; an option whose
+    default is worked out later (None) says in its help what it will be."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Names follow transformers' run_clm_no_trainer.py; the names this script had
+    before are aliases (several option strings, one dest; the dests are the old, shorter names)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="scratch", help="what to train (see Modes above)")
+    # model and tokenizer
+    p.add_argument("--model_name_or_path", "--model", dest="model", default=data.DEFAULT_MODEL,
                    help=f"a built-in config {sorted(data.BUILTIN_MODELS)}, a hub id or a local model directory")
     p.add_argument("--gguf_file", default=None,
-                   help="instead of --model: a GGUF file (llama.cpp's format; needs the `gguf` package) holding the "
-                        "pretrained softmax model, dequantized to float32, and its tokenizer (the default --tokenizer); "
-                        "default: none")
+                   help="instead of --model_name_or_path: a GGUF file (llama.cpp's format; needs the `gguf` package) "
+                        "holding the pretrained softmax model, dequantized to float32, and its tokenizer (the default "
+                        "--tokenizer_name); default: none")
     p.add_argument("--attention", choices=("fastmax", "sdpa"), default="fastmax",
                    help="scratch only: sdpa trains the softmax baseline (e.g. a teacher to convert later)")
-    p.add_argument("--dataset", default=data.DEFAULT, help="'default' (the stdlib corpus), a hub name, or local files")
-    p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--validation_percent", type=float, default=data.DEFAULT_VALIDATION_PERCENT)
-    p.add_argument("--max_files", type=int, default=None, help="default corpus: only its first N files")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer_name", "--tokenizer", dest="tokenizer", default=None,
                    help="'default' (BPE trained on the stdlib corpus), a hub id or path; default: the model's own, "
                         "or 'default' for built-in models")
     p.add_argument("--vocab_size", type=int, default=data.DEFAULT_VOCAB_SIZE, help="of the default tokenizer")
-    p.add_argument("--cache_dir", default=None, help="tokenizer / token cache (default $FASTMAX_HF_CACHE or ~/.cache)")
-    p.add_argument("--output_dir", default="runs/finetune")
+    p.add_argument("--cache_dir", default=None,
+                   help="tokenizer / token cache; default: $FASTMAX_HF_CACHE, else ~/.cache/fastmax_hf")
+    # data
+    p.add_argument("--dataset_name", "--dataset", dest="dataset", default=data.DEFAULT,
+                   help="'default' (the stdlib corpus, without the held-out texts of fastmax_hf.data), a `datasets` "
+                        "hub name, or local files (read with `datasets`)")
+    p.add_argument("--dataset_config_name", "--dataset_config", dest="dataset_config", default=None,
+                   help="the hub dataset's configuration name; default: none")
+    p.add_argument("--train_file", default=None,
+                   help="instead of --dataset_name: local text / json / jsonl / parquet / csv file(s) (comma-separated, "
+                        "or a folder), read with `datasets`; default: none")
+    p.add_argument("--text_column", default="text", help="the column of --dataset_name / --train_file holding the text")
+    p.add_argument("--validation_split_percentage", "--validation_percent", dest="validation_percent", type=float,
+                   default=data.DEFAULT_VALIDATION_PERCENT,
+                   help="percent of the documents (by file for the stdlib corpus) held out for validation, where "
+                        "the data have no validation split")
+    p.add_argument("--max_files", type=int, default=None, help="default corpus: only its first N files; default: all")
+    p.add_argument("--output_dir", default="runs/finetune", help="where the model, logs and checkpoints go")
     # optimisation
-    p.add_argument("--seq_len", type=int, default=256)
-    p.add_argument("--batch_size", type=int, default=8, help="blocks per device per micro-step")
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=200, help="optimizer steps in total (all stages)")
-    p.add_argument("--lr", type=float, default=None, help="peak LR; default 1e-3 for scratch or LoRA, else 3e-4")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to lr * this")
-    p.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of a stage's steps")
-    p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--block_size", "--seq_len", dest="seq_len", type=int, default=256, help="tokens per training block")
+    p.add_argument("--per_device_train_batch_size", "--batch_size", dest="batch_size", type=int, default=8,
+                   help="blocks per device per micro-step")
+    p.add_argument("--gradient_accumulation_steps", "--grad_accum", dest="grad_accum", type=int, default=1,
+                   help="micro-steps per optimizer step")
+    p.add_argument("--max_train_steps", "--max_steps", dest="max_steps", type=int, default=200,
+                   help="optimizer steps in total (all stages); raise it when resuming to extend a run")
+    p.add_argument("--learning_rate", "--lr", dest="lr", type=float, default=None,
+                   help="peak LR; default 1e-3 for scratch or LoRA, else 3e-4")
+    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate * this")
+    p.add_argument("--num_warmup_steps", "--warmup_steps", dest="warmup_steps", type=int, default=None,
+                   help="linear warmup steps of each stage; default: 5%% of a stage's steps")
+    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW's, on matrices only")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
     p.add_argument("--lora_rank", type=int, default=0, help="fine-tune with LoRA adapters of this rank; 0 = full")
-    p.add_argument("--distill_steps", type=int, default=None, help="distill: attention-transfer steps (default max/4)")
+    p.add_argument("--distill_steps", type=int, default=None,
+                   help="distill: attention-transfer steps; default: max_train_steps // 4 (on resume: the checkpoint's)")
     p.add_argument("--distill_lr", type=float, default=1e-2, help="distill: peak LR of the query gains and q/k LoRA")
-    p.add_argument("--distill_lora_rank", type=int, default=8, help="distill: LoRA rank on q/k in attention transfer (0: gains only)")
+    p.add_argument("--distill_lora_rank", type=int, default=8,
+                   help="distill: LoRA rank on q/k in attention transfer (0: gains only)")
     p.add_argument("--kd_weight", type=float, default=None,
                    help="swap/distill fine-tuning: loss = (1-w) CE + w KL(softmax teacher || model); default 1 "
                         "for distill of a pretrained model, else 0 (swap: the plain swap-and-finetune baseline)")
     p.add_argument("--mixed_precision", choices=("no", "bf16", "fp16"), default=None,
                    help="default: bf16 on CUDA, no on CPU (or what `accelerate launch` was told)")
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute each layer in backward")
+    p.add_argument("--seed", type=int, default=0, help="of the initialisation and of the data order")
     # fastmax options, stored in the saved config
-    p.add_argument("--fastmax_p", type=int, default=2, choices=(1, 2))
-    p.add_argument("--fastmax_a0", type=float, default=1.0)
-    p.add_argument("--fastmax_a1", type=float, default=1.0)
-    p.add_argument("--fastmax_a2", type=float, default=0.5)
-    p.add_argument("--fastmax_temperature", type=float, default=1.0)
-    p.add_argument("--fastmax_normalize", action="store_true")
-    p.add_argument("--fastmax_lim", type=float, default=1.0)
+    p.add_argument("--fastmax_p", type=int, default=2, choices=(1, 2), help="order of the polynomial f (1 or 2)")
+    p.add_argument("--fastmax_a0", type=float, default=1.0, help="f(s) = a0 + a1 s + a2 s^2: a0")
+    p.add_argument("--fastmax_a1", type=float, default=1.0, help="f(s): a1")
+    p.add_argument("--fastmax_a2", type=float, default=0.5, help="f(s): a2 (p = 2)")
+    p.add_argument("--fastmax_temperature", type=float, default=1.0, help="s = q.k * the model's scaling / temperature")
+    p.add_argument("--fastmax_normalize", action="store_true", help="scale q and k by lim / max ||x|| first, so |s| <= lim^2 * scale")
+    p.add_argument("--fastmax_lim", type=float, default=1.0, help="with --fastmax_normalize: the norm q and k are scaled to")
     p.add_argument("--window", type=int, default=None,
                    help="hybrid window: exact softmax over the last W positions, fastmax over the earlier ones "
-                        "(stored in the fastmax config; PyTorch path, no Triton kernel yet)")
+                        "(stored in the fastmax config; PyTorch path, no Triton kernel yet); default: none")
     p.add_argument("--window_gain", type=float, default=1.0, help="with --window: the weight of the fastmax part")
-    # evaluation, checkpoints
-    p.add_argument("--eval_every", type=int, default=50)
+    # evaluation, checkpoints, logging
+    p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at each stage's end)")
     p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks per evaluation (all processes)")
-    p.add_argument("--save_every", type=int, default=100, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint directory, or 'latest': the newest complete one in --output_dir")
+    p.add_argument("--checkpointing_steps", "--save_every", dest="save_every", type=int, default=100,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint directory, or 'latest': the newest complete one in --output_dir; with a "
+                        "larger --max_train_steps a finished run goes on; default: none")
     p.add_argument("--stop_at_step", type=int, default=None,
-                   help="stop (checkpointed) at this step as if interrupted; the schedule still follows --max_steps")
-    args = p.parse_args(argv)
+                   help="stop (checkpointed) at this step as if interrupted; the schedule still follows "
+                        "--max_train_steps; default: none")
+    p.add_argument("--with_tracking", action="store_true",
+                   help="require the --report_to tracker: an error where its package is missing (without it, "
+                        "the tracker logs where its package is installed and is skipped otherwise)")
+    p.add_argument("--report_to", default="tensorboard", choices=TRACKERS,
+                   help="the tracker accelerate logs the metrics to ('none': only log.csv)")
+    return p
+
+
+def parse_args(argv=None):
+    """The arguments, with the defaults that depend on other arguments filled in."""
+    args = build_parser().parse_args(argv)
     if args.gguf_file is not None:
         if args.model != data.DEFAULT_MODEL:
-            fail(f"--gguf_file and --model both name the model to convert (--model {args.model}): give one of them")
+            fail(f"--gguf_file and --model_name_or_path both name the model to convert "
+                 f"(--model_name_or_path {args.model}): give one of them")
         args.model = args.gguf_file  # a pretrained model, for every check below (not a built-in config)
+    if args.train_file is not None and args.dataset != data.DEFAULT:
+        fail(f"--train_file and --dataset_name both name the training data (--dataset_name {args.dataset}): "
+             "give one of them")
     if args.lr is None:
         args.lr = 1e-3 if args.mode == "scratch" or args.lora_rank > 0 else 3e-4
+    args.distill_steps_given = args.distill_steps is not None  # a resumed run keeps its checkpoint's default
     if args.mode == "distill" and args.distill_steps is None:
         args.distill_steps = args.max_steps // 4
     if args.kd_weight is None:
@@ -149,11 +209,11 @@ def check_args(args):
     if args.mode != "scratch" and args.attention != "fastmax":
         fail(f"--attention {args.attention} only applies to --mode scratch; {args.mode} always ends in fastmax")
     if args.max_steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        fail("--max_steps, --batch_size and --grad_accum must be positive")
+        fail("--max_train_steps, --per_device_train_batch_size and --gradient_accumulation_steps must be positive")
     if args.mode == "distill" and not 0 < args.distill_steps < args.max_steps:
-        fail(f"--distill_steps must lie in (0, --max_steps={args.max_steps}), got {args.distill_steps}")
+        fail(f"--distill_steps must lie in (0, --max_train_steps={args.max_steps}), got {args.distill_steps}")
     if args.kd_weight > 0 and (args.mode == "scratch" or args.model in data.BUILTIN_MODELS):
-        fail("--kd_weight needs a pretrained softmax --model to learn from (swap or distill)")
+        fail("--kd_weight needs a pretrained softmax --model_name_or_path to learn from (swap or distill)")
     if not 0 <= args.kd_weight <= 1:
         fail(f"--kd_weight must lie in [0, 1], got {args.kd_weight}")
     if args.window is not None and args.window < 1:
@@ -161,17 +221,18 @@ def check_args(args):
     if not args.window_gain > 0:
         fail(f"--window_gain must be positive, got {args.window_gain}")
     if args.stop_at_step is not None and not 0 < args.stop_at_step <= args.max_steps:
-        fail(f"--stop_at_step must lie in (0, --max_steps], got {args.stop_at_step}")
+        fail(f"--stop_at_step must lie in (0, --max_train_steps], got {args.stop_at_step}")
 
 
 def load_model_config(args):
-    """The config of a hub id / local path --model or of --gguf_file (built-in ones are made from the tokenizer)."""
+    """The config of a hub id / local path --model_name_or_path or of --gguf_file (built-in ones are
+    made from the tokenizer)."""
     if args.gguf_file is not None:
         try:
             return gguf_model.load_gguf_config(args.gguf_file)
         except (ValueError, ImportError) as err:
             fail(str(err))
-    return script_common.load_pretrained_config(args.model, data.BUILTIN_MODELS)
+    return script_common.load_pretrained_config(args.model, data.BUILTIN_MODELS, "--model_name_or_path")
 
 
 def check_model_config(args, config, vocab_size: int):
@@ -179,7 +240,7 @@ def check_model_config(args, config, vocab_size: int):
     embedding, or a model family fastmax cannot patch."""
     limit = max_positions(config)
     if limit is not None and args.seq_len > limit:
-        fail(f"--seq_len {args.seq_len} exceeds the model's {limit} positions")
+        fail(f"--block_size {args.seq_len} exceeds the model's {limit} positions")
     check_vocabulary(config, vocab_size)
     families = fastmax_hf.integration.FAMILIES  # the model types whose attention fastmax_hf patches
     if args.attention == "fastmax" and config.model_type not in families:
@@ -201,11 +262,18 @@ def load_tokenizer(args, accelerator):
 
 
 def load_blocks(args, tokenizer, accelerator) -> dict[str, torch.Tensor]:
-    """Packed blocks {"train": (N, seq_len), "validation": (M, seq_len)} (token caches built once)."""
+    """Packed blocks {"train": (N, seq_len), "validation": (M, seq_len)} (token caches built once).
+
+    --train_file and a --dataset_name other than 'default' are read with `datasets`, imported only then.
+    """
     with accelerator.main_process_first():
         try:
-            splits = data.load_text_dataset(args.dataset, args.text_column, args.validation_percent,
-                                            args.max_files, args.dataset_config)
+            if args.train_file is not None:
+                splits = data.load_datasets_source(args.train_file, args.text_column, args.validation_percent,
+                                                   argument="--train_file", local=True)
+            else:
+                splits = data.load_text_dataset(args.dataset, args.text_column, args.validation_percent,
+                                                args.max_files, args.dataset_config, argument="--dataset_name")
             return data.token_blocks(splits, tokenizer, args.seq_len, args.cache_dir)
         except (FileNotFoundError, ValueError, ImportError) as err:
             fail(str(err))
@@ -285,7 +353,7 @@ def build_model(args, config):
     attention = "sdpa" if args.mode == "distill" else args.attention
     if args.mode == "scratch" or args.model in data.BUILTIN_MODELS:
         if args.mode != "scratch":
-            print(f"note: --model {args.model} is a built-in config with random weights; "
+            print(f"note: --model_name_or_path {args.model} is a built-in config with random weights; "
                   f"{args.mode} then only exercises the pipeline", file=sys.stderr)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
     if args.gguf_file is not None:
@@ -338,7 +406,7 @@ def learning_rate(step: int, stage: Stage, args) -> float:
 
 
 def train_step(model, optimizer, params, lr, blocks, step, stage, teacher, args, accelerator) -> float:
-    """One optimizer step over --grad_accum micro-batches; returns the loss averaged over
+    """One optimizer step over --gradient_accumulation_steps micro-batches; returns the loss averaged over
     micro-batches and processes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -435,8 +503,8 @@ def checkpoint_dir(args, step: int) -> Path:
 
 
 # What fixes the data order, the schedule and the model's structure: a resumed run must match.
-RUN_DEFINING_ARGS = ("mode", "model", "attention", "dataset", "seq_len", "batch_size", "grad_accum", "max_steps",
-                     "distill_steps", "lora_rank", "distill_lora_rank", "kd_weight", "seed")
+RUN_DEFINING_ARGS = ("mode", "model", "attention", "dataset", "train_file", "seq_len", "batch_size", "grad_accum",
+                     "max_steps", "distill_steps", "lora_rank", "distill_lora_rank", "kd_weight", "seed")
 
 
 def run_definition(args, accelerator) -> dict:
@@ -502,6 +570,41 @@ def find_checkpoint(args) -> Path | None:
     fail(f"--resume_from_checkpoint latest: no checkpoint under {args.output_dir}/checkpoints")
 
 
+def resume_state(args, resume: Path, accelerator) -> dict:
+    """The checkpoint's trainer_state.json, checked against this run. What RUN_DEFINING_ARGS names
+    must be as before, but --max_train_steps may grow: a run (finished or not) is extended, and its
+    steps after the checkpoint follow the learning-rate schedule of the longer run. distill keeps
+    the checkpoint's --distill_steps unless one is given (its default depends on --max_train_steps)."""
+    state = json.loads((resume / script_common.TRAINER_STATE).read_text())
+    then = state["run"]
+    if args.mode == "distill" and not args.distill_steps_given and then.get("distill_steps") is not None:
+        args.distill_steps = then["distill_steps"]
+    now = run_definition(args, accelerator)
+    extended = now["max_steps"] > then.get("max_steps", now["max_steps"])
+    changed = {k: (v, then.get(k)) for k, v in now.items() if then.get(k) != v and not (k == "max_steps" and extended)}
+    if changed:
+        fail(f"--resume_from_checkpoint {resume} was written by a different run; now vs then: {changed} "
+             "(only --max_train_steps may change, and only grow)")
+    if extended:
+        accelerator.print(f"extending the run of {then['max_steps']} steps to {args.max_steps}")
+    return state
+
+
+def choose_tracker(args) -> str | None:
+    """What accelerate logs to: --report_to where its package is installed ('all': those of
+    accelerate's trackers that are), else None; under --with_tracking a missing package is an error."""
+    if args.report_to == "none":
+        if args.with_tracking:
+            fail("--with_tracking needs a --report_to tracker, not 'none'")
+        return None
+    if args.report_to == "all" or _installed(args.report_to):
+        return args.report_to
+    if args.with_tracking:
+        fail(f"--with_tracking --report_to {args.report_to}: the `{args.report_to}` package is not installed "
+             f"(pip install {args.report_to})")
+    return None
+
+
 def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str):
     """Train and validation loss by step; the attention-transfer MSE, if any, on a log axis at the right."""
     plt = script_common.pyplot()
@@ -555,9 +658,8 @@ def main(argv=None):
     # an explicit flag, else what `accelerate launch` was told, else bf16 on GPUs that have it
     mixed = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or (
         "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    tensorboard = _installed("tensorboard")
-    accelerator = Accelerator(mixed_precision=mixed, log_with="tensorboard" if tensorboard else None,
-                              project_dir=args.output_dir)
+    tracker = choose_tracker(args)
+    accelerator = Accelerator(mixed_precision=mixed, log_with=tracker, project_dir=args.output_dir)
     if accelerator.distributed_type == DistributedType.FSDP and (args.mode == "distill" or args.lora_rank > 0):
         fail("FSDP runs full fine-tuning (scratch, swap); distill and --lora_rank change the model between "
              "stages or merge adapters, which needs whole weights: use DDP (scripts/accelerate_ddp.yaml)")
@@ -569,6 +671,7 @@ def main(argv=None):
 
     # ---- everything that can be wrong is checked before the first step
     resume = find_checkpoint(args)
+    state = None if resume is None else resume_state(args, resume, accelerator)
     builtin = args.model in data.BUILTIN_MODELS
     pretrained_config = None if builtin else load_model_config(args)
     tokenizer = load_tokenizer(args, accelerator)
@@ -592,16 +695,12 @@ def main(argv=None):
         print(f"{args.mode}: {type(model).__name__} {n_params / 1e6:.1f}M params, {len(blocks['train'])} train / "
               f"{len(blocks['validation'])} val blocks of {args.seq_len}, {tokens_per_step} tokens/step, "
               f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {mixed}")
-    if tensorboard:
-        accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
-                                                         if isinstance(v, (int, float, str, bool))})
+    if tracker is not None:  # tensorboard writes into --output_dir/tensorboard/
+        accelerator.init_trackers("tensorboard" if tracker == "tensorboard" else "finetune",
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     history, step, elapsed, resume_stage = [], 0, 0.0, -1
-    if resume is not None:
-        state = json.loads((resume / "trainer_state.json").read_text())
-        changed = {k: (v, state["run"].get(k)) for k, v in run_definition(args, accelerator).items() if state["run"].get(k) != v}
-        if changed:
-            fail(f"--resume_from_checkpoint {resume} was written by a different run; now vs then: {changed}")
+    if state is not None:
         history, step, elapsed, resume_stage = state["history"], state["step"], state["elapsed_s"], state["stage"]
         accelerator.print(f"resuming from {resume} at step {step}")
 
@@ -662,7 +761,7 @@ def main(argv=None):
 def write_results(out: Path, args, history, stages, tokens_per_step, config):
     evals = [r for r in history if r.get("val_loss") is not None]
     results = dict(
-        mode=args.mode, model=args.model, attention=args.attention, dataset=args.dataset,
+        mode=args.mode, model=args.model, attention=args.attention, dataset=args.dataset, train_file=args.train_file,
         steps=args.max_steps, tokens=args.max_steps * tokens_per_step, seq_len=args.seq_len,
         stages=[dict(name=s.name, start=s.start, end=s.end, lr=s.lr) for s in stages],
         fastmax=getattr(config, "fastmax", None),

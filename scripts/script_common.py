@@ -42,15 +42,15 @@ def load_tokenizer(args, accelerator, builtin: bool):
             fail(str(err))
 
 
-def load_pretrained_config(model: str, builtin_names):
-    """The config of --model, a hub id or a local model directory (``builtin_names``: the built-in
-    configs the script would also have accepted, for the message)."""
+def load_pretrained_config(model: str, builtin_names, argument: str = "--model"):
+    """The config of ``argument`` (--model), a hub id or a local model directory (``builtin_names``:
+    the built-in configs the script would also have accepted, for the message)."""
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(model)
     except Exception as err:
-        fail(f"--model {model!r} is not a built-in config {sorted(builtin_names)}, a local model "
+        fail(f"{argument} {model!r} is not a built-in config {sorted(builtin_names)}, a local model "
              f"directory, nor a hub id that can be loaded ({type(err).__name__}: {err})")
 
 

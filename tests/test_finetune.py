@@ -38,8 +38,9 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(cache_dir):
     """Arguments shared by every run: a tiny GQA Llama on 32-token blocks of 150 stdlib files."""
-    return ["--model", "llama-tiny", "--vocab_size", "512", "--max_files", "150", "--seq_len", "32",
-            "--batch_size", "4", "--eval_blocks", "16", "--cache_dir", str(cache_dir), "--mixed_precision", "no"]
+    return ["--model_name_or_path", "llama-tiny", "--vocab_size", "512", "--max_files", "150", "--block_size", "32",
+            "--per_device_train_batch_size", "4", "--eval_blocks", "16", "--cache_dir", str(cache_dir),
+            "--mixed_precision", "no"]
 
 
 def run(argv, out):
@@ -60,7 +61,8 @@ def read_log(out):
 def teacher(tmp_path_factory, tiny):
     """A softmax (sdpa) model trained from scratch: what swap and distill convert."""
     out = tmp_path_factory.mktemp("teacher")
-    history = run([*tiny, "--attention", "sdpa", "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3"], out)
+    history = run([*tiny, "--attention", "sdpa", "--max_train_steps", "40", "--eval_every", "20",
+                   "--learning_rate", "3e-3"], out)
     return out, history
 
 
@@ -68,7 +70,7 @@ def teacher(tmp_path_factory, tiny):
 
 
 def test_scratch_fastmax_loss_falls_and_outputs_are_written(tmp_path, tiny):
-    history = run([*tiny, "--max_steps", "40", "--eval_every", "20", "--lr", "3e-3"], tmp_path)
+    history = run([*tiny, "--max_train_steps", "40", "--eval_every", "20", "--learning_rate", "3e-3"], tmp_path)
     losses = train_losses(history)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
@@ -96,7 +98,7 @@ def test_teacher_trains_with_sdpa(teacher):
 def test_conversion_modes_run(tmp_path, tiny, teacher, mode, extra):
     teacher_dir, teacher_history = teacher
     model_args = [a if a != "llama-tiny" else str(teacher_dir) for a in tiny]
-    history = run([*model_args, "--mode", mode, "--max_steps", "8", "--eval_every", "4", *extra], tmp_path)
+    history = run([*model_args, "--mode", mode, "--max_train_steps", "8", "--eval_every", "4", *extra], tmp_path)
     assert len(train_losses(history)) == 8
     assert all(torch.isfinite(torch.tensor(train_losses(history))))
     stages = [r["stage"] for r in history if r.get("train_loss") is not None]
@@ -107,7 +109,7 @@ def test_conversion_modes_run(tmp_path, tiny, teacher, mode, extra):
 
 def test_saved_model_reloads_with_its_fastmax_options(tmp_path, tiny):
     options = ["--fastmax_temperature", "1.5", "--fastmax_a2", "0.4"]
-    history = run([*tiny, "--max_steps", "3", "--eval_every", "3", *options], tmp_path)
+    history = run([*tiny, "--max_train_steps", "3", "--eval_every", "3", *options], tmp_path)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastmax")
     assert model.config._attn_implementation == "fastmax"
     assert fastmax_hf.get_fastmax_config(model.config) == fastmax_hf.FastmaxConfig(temperature=1.5, a2=0.4)
@@ -126,8 +128,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
     """distill across its stage boundary: interrupted in stage 1 (step 3) and in stage 2 (step 6)."""
     teacher_dir, _ = teacher
     model_args = [a if a != "llama-tiny" else str(teacher_dir) for a in tiny]
-    argv = [*model_args, "--mode", "distill", "--max_steps", "9", "--distill_steps", "4", "--lora_rank", "4",
-            "--eval_every", "3", "--save_every", "3"]
+    argv = [*model_args, "--mode", "distill", "--max_train_steps", "9", "--distill_steps", "4", "--lora_rank", "4",
+            "--eval_every", "3", "--checkpointing_steps", "3"]
     straight = run(argv, tmp_path / "straight")
 
     resumed_dir = tmp_path / "resumed"
@@ -141,8 +143,116 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny, teacher):
 
     assert curve(resumed) == curve(straight)  # exactly: same data, weights, optimizer state
     assert [r["train_loss"] for r in read_log(resumed_dir)] == [r["train_loss"] for r in read_log(tmp_path / "straight")]
-    with pytest.raises(SystemExit, match="different run.*max_steps"):
-        run([*argv, "--max_steps", "12", "--resume_from_checkpoint", "latest"], resumed_dir)  # the last flag wins
+    with pytest.raises(SystemExit, match="different run.*seed"):
+        run([*argv, "--seed", "1", "--resume_from_checkpoint", "latest"], resumed_dir)
+    with pytest.raises(SystemExit, match="different run.*max_steps.*only grow"):
+        run([*argv, "--max_train_steps", "8", "--resume_from_checkpoint", "latest"], resumed_dir)  # the last flag wins
+
+    # the finished run extended to 12 steps: its default --distill_steps (12 // 4 = 3) would move the
+    # stage boundary, so the checkpoint's 4 is kept; steps 10-12 follow the 12-step schedule
+    at = argv.index("--distill_steps")
+    longer = [*argv[:at], *argv[at + 2:], "--max_train_steps", "12"]
+    extended = run([*longer, "--resume_from_checkpoint", "latest"], resumed_dir)
+    assert curve(extended)[:len(straight)] == curve(straight)
+    assert [(r["step"], r["stage"]) for r in extended[len(straight):]] == [(10, "train"), (11, "train"), (12, "train")]
+    args = finetune.parse_args(longer)
+    stage = finetune.Stage("train", 1, 4, 12, args.lr)
+    assert [r["lr"] for r in extended[len(straight):]] == [finetune.learning_rate(s, stage, args) for s in (9, 10, 11)]
+    assert extended[-1]["val_loss"] is not None
+    results = json.loads((resumed_dir / "results.json").read_text())
+    assert results["steps"] == 12 and results["stages"][0]["end"] == 4
+    assert script_common.checkpoint_problem(resumed_dir / "checkpoints" / "step_000012") is None
+
+
+def test_a_finished_run_extended_from_its_last_checkpoint_equals_the_longer_run(tmp_path, tiny):
+    """With a constant learning rate the schedule does not depend on --max_train_steps, so a 4-step
+    run extended to 6 steps must be the 6-step run exactly (same data order, weights, optimizer)."""
+    argv = [*tiny, "--num_warmup_steps", "0", "--min_lr_ratio", "1", "--eval_every", "2", "--checkpointing_steps", "0"]
+    straight = run([*argv, "--max_train_steps", "6"], tmp_path / "straight")
+    out = tmp_path / "extended"
+    run([*argv, "--max_train_steps", "4"], out)
+    assert json.loads((out / "results.json").read_text())["steps"] == 4  # finished
+    extended = run([*argv, "--max_train_steps", "6", "--resume_from_checkpoint", "latest"], out)
+    assert _curve(extended) == _curve(straight)
+    assert [r["step"] for r in read_log(out)][-1] == "6"
+    assert json.loads((out / "results.json").read_text())["steps"] == 6
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+
+
+# --------------------------------------------------------------------------- the command line
+
+# run_clm_no_trainer.py's names and the names they replaced (still accepted), with a value for each
+RENAMED = [("--model_name_or_path", "--model", "llama-tiny"), ("--dataset_name", "--dataset", "corpus.txt"),
+           ("--dataset_config_name", "--dataset_config", "wikitext-2-raw-v1"),
+           ("--tokenizer_name", "--tokenizer", "default"), ("--validation_split_percentage", "--validation_percent", "3"),
+           ("--per_device_train_batch_size", "--batch_size", "3"), ("--learning_rate", "--lr", "0.002"),
+           ("--gradient_accumulation_steps", "--grad_accum", "2"), ("--max_train_steps", "--max_steps", "7"),
+           ("--num_warmup_steps", "--warmup_steps", "2"), ("--checkpointing_steps", "--save_every", "5"),
+           ("--block_size", "--seq_len", "64")]
+
+
+@pytest.mark.parametrize("new, old, value", RENAMED)
+def test_new_names_and_old_aliases_give_the_same_arguments(new, old, value):
+    by_new, by_old = finetune.parse_args([new, value]), finetune.parse_args([old, value])
+    assert vars(by_new) == vars(by_old)
+    assert vars(by_new) != vars(finetune.parse_args([]))  # the value was taken
+
+
+def test_every_option_has_help_that_shows_its_default():
+    parser = finetune.build_parser()
+    help_text = {action.dest: parser.formatter_class("finetune.py")._get_help_string(action) % vars(action)
+                 for action in parser._actions if action.dest != "help"}
+    undocumented = [dest for dest, text in help_text.items() if "default" not in text.lower()]
+    assert not undocumented
+    for name in ("--model_name_or_path", "--dataset_name", "--dataset_config_name", "--train_file",
+                 "--per_device_train_batch_size", "--learning_rate", "--gradient_accumulation_steps",
+                 "--max_train_steps", "--num_warmup_steps", "--checkpointing_steps", "--resume_from_checkpoint",
+                 "--with_tracking", "--report_to", "--block_size", "--output_dir", "--seed"):
+        assert name in parser._option_string_actions, name
+    assert "(default: 200)" in parser.format_help()  # --max_train_steps
+
+
+def test_old_names_still_run_the_script(tmp_path, cache_dir):
+    old = ["--model", "llama-tiny", "--vocab_size", "512", "--max_files", "150", "--seq_len", "32", "--batch_size", "4",
+           "--grad_accum", "2", "--max_steps", "2", "--lr", "3e-3", "--warmup_steps", "1", "--save_every", "1",
+           "--eval_blocks", "8", "--cache_dir", str(cache_dir), "--mixed_precision", "no", "--report_to", "none"]
+    history = run(old, tmp_path)
+    assert [r["step"] for r in history] == [0, 1, 2] and history[1]["lr"] == 3e-3
+    assert history[-1]["tokens"] == 2 * 4 * 2 * 32
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    assert not (tmp_path / "tensorboard").exists()  # --report_to none
+
+
+def test_with_tracking_fails_where_the_tracker_is_not_installed(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(finetune, "_installed", lambda package: package != "wandb")
+    with pytest.raises(SystemExit, match="--with_tracking --report_to wandb: the `wandb` package is not installed"):
+        run([*tiny, "--with_tracking", "--report_to", "wandb"], tmp_path)
+    args = finetune.parse_args(["--report_to", "wandb"])
+    assert finetune.choose_tracker(args) is None  # without --with_tracking: skipped
+    assert finetune.choose_tracker(finetune.parse_args(["--with_tracking"])) == "tensorboard"
+
+
+def test_train_file_is_read_with_datasets(tmp_path, tiny):
+    pytest.importorskip("datasets")
+    lines = [{"text": f"def f{i}(x):\n    return x + {i}\n" * 20} for i in range(40)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    history = run([*tiny, "--train_file", str(corpus), "--max_train_steps", "2", "--eval_blocks", "2"], tmp_path / "out")
+    assert len(train_losses(history)) == 2
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["train_file"] == str(corpus)
+    args = finetune.parse_args([*tiny, "--train_file", str(corpus)])
+    splits = data.load_datasets_source(str(corpus), validation_percent=args.validation_percent, local=True)
+    assert len(splits.train) + len(splits.validation) == 40
+
+
+def test_a_missing_datasets_package_is_named_with_the_argument(tmp_path, tiny, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = 1\n" * 100)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    with pytest.raises(SystemExit, match="--train_file '.*corpus.txt' is read with the `datasets` package, which is not installed"):
+        run([*tiny, "--train_file", str(corpus), "--max_train_steps", "2"], tmp_path / "out")
+    with pytest.raises(SystemExit, match="--dataset_name '.*corpus.txt' is read with the `datasets` package"):
+        run([*tiny, "--dataset_name", str(corpus), "--max_train_steps", "2"], tmp_path / "out")
 
 
 def _truncate(path: Path):
@@ -158,7 +268,7 @@ def test_damaged_checkpoints_are_named_and_latest_takes_the_newest_complete_one(
     """A truncated trainer_state.json or .safetensors: named explicitly, an error naming the
     file; with 'latest', skipped for the newest complete checkpoint (and the run still
     reproduces the uninterrupted one)."""
-    argv = [*tiny, "--max_steps", "6", "--save_every", "2", "--eval_every", "3"]
+    argv = [*tiny, "--max_train_steps", "6", "--checkpointing_steps", "2", "--eval_every", "3"]
     out = tmp_path / "run"
     straight = run(argv, out)
     checkpoints = out / "checkpoints"
@@ -195,7 +305,7 @@ class Killed(Exception):
 
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, tiny, monkeypatch):
-    argv = [*tiny, "--max_steps", "6", "--save_every", "2", "--eval_every", "3"]
+    argv = [*tiny, "--max_train_steps", "6", "--checkpointing_steps", "2", "--eval_every", "3"]
     straight = run(argv, tmp_path / "straight")
     original = finetune.Accelerator.save_state
 
@@ -223,17 +333,20 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, tin
 @pytest.mark.parametrize(
     "change, message",
     [
-        (["--model", "/no/such/model"], "--model '/no/such/model'"),
-        (["--dataset", "/no/such/corpus.jsonl"], "no such file"),
-        (["--seq_len", "8192"], "exceeds the model's 4096 positions"),
+        (["--model_name_or_path", "/no/such/model"], "--model_name_or_path '/no/such/model'"),
+        (["--dataset_name", "/no/such/corpus.jsonl"], "--dataset_name: no such file"),
+        (["--train_file", "/no/such/corpus.jsonl"], "--train_file: no such file"),
+        (["--train_file", "a.txt", "--dataset_name", "b.txt"], "--train_file and --dataset_name both name"),
+        (["--block_size", "8192"], "--block_size 8192 exceeds the model's 4096 positions"),
         (["--mode", "swap", "--attention", "sdpa"], "only applies to --mode scratch"),
-        (["--mode", "distill", "--distill_steps", "5", "--max_steps", "5"], "--distill_steps"),
-        (["--mode", "swap", "--kd_weight", "0.5"], "needs a pretrained softmax --model"),
+        (["--mode", "distill", "--distill_steps", "5", "--max_train_steps", "5"], "--distill_steps"),
+        (["--mode", "swap", "--kd_weight", "0.5"], "needs a pretrained softmax --model_name_or_path"),
+        (["--with_tracking", "--report_to", "none"], "--with_tracking needs a --report_to tracker"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny, change, message):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
-        run([*tiny, "--max_steps", "2", *change], tmp_path)
+        run([*tiny, "--max_train_steps", "2", *change], tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -243,7 +356,8 @@ def test_a_model_family_fastmax_cannot_patch_is_refused(tmp_path, tiny):
     model_dir = tmp_path / "opt"
     OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2).save_pretrained(model_dir)
     with pytest.raises(SystemExit, match="model type 'opt'"):
-        run([*tiny, "--model", str(model_dir), "--tokenizer", "default", "--max_steps", "2"], tmp_path / "out")
+        run([*tiny, "--model_name_or_path", str(model_dir), "--tokenizer_name", "default", "--max_train_steps", "2"],
+            tmp_path / "out")
 
 
 def test_two_processes_under_accelerate_launch(tmp_path, tiny):
@@ -253,7 +367,7 @@ def test_two_processes_under_accelerate_launch(tmp_path, tiny):
     bf16 = [a if a != "no" else "bf16" for a in tiny]  # --mixed_precision bf16: autocast on the CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(SCRIPT),
-           *bf16, "--max_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path)]
+           *bf16, "--max_train_steps", "4", "--eval_every", "2", "--output_dir", str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 process(es)" in done.stdout and "precision bf16" in done.stdout
@@ -369,3 +483,20 @@ def test_qwen3_q_norm_is_refused_for_distill():
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     with pytest.raises(ValueError, match="q_norm"):
         distill.start_attention_transfer(model)
+
+
+def test_the_readme_s_finetune_commands_parse():
+    """Every `python scripts/finetune.py ...` line of the README's shell blocks names options the
+    script has (continuation lines joined, comments and a '...' placeholder dropped)."""
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    commands = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()
+                if "python scripts/finetune.py" in line]
+    assert len(commands) >= 3
+    for command in commands:
+        words = shlex.split(command.split("&&")[-1], comments=True)
+        argv = [w for w in words[words.index("scripts/finetune.py") + 1:] if w != "..."]
+        finetune.parse_args(argv)
+    assert any("--max_train_steps" in c and "--resume_from_checkpoint" in c for c in commands)

@@ -165,7 +165,8 @@ def test_finetune_refuses_gguf_file_with_model(tiny_gguf, tmp_path, monkeypatch)
 
     finetune = load_script(ROOT / "scripts" / "finetune.py", "finetune_script")
     monkeypatch.setattr(sys, "argv", ["finetune.py"])
-    with pytest.raises(SystemExit, match="--gguf_file and --model both name the model"):
-        finetune.parse_args(["--gguf_file", str(tiny_gguf[0]), "--model", "llama-tiny"])
+    for name in ("--model_name_or_path", "--model"):  # the option and its old alias
+        with pytest.raises(SystemExit, match="--gguf_file and --model_name_or_path both name the model"):
+            finetune.parse_args(["--gguf_file", str(tiny_gguf[0]), name, "llama-tiny"])
     with pytest.raises(SystemExit, match=r"--gguf_file '.*missing\.gguf': no such file"):
         finetune.main(["--gguf_file", str(tmp_path / "missing.gguf"), "--output_dir", str(tmp_path / "out")])

@@ -341,7 +341,7 @@ def test_finetune_experiment_keeps_the_conversion_token_budget_at_a_smaller_batc
         args = experiment.parse_args(["--out_dir", "unused", "--pretrain_steps", "900", *argv])
         command = experiment.plan(args)[run]
         value = lambda flag: int(command[command.index(flag) + 1])  # noqa: E731
-        return value("--batch_size") * value("--max_steps"), value("--max_steps")
+        return value("--per_device_train_batch_size") * value("--max_train_steps"), value("--max_train_steps")
 
     teacher_tokens = 32 * 900  # blocks
     for run in ("swap", "swap_kd", "distill"):

@@ -78,9 +78,9 @@ def parse_args(argv=None):
 def finetune(args, name: str, extra: list[str]) -> dict:
     """Run scripts/finetune.py into out_dir/name; returns its results.json plus the wall time."""
     out = Path(args.out_dir) / name
-    cmd = [sys.executable, str(FINETUNE), "--output_dir", str(out), "--seq_len", str(args.seq_len),
+    cmd = [sys.executable, str(FINETUNE), "--output_dir", str(out), "--block_size", str(args.seq_len),
            "--mixed_precision", args.mixed_precision,
-           "--eval_blocks", str(args.eval_blocks), "--save_every", "0", *extra, *shlex.split(args.finetune_args)]
+           "--eval_blocks", str(args.eval_blocks), "--checkpointing_steps", "0", *extra, *shlex.split(args.finetune_args)]
     print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -95,10 +95,12 @@ def plan(args) -> dict[str, list[str]]:
     convert_steps = max(2, round(args.pretrain_steps * args.convert_fraction * args.batch_size / args.convert_batch_size))
     distill_steps = max(1, round(convert_steps * args.distill_fraction))
     every = lambda steps: str(max(1, steps // 5))  # noqa: E731  (five evaluations per run)
-    pretraining = ["--model", args.model, "--batch_size", str(args.batch_size), "--max_steps", str(args.pretrain_steps),
-                   "--lr", str(args.pretrain_lr), "--eval_every", every(args.pretrain_steps)]
-    conversion = ["--model", teacher_dir, "--batch_size", str(args.convert_batch_size), "--max_steps", str(convert_steps),
-                  "--lr", str(args.convert_lr), "--eval_every", every(convert_steps)]
+    pretraining = ["--model_name_or_path", args.model, "--per_device_train_batch_size", str(args.batch_size),
+                   "--max_train_steps", str(args.pretrain_steps), "--learning_rate", str(args.pretrain_lr),
+                   "--eval_every", every(args.pretrain_steps)]
+    conversion = ["--model_name_or_path", teacher_dir, "--per_device_train_batch_size", str(args.convert_batch_size),
+                  "--max_train_steps", str(convert_steps), "--learning_rate", str(args.convert_lr),
+                  "--eval_every", every(convert_steps)]
     return {
         "teacher": ["--mode", "scratch", "--attention", "sdpa", *pretraining],
         "swap": ["--mode", "swap", *conversion, "--kd_weight", "0"],
