@@ -2,10 +2,11 @@
 
     python scripts/eval_long_context.py                          # small random Llama, stdlib corpus, CPU ok
     python scripts/eval_long_context.py --model runs/finetune --lengths 1024,2048,4096
+    python scripts/eval_long_context.py --gguf_file /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF model
     accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/eval_long_context.py ...
 
 For one model (--model: a built-in config, a hub id or a local directory such as one written
-by scripts/finetune.py) and several attention implementations (--attn, any name registered
+by scripts/finetune.py; or --gguf_file, read as scripts/finetune.py reads it) and several attention implementations (--attn, any name registered
 with transformers; `import fastmax_hf` registers "fastmax"), over --lengths:
 
   perplexity  next-token perplexity on long documents (--dataset: the embedded stdlib corpus,
@@ -100,6 +101,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=data.DEFAULT_MODEL,
                    help=f"a built-in config {sorted(BUILTIN_MODELS)} (random weights), a hub id or a local directory")
+    p.add_argument("--gguf_file", default=None,
+                   help="instead of --model: a GGUF file (llama.cpp's format; needs the `gguf` package) holding the "
+                        "model, dequantized to float, and its tokenizer (the default --tokenizer); default: none")
     p.add_argument("--tokenizer", default=None,
                    help="'default' (BPE on the stdlib corpus), a hub id or path; default: the model's own, "
                         "or 'default' for built-in models")
@@ -138,6 +142,10 @@ def parse_args(argv=None):
                         "measure_cost in long_context/cost.py: the first pays each attention backend's per-length "
                         "set-up)")
     args = p.parse_args(argv)
+    if args.gguf_file is not None:
+        if args.model != data.DEFAULT_MODEL:
+            fail(f"--gguf_file and --model both name the model to evaluate (--model {args.model}): give one of them")
+        args.model = args.gguf_file  # a pretrained model, for every check below (not a built-in config)
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     try:

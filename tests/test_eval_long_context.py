@@ -385,3 +385,44 @@ def test_two_processes_under_accelerate_launch_agree_with_one(tiny_run, tiny, tm
                 a, b = two["passkey"][name][length][depth], one["passkey"][name][length][depth]
                 assert [(s["trial"], s["key"], s["answer"]) for s in a["samples"]] == \
                     [(s["trial"], s["key"], s["answer"]) for s in b["samples"]]
+
+
+# --------------------------------------------------------------------------- --gguf_file
+
+
+def test_a_gguf_model_is_evaluated_with_its_own_tokenizer(tmp_path, cache_dir):
+    """The tiny GGUF Llama of tests/test_gguf_model.py: model, config and tokenizer come from the
+    file, and the script's sdpa perplexity is that of the file's model scored directly."""
+    pytest.importorskip("gguf")
+    import gguf_model
+    from test_gguf_model import CONTEXT, LAYERS, write_tiny_llama_gguf
+
+    path = tmp_path / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path)
+    argv = ["--gguf_file", str(path), "--attn", "fastmax,sdpa", "--sections", "perplexity,cost", "--lengths", "32,64",
+            "--ppl_documents", "2", "--max_files", "150", "--cache_dir", str(cache_dir), "--decode_tokens", "2",
+            "--dtype", "float32", "--output_dir", str(tmp_path / "out")]
+    results = evaluation.main(argv)
+    assert results["settings"]["general"]["model"] == str(path)
+    meta = results["meta"]
+    assert (meta["model_type"], meta["max_position_embeddings"]) == ("llama", CONTEXT)
+    model, tokenizer = gguf_model.load_gguf_model(path)
+    assert model.config.num_hidden_layers == LAYERS and len(tokenizer) == 300
+    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
+    args = evaluation.parse_args(argv)
+    evaluation.check_args(args)
+    documents = perplexity.long_documents(args, tokenizer)  # tokenized with the file's 300-token BPE
+    assert documents.shape == (2, 64) and int(documents.max()) < 300
+    nll, tokens = 0.0, 0
+    for document in documents:
+        n, t, _ = perplexity.sliding_window_nll(model, document, 64, 32)
+        nll, tokens = nll + n, tokens + t
+    sdpa = results["perplexity"]["sdpa"]["64"]
+    assert sdpa["tokens"] == tokens
+    assert sdpa["perplexity"] == pytest.approx(torch.exp(torch.tensor(nll / tokens)).item(), rel=1e-4)
+    assert 1 < results["perplexity"]["fastmax"]["64"]["perplexity"] < 2 * 300  # random weights: about the vocabulary
+    assert results["checks"]["cached_decoding"]["fastmax"] and results["cost"]["fastmax"]["64"]["prefill_s"] > 0
+    with pytest.raises(SystemExit, match="--gguf_file and --model both name the model"):
+        evaluation.parse_args(["--gguf_file", str(path), "--model", "llama-tiny"])
+    with pytest.raises(SystemExit, match=r"--gguf_file '.*missing\.gguf': no such file"):
+        evaluation.main(["--gguf_file", str(tmp_path / "missing.gguf"), "--output_dir", str(tmp_path / "missing")])

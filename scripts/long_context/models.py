@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate.utils import set_seed
 
+import gguf_model
 import script_common
 from fastmax_hf import data
 from script_common import check_vocabulary, fail, load_pretrained_config, max_positions
@@ -48,8 +49,24 @@ def check_positions(args, config):
 
 
 def load_tokenizer(args, accelerator):
-    """--tokenizer, else the model's own, else (built-in models) the default BPE, trained once."""
+    """--tokenizer, else the model's own (--gguf_file: the one it embeds), else (built-in models) the
+    default BPE, trained once."""
+    if args.gguf_file is not None and args.tokenizer is None:
+        try:
+            return gguf_model.load_gguf_tokenizer(args.gguf_file)
+        except (ValueError, ImportError) as err:
+            fail(str(err))
     return script_common.load_tokenizer(args, accelerator, builtin=args.model in BUILTIN_MODELS)
+
+
+def pretrained_config(args):
+    """The config of --gguf_file, or of a hub id / local directory --model."""
+    if args.gguf_file is not None:
+        try:
+            return gguf_model.load_gguf_config(args.gguf_file)
+        except (ValueError, ImportError) as err:
+            fail(str(err))
+    return load_pretrained_config(args.model, BUILTIN_MODELS)
 
 
 def model_config(args, tokenizer):
@@ -63,7 +80,7 @@ def model_config(args, tokenizer):
         eos = tokenizer.eos_token_id
         return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=positions, bos_token_id=eos,
                            eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True, **EXTRA_MODELS[args.model])
-    config = load_pretrained_config(args.model, BUILTIN_MODELS)
+    config = pretrained_config(args)
     if args.max_positions is not None:
         if not uses_rope(config):
             fail(f"--max_positions: model type {config.model_type!r} has a learned position table of "
@@ -80,7 +97,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(args, config, device, dtype):
-    """Random weights for built-in configs (the same on every process: seeded), else from_pretrained."""
+    """Random weights for built-in configs (the same on every process: seeded), else from_pretrained
+    (--gguf_file: its weights dequantized to ``dtype``)."""
     from transformers import AutoModelForCausalLM
 
     if args.model in BUILTIN_MODELS:
@@ -88,6 +106,9 @@ def load_model(args, config, device, dtype):
         with torch.device(device):  # initialise on the device: a 1B model is slow to fill on the CPU
             model = AutoModelForCausalLM.from_config(config, attn_implementation=args.attn[0])
         model = model.to(dtype)
+    elif args.gguf_file is not None:
+        model = gguf_model.load_gguf_causal_lm(args.gguf_file, dtype, attn_implementation=args.attn[0],
+                                               config=config).to(device)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, config=config, dtype=dtype,
                                                      attn_implementation=args.attn[0]).to(device)
