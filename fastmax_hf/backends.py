@@ -14,8 +14,10 @@ a kernels module that fails to import (missing, or broken: any exception) or a t
 fails to import is named with its import error. An explicit ``backend="triton"`` that cannot
 run is a ValueError naming the reason, chained to that import error.
 
-A hybrid ``window`` (``fastmax_hf.window``) has no Triton kernel yet: "triton" is refused with
-it, and "auto" runs the chunked form (with a warning, once, for CUDA tensors).
+A hybrid ``window`` (``fastmax_hf.window``) runs on the Triton kernels like any other call;
+its recurrent step (the window's key/value tail beside the state) has no Triton form yet:
+there "triton" is refused, and "auto" runs the chunked step (with a warning, once, for CUDA
+tensors).
 
 ``fastmax``, ``fastmax_step`` and the Hugging Face cache (through ``step_with_options``) all
 call ``choose_backend``.
@@ -96,8 +98,8 @@ def triton_available(device: torch.device, dtype: torch.dtype = torch.float32) -
 
 
 WINDOW_REFUSAL = (
-    "the Triton kernels do not implement `window` (the hybrid softmax window) yet: use backend='chunked' "
-    "(the PyTorch form, linear time and memory) or backend='auto'"
+    "the Triton kernels do not implement the recurrent step of `window` (the hybrid softmax window) yet: "
+    "use backend='chunked' (the PyTorch step) or backend='auto'"
 )
 
 
@@ -111,9 +113,10 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, 
         rpe_matrix: whether the call adds relative position vectors (only the reference can).
         stateful: a recurrent step (``fastmax_step``, the cache). A state has no O(N^2) form,
             so "reference" there means the exact PyTorch step, "chunked".
-        window: the call has a hybrid ``window`` (``fastmax_hf.window``), which only the reference
-            and the chunked form implement: "triton" is refused, and "auto" on CUDA tensors runs
-            the chunked form with a warning (once).
+        window: the call has a hybrid ``window`` (``fastmax_hf.window``). A whole call takes
+            the usual choice; a recurrent step (``stateful``) with a window has only the PyTorch
+            form: "triton" is refused, and "auto" on CUDA tensors runs the chunked step with a
+            warning (once).
 
     Raises:
         ValueError naming the argument: an unknown backend, an rpe_matrix with a backend
@@ -131,15 +134,15 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, *, 
         return "chunked" if stateful else "reference"
     if requested == "chunked":
         return "chunked"
-    if window:
+    if window and stateful:
         if requested == "triton":
             raise ValueError(f"backend='triton' cannot run this call: {WINDOW_REFUSAL}")
         if device.type == "cuda":  # "auto": nothing silently slower
             warn_once(
                 "backend-fallback:window",
-                "fastmax: `window` runs on the PyTorch path (backend='chunked') because the Triton kernels do not "
-                "implement the hybrid window yet. Pass backend='chunked' to choose that path explicitly and "
-                "silence this warning.",
+                "fastmax: the recurrent step with `window` runs on the PyTorch path (backend='chunked') because "
+                "the Triton kernels do not implement it yet. Pass backend='chunked' to choose that path "
+                "explicitly and silence this warning.",
             )
         return "chunked"
     if requested == "triton":

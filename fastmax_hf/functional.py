@@ -109,9 +109,9 @@ def fastmax(
             (causal only, else a ValueError). Query i weights the visible keys of its last W
             positions, t_i - W < j <= t_i, by exp(s_ij) and the earlier visible keys by
             window_gain * f(s_ij), with one normaliser for both (``fastmax_hf.window`` derives
-            it). W >= Nk is exact softmax over the visible keys. Backends: "reference" and
-            "chunked" (linear time, O(N) memory); "triton" refuses it, and "auto" runs the
-            chunked form (warning once on CUDA tensors).
+            it). W >= Nk is exact softmax over the visible keys. Every backend runs it:
+            "triton" and "chunked" in linear time and O(N) memory (a band of W keys per query
+            block beside plain fastmax over the keys before the window), "reference" in O(N^2).
         window_gain: gamma, the weight of the fastmax part: a positive number (default 1.0, which
             makes f(s), the Taylor expansion of e^s, commensurate with the window's e^s) or a
             floating tensor of shape () or (Hq,) (one per query head), differentiable.
@@ -171,12 +171,13 @@ def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_pad
     else:
         if options.normalize:
             q, k = normalize_qk(q, k, options.lim, causal, key_padding_mask)
-        if implementation == "triton":
+        if options.window is not None:
+            out, den = window_attention(q, k, v, options, key_padding_mask=key_padding_mask,
+                                        implementation=implementation)
+        elif implementation == "triton":
             from .kernels import triton_attention
 
             out, den = triton_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
-        elif options.window is not None:
-            out, den = window_attention(q, k, v, options, key_padding_mask=key_padding_mask)
         else:
             out, den = chunked_attention(q, k, v, options, causal=causal, key_padding_mask=key_padding_mask)
 

@@ -242,6 +242,11 @@ class _Combine(torch.autograd.Function):
         dc = None
         if ctx.needs_input_grad[5]:
             dc = torch.where(g == 0, zero, g * Nr).sum(-1) - torch.where(rho == 0, zero, rho * Dr)
+        # by selection: a row the loss does not read gets exactly 0, also where a or c is not
+        # finite (a row that sees an inf key has m = inf, so a = e^{m - M} = NaN)
+        rows = (g != 0).any(-1)
+        a = torch.where(rows, a, zero)
+        c = torch.where(rows, c, zero)
         return a[..., None] * g, -a * rho, c[..., None] * g, -c * rho, None, dc
 
 
@@ -264,18 +269,30 @@ def _combine(Nw, Dw, m, Nr, Dr, gain):
     return _Combine.apply(Nw, Dw, Nr, Dr, a, c)
 
 
-def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode="auto", chunk_size=DEFAULT_CHUNK):
+def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode="auto", chunk_size=DEFAULT_CHUNK,
+                     implementation="chunked"):
     """The hybrid window core (causal; no normalize/dropout): (out (B, Hq, Nq, Dv) in q's dtype, den (B, Hq, Nq)).
 
     q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask bool (B, Nk) or None;
     ``options.window`` is W, ``options.window_gain`` gamma (a tensor one gets the gradient of).
-    ``mode`` picks the rest part's sweep ("auto", "linear", "quadratic"; see ``chunked``)."""
+    ``mode`` picks the rest part's sweep ("auto", "linear", "quadratic"; see ``chunked``).
+    ``implementation``: "chunked" (the PyTorch parts below) or "triton" (the same two parts on
+    the Triton kernels, ``fastmax_hf.kernels.window_parts``); the combine is the same."""
     window = options.window
     if window is None:
         raise ValueError("window_attention needs `window` set in the options")
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hk
+    if implementation == "triton":
+        from .kernels import window_parts
+
+        parts = window_parts(q, k, v, options, key_padding_mask=key_padding_mask, window=window, regime=mode)
+        Nw, Dw, m, Nr, Dr = (x.reshape((B, Hk, G) + x.shape[2:]) for x in parts)  # query head h = hk * G + g
+        out, den = _combine(Nw, Dw, m, Nr, Dr, _gain(options, Hk, G, Nw.dtype))
+        return out.reshape(B, Hq, Nq, Dv).to(q.dtype), den.reshape(B, Hq, Nq)
+    if implementation != "chunked":
+        raise ValueError(f"`implementation` must be 'chunked' or 'triton', got {implementation!r}")
     if mode == "auto":
         mode = choose_mode(Nk, D, options.p)
     if mode not in ("linear", "quadratic"):

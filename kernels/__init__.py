@@ -7,11 +7,13 @@ with the attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` (``fastmax_hf.Fastm
   (FlashAttention-like tiles) and linear (chunked fp32 state).
 - ``triton_step``: causal attention of new tokens continued from a state (S, z), and the
   new state: prefill and token-by-token decoding.
+- ``window_parts``: the two parts of the hybrid window (exp over the last W keys, Fastmax
+  over the earlier ones), which ``fastmax_hf.window`` combines.
 - ``settings`` / ``current_settings``: launch parameters and scratch budgets.
 """
 
-__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "empty_state", "feature_rows", "choose_regime",
-           "KernelSettings", "current_settings", "set_settings", "settings"]
+__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "window_parts", "empty_state", "feature_rows",
+           "choose_regime", "KernelSettings", "current_settings", "set_settings", "settings"]
 
 if __name__ != "fastmax_hf.kernels":
     # Imported as a top-level ``kernels``: the repository root is on sys.path and transformers,
@@ -32,3 +34,4 @@ else:
 
     if HAS_TRITON:
         from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step
+        from .window_ops import window_parts

@@ -330,6 +330,15 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
     """dq, dk, dv. Split: the dq kernel first (it also writes the row terms 1/d and c), then
     the key-block kernel, which reads them. Fused: the row terms, then the key-block kernel,
     which also adds every tile's dq to an fp32 accumulator."""
+    return _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, out=out, den=den)
+
+
+def quadratic_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2):
+    """``linear_backward_terms`` for the quadratic kernels: the row terms are given."""
+    return _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, terms=(inv_den, crow))
+
+
+def _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, *, out=None, den=None, terms=None):
     pb = _Problem.of(q, k, v, grad_out)
     m, smb, smn = _mask_args(mask, q)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
@@ -344,18 +353,21 @@ def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, 
                     OP_BF16=pb.op_bf16, **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
     if _dq_fused(pb, q.device):
-        inv_den, crow = _backward_rows(out, den, grad_out, pb)
+        inv_den, crow = terms if terms is not None else _backward_rows(out, den, grad_out, pb)
         cfg = _quad_config(pb, "fused")
         dq_acc, dq_arg, dq_mode = _dq_accumulator(pb, cfg["block_m"], q.device)
     else:
-        inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-        crow = torch.empty_like(inv_den)
+        if terms is not None:  # the dq kernel reads them; out and den are not needed
+            (inv_den, crow), out, den = terms, grad_out, terms[0]
+        else:
+            inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+            crow = torch.empty_like(inv_den)
         dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
         cfg = _quad_config(pb, "dq")
         compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
             q, k, k_finite, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides[:8], *k_finite.stride(),
             *strides[8:], *out.stride(),
-            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg),
+            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg), ROWS_GIVEN=terms is not None,
         )
         _record("quadratic_bwd_dq", compiled)
         cfg = _quad_config(pb, "dkdv")
@@ -557,6 +569,14 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
 def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
     pb = _Problem.of(q, k, v, grad_out)
     inv_den, crow = _backward_rows(out, den, grad_out, pb)
+    return linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2)
+
+
+def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2):
+    """dq, dk, dv of the surrogate sum_ij f(s_ij) (g_i . v_j - c_i) with g = grad_out * inv_den
+    and c = crow (fp32 (B, Hq, Nq) contiguous): the backward of Fastmax for the row terms of
+    ``_backward_rows``, or of any function of (sum_j f v_j, sum_j f) given those terms."""
+    pb = _Problem.of(q, k, v, grad_out)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)

@@ -393,11 +393,12 @@ def quadratic_bwd_dq_kernel(
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, OP_BF16: tl.constexpr, PRECISION: tl.constexpr,
-    I64: tl.constexpr,
+    I64: tl.constexpr, ROWS_GIVEN: tl.constexpr,
 ):
     """Grid (cdiv(Nq, BLOCK_M), B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) of one
     query block, and the block's row terms 1/d and c = (do . o)/d (fp32 (B * Hq, Nq), 0 where
-    d = 0), which the key-block kernel launched after it reads. KF: the keys with non-finite
+    d = 0), which the key-block kernel launched after it reads; with ROWS_GIVEN the row terms
+    are read from INV_DEN and CROW instead (O and DEN unused). KF: the keys with non-finite
     entries set to 0 (``dq_from_keys``)."""
     pid_m = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -411,13 +412,18 @@ def quadratic_bwd_dq_kernel(
     q_ok = rows < Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
     row0 = pid_bh.to(tl.int64) * Nq
-    o = load_tile(O + b * stride_ob + h * stride_oh, rows, q_ok, stride_on, cols_v, DV, stride_od, True, EVEN_DV, I64)
     do = load_tile(DO + b * stride_dob + h * stride_doh, rows, q_ok, stride_don, cols_v, DV, stride_dod,
                    True, EVEN_DV, I64).to(tl.float32)
-    den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
-    inv_den, crow = row_terms(o.to(tl.float32), do, den)
-    tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
-    tl.store(CROW + row0 + rows, crow, mask=q_ok)
+    if ROWS_GIVEN:
+        inv_den = tl.load(INV_DEN + row0 + rows, mask=q_ok, other=0.0)
+        crow = tl.load(CROW + row0 + rows, mask=q_ok, other=0.0)
+    else:
+        o = load_tile(O + b * stride_ob + h * stride_oh, rows, q_ok, stride_on, cols_v, DV, stride_od, True,
+                      EVEN_DV, I64)
+        den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
+        inv_den, crow = row_terms(o.to(tl.float32), do, den)
+        tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
+        tl.store(CROW + row0 + rows, crow, mask=q_ok)
     g = operand(do * inv_den[:, None], OP_BF16)
     q_pos = rows + offset
     K_h = K + b * stride_kb + hk * stride_kh

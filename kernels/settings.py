@@ -37,6 +37,9 @@ class KernelSettings:
     # products per tile pair instead of seven, no dq kernel); False: the separate dq kernel;
     # None: the measured default for the GPU
     quad_dq_fused: bool | None = None
+    # the hybrid window's band kernels (kernels/window.py): query rows and key rows per tile
+    window_block_m: int | None = None
+    window_block_n: int | None = None
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
     # per tile, warps and stages

@@ -8,7 +8,8 @@ machine a plain ``pytest`` runs it too. It holds the essential checks of tools/c
 128; both regimes (``triton_attention(..., regime="quadratic" | "linear")``); forward and
 gradients; grouped-query heads; padding with a fully padded row; Hugging Face's (B, N, H, D)
 memory read through its strides; the public function and the recurrent step on CUDA tensors;
-empty inputs; and tensors of more than 2^31 elements (offsets past int32).
+empty inputs; the hybrid window on the kernels; and tensors of more than 2^31 elements
+(offsets past int32).
 
 Errors are ||x - ref|| / ||ref|| against the float64 reference, targets fp32 1e-4, fp16 5e-3,
 bf16 2e-2 (the inputs are rounded to the dtype first, so the targets measure the kernels).
@@ -110,6 +111,27 @@ def test_first_order_kernel_and_dv_unlike_d(cuda_gen, regime):
     """p = 1 (f = 6 + s), Dv != D, Nq > Nk, GQA with 2 groups, padding."""
     q, k, v, mask = make(cuda_gen, 3, 6, 3, 777, 129, 64, 48, torch.float32, pad=True, hf_layout=False)
     check_against_float64(cuda_gen, q, k, v, mask, causal=True, regime=regime, p=1, coefficients=(6.0, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("D", [64, 128])
+def test_hybrid_window_on_the_kernels_bf16(cuda_gen, D, regime):
+    """The hybrid window (W = 64) on the kernels: causal, GQA, padding, HF strides, odd length."""
+    from fastmax_hf.window import window_attention
+
+    q, k, v, mask = make(cuda_gen, 2, 8, 2, 1003, 1003, D, D, torch.bfloat16, pad=True, hf_layout=True)
+    options = FastmaxOptions(scale=D ** -0.5, window=64)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    out, _ = window_attention(qs, ks, vs, options, key_padding_mask=mask, mode=regime, implementation="triton")
+    do = torch.randn(out.shape, generator=cuda_gen, device="cuda", dtype=torch.float32).to(out.dtype)
+    grads = torch.autograd.grad(out, (qs, ks, vs), do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    expected = fastmax_reference(q64, k64, v64, causal=True, key_padding_mask=mask, scale=D ** -0.5, window=64)
+    want = torch.autograd.grad(expected, (q64, k64, v64), do.double())
+    assert torch.isfinite(out).all() and torch.all(out[-1] == 0)
+    errors = {"out": rel_err(out, expected)}
+    errors.update({name: rel_err(a, b) for name, a, b in zip(("dq", "dk", "dv"), grads, want)})
+    assert max(errors.values()) <= TARGET[torch.bfloat16], errors
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -217,21 +217,26 @@ def test_a_window_needs_causal(gen):
             call(q, k, v, window=2)
 
 
-def test_backends_triton_refuses_and_auto_runs_chunked():
-    with pytest.raises(ValueError, match=r"do not implement `window`.*backend='chunked'"):
-        choose_backend("triton", torch.device("cpu"), torch.float32, window=True)
-    with pytest.raises(ValueError, match=r"do not implement `window`.*backend='chunked'"):
-        choose_backend("triton", torch.device("cuda"), torch.float16, window=True, stateful=True)
+def test_backends_a_window_call_takes_the_kernels_and_its_step_runs_chunked():
+    """A whole call with a window chooses its backend as any call does (the kernels on CUDA);
+    the recurrent step with a window has only the PyTorch form: "triton" is refused there and
+    "auto" on CUDA tensors warns once."""
+    from fastmax_hf.backends import triton_available
+
+    if triton_available(torch.device("cuda"), torch.bfloat16):
+        assert choose_backend("auto", torch.device("cuda"), torch.bfloat16, window=True) == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # CPU: no warning
         assert choose_backend("auto", torch.device("cpu"), torch.float32, window=True) == "chunked"
         assert choose_backend("chunked", torch.device("cuda"), torch.float16, window=True) == "chunked"
+    with pytest.raises(ValueError, match=r"do not implement the recurrent step of `window`.*backend='chunked'"):
+        choose_backend("triton", torch.device("cuda"), torch.float16, window=True, stateful=True)
     WARNED.discard("backend-fallback:window")
-    with pytest.warns(UserWarning, match=r"`window` runs on the PyTorch path \(backend='chunked'\)"):
-        assert choose_backend("auto", torch.device("cuda"), torch.bfloat16, window=True) == "chunked"
+    with pytest.warns(UserWarning, match=r"recurrent step with `window` runs on the PyTorch path"):
+        assert choose_backend("auto", torch.device("cuda"), torch.bfloat16, window=True, stateful=True) == "chunked"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
-        assert choose_backend("auto", torch.device("cuda"), torch.bfloat16, window=True) == "chunked"
+        assert choose_backend("auto", torch.device("cuda"), torch.bfloat16, window=True, stateful=True) == "chunked"
     assert choose_backend("reference", torch.device("cpu"), torch.float32, window=True) == "reference"
 
 
@@ -297,7 +302,7 @@ def test_a_state_continues_with_its_own_window(gen):
         fastmax_step(q, k, v, state, window=5)
     with pytest.raises(ValueError, match="`window`"):
         fastmax_step(q, k, v, state)
-    with pytest.raises(ValueError, match="do not implement `window`"):
+    with pytest.raises(ValueError, match="do not implement the recurrent step of `window`"):
         fastmax_step(q, k, v, None, window=3, backend="triton")
 
 

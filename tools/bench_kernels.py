@@ -15,6 +15,9 @@ Sections (``--sections``, comma separated):
   peers      shapes and peers of the kernel issues: B=1, H=8 and B=4, H=32; non-causal; p=1
              with normalize against fla's chunk_linear_attn(normalize=True)
   retention  power retention (PyPI retention, deg=2, chunk 1024) at D=64 (autotunes first)
+  window     the hybrid window (W = --window_size) against plain fastmax, B=1, H=16, bf16,
+             causal, forward and forward+backward, N from --window_lengths, D = 64 and 128:
+             the window's overhead (issue target: at most 15% forward+backward)
   decode     per-token latency of the recurrent step vs SDPA over a KV cache
   tune       kernel settings swept over a grid (--tune: a JSON object of lists of values
              of fastmax_hf.kernels settings), each combination timed in --tune_regimes
@@ -49,7 +52,7 @@ from gpu_common import (add_settings_argument, bench_ms, fastmax_options, is_oom
                         peak_mib, rel_err, require_cuda, run_metadata, sweep_combinations)
 
 # fastmax_hf is imported where it is used, so that --help and the argument checks need no GPU stack
-SECTION_NAMES = ("seed", "long", "crossover", "quadratic", "fla", "peers", "retention", "decode", "tune")
+SECTION_NAMES = ("seed", "long", "crossover", "quadratic", "fla", "peers", "retention", "window", "decode", "tune")
 RESULTS: dict = {}
 
 
@@ -404,6 +407,37 @@ def section_retention(args):
     RESULTS["retention"] = rows
 
 
+def section_window(args):
+    """fastmax(window=W) on the kernels against plain fastmax, each checked on its last rows."""
+    import fastmax_hf
+
+    rows = []
+    W = args.window_size
+    for D in ints(args.dims):
+        for N in ints(args.window_lengths):
+            for backward in (False, True):
+                make = bf16_inputs(1, 16, N, D, backward)
+                entry = {"N": N, "D": D, "W": W, "pass": "fwd+bwd" if backward else "fwd"}
+
+                def check_window(out, q, k, v, rows=128):
+                    from fastmax_hf import fastmax_reference
+
+                    want = fastmax_reference(q[:1, :2, -rows:].double(), k[:1, :2].double(), v[:1, :2].double(),
+                                             causal=True, window=W)
+                    got = out[:1, :2, -rows:].double()
+                    return ((got - want).norm() / want.norm()).item()
+
+                entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward,
+                                         lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
+                entry["window"] = timed("window", make, lambda q, k, v: (
+                    lambda: fastmax_hf.fastmax(q, k, v, causal=True, window=W, backend="triton")), backward, check_window)
+                if "ms" in entry["fastmax"] and "ms" in entry["window"]:
+                    entry["window_over_fastmax"] = entry["window"]["ms"] / entry["fastmax"]["ms"]
+                rows.append(entry)
+                print(json.dumps(entry), flush=True)
+    RESULTS["window"] = rows
+
+
 def bnhd(fn):
     """call_for of a peer that takes (B, N, H, D) inputs and may return a tuple, on (B, H, N, D) ones."""
     return lambda q, k, v: (lambda: _first(fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))))
@@ -460,6 +494,8 @@ def parse_args(argv=None):
     parser.add_argument("--crossover_dims", default="16,32,64,128")
     parser.add_argument("--quad_lengths", default="1024,2048,4096,8192,16384", help="quadratic: N")
     parser.add_argument("--quad_batches", default="1,8", help="quadratic: batch sizes")
+    parser.add_argument("--window_size", type=int, default=64, help="window: W")
+    parser.add_argument("--window_lengths", default="4096,16384,65536,131072", help="window: N")
     parser.add_argument("--quad_flex_lengths", default="1024,4096,16384", help="quadratic: N timed for FlexAttention")
     parser.add_argument("--tune", default='{"linear_chunk": [512, 1024], "linear_block_m": [64, 128]}',
                         help="tune: JSON object mapping kernel setting names to lists of values; "

@@ -1,0 +1,231 @@
+"""The window part of the hybrid window (``fastmax_hf.window``): exp(s - m) over the last W keys.
+
+Query i sits at key position t_i = i + Nk - Nq (bottom-right alignment); its window holds the
+keys t_i - W < j <= t_i that are not padding. With s_ij = scale q_i . k_j these kernels give,
+per query row,
+
+    m_i  = max_win s_ij  (0 where the window holds no key),
+    Nw_i = sum_win exp(s_ij - m_i) v_j,      Dw_i = sum_win exp(s_ij - m_i),
+
+and, for cotangents gN = dL/dNw, gD = dL/dDw with m held constant (it cancels in the hybrid's
+quotient), the gradients of the surrogate sum_win w_ij (gN_i . v_j + gD_i), w = exp(s - m):
+
+    ds_ij = w_ij (gN_i . v_j + gD_i),   dq_i = scale sum_j ds_ij k_j,
+    dk_j  = scale sum_i ds_ij q_i,      dv_j = sum_i w_ij gN_i.
+
+A block of BLOCK_M queries needs only the band of keys (t_first - W, t_last]: at most
+BLOCK_M + W - 1 of them, so the cost is O(N (BLOCK_M + W) D), never N x N. The rest of the
+hybrid (f(s) over the keys before the window) is plain Fastmax over the keys [0, Nk - W)
+and runs on the quadratic or linear kernels.
+
+Pairs outside a window are removed by selection (``tl.where``), never by a zero weight; a
+value that is not finite enters the products as 0 and marks the rows that do see it NaN
+(``nonfinite_marks``), and the dq product reads the keys with inf and NaN set to 0 (KF), as
+in the quadratic kernels. Padding keys load as zeros.
+
+Layouts: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) through strides; Nw, gN
+(B * Hq, Nq, Dv) and Dw, m, gD (B * Hq, Nq) fp32 contiguous; dq (B, Hq, Nq, D), dk, dv
+(B, Hk, Nk, D | Dv) contiguous in the inputs' dtype.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import key_valid, load_tile, nonfinite_marks, operand
+
+
+@triton.jit
+def _band(pid_m, offset, Nk, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys [lo, hi) of the windows of query block pid_m, lo a multiple of BLOCK_N."""
+    lo = tl.maximum(pid_m * BLOCK_M + offset - W + 1, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + offset, Nk)
+    return lo, hi
+
+
+@triton.jit
+def _in_window(keys, t, real, W):
+    """(len(t), len(keys)) bool: key j in the window of the query at position t, not padding."""
+    return (keys[None, :] <= t[:, None]) & (keys[None, :] > t[:, None] - W) & real[None, :]
+
+
+@triton.jit
+def window_fwd_kernel(
+    Q, K, V, MASK, NW, DW, M,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    Hq, GROUPS, Nq, Nk, D, DV, W, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    PRECISION: tl.constexpr, I64: tl.constexpr,
+):
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): Nw, Dw and m of one query block (two passes over the
+    band: the maximum, then the weights)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUPS
+    offset = Nk - Nq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    q_ok = rows < Nq
+    t = rows + offset
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
+    K_h = K + b * stride_kb + hk * stride_kh
+    V_h = V + b * stride_vb + hk * stride_vh
+    MASK_b = MASK + b * stride_mb
+    lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
+
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        m = tl.maximum(m, tl.max(tl.where(_in_window(keys, t, real, W), s, float("-inf")), 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = _in_window(keys, t, real, W)
+        v_nan = nonfinite_marks(v)  # 0, or NaN where the key's value is not finite
+        v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
+        w = tl.where(keep, tl.exp(s - m[:, None]) + v_nan[None, :], 0.0)
+        acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PRECISION)
+        den += tl.sum(w, 1)
+
+    row0 = pid_bh.to(tl.int64) * Nq
+    tl.store(NW + (row0 + rows[:, None]) * DV + cols_v[None, :], acc, mask=q_ok[:, None] & (cols_v[None, :] < DV))
+    tl.store(DW + row0 + rows, den, mask=q_ok)
+    tl.store(M + row0 + rows, m, mask=q_ok)
+
+
+@triton.jit
+def window_bwd_dq_kernel(
+    Q, K, KF, V, MASK, GN, GD, M, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kfb, stride_kfh, stride_kfn, stride_kfd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    Hq, GROUPS, Nq, Nk, D, DV, W, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+):
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): dq of one query block. KF: the keys with non-finite
+    entries set to 0, which the product ds k reads (ds is 0 outside a row's window, and
+    0 * inf would be NaN)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    hk = h // GROUPS
+    offset = Nk - Nq
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    q_ok = rows < Nq
+    t = rows + offset
+    row0 = pid_bh.to(tl.int64) * Nq
+    q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
+    gN = tl.load(GN + (row0 + rows[:, None]) * DV + cols_v[None, :], mask=q_ok[:, None] & (cols_v[None, :] < DV),
+                 other=0.0)
+    gD = tl.load(GD + row0 + rows, mask=q_ok, other=0.0)
+    m = tl.load(M + row0 + rows, mask=q_ok, other=0.0)
+    active = (tl.max(tl.where(gN != 0.0, 1, 0), 1) > 0) | (gD != 0.0)  # rows the loss reads
+    g_op = operand(gN, OP_BF16)
+    K_h = K + b * stride_kb + hk * stride_kh
+    KF_h = KF + b * stride_kfb + hk * stride_kfh
+    V_h = V + b * stride_vb + hk * stride_vh
+    MASK_b = MASK + b * stride_mb
+    lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        keep = _in_window(keys, t, real, W) & active[:, None]
+        dP = tl.dot(g_op, tl.trans(operand(v, OP_BF16)), input_precision=PRECISION)
+        ds = tl.where(keep, tl.exp(s - m[:, None]) * (dP + gD[:, None]), 0.0)
+        kf = load_tile(KF_h, keys, real, stride_kfn, cols_d, D, stride_kfd, True, EVEN_D, I64)
+        dq = tl.dot(operand(ds, OP_BF16), operand(kf, OP_BF16), dq, input_precision=PRECISION)
+    tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_ok[:, None] & (cols_d[None, :] < D))
+
+
+@triton.jit
+def window_bwd_dkdv_kernel(
+    Q, K, V, MASK, GN, GD, M, DK, DV_OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mn,
+    Hq, Hk, GROUPS, Nq, Nk, D, DV, W, scale,
+    HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+):
+    """Grid (cdiv(Nk, BLOCK_N), B * Hk): dk, dv of one key block, summed over the GROUPS query
+    heads that read it, from the queries whose windows hold one of its keys: rows with
+    n0 <= t_i < n0 + BLOCK_N + W - 1. Tiles are computed transposed, (key, query)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hk).to(tl.int64)
+    hk = (pid_bh % Hk).to(tl.int64)
+    offset = Nk - Nq
+    n0 = pid_n * BLOCK_N
+    keys = n0 + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    cols_v = tl.arange(0, BLOCK_DV)
+    k_in = keys < Nk
+    real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+    k_op = operand(k, OP_BF16)
+    v_op = operand(v, OP_BF16)
+    lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
+    hi = tl.minimum(n0 + BLOCK_N - 1 + W - offset, Nq)
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+    for g in range(0, GROUPS):
+        h = hk * GROUPS + g
+        Q_h = Q + b * stride_qb + h * stride_qh
+        row0 = (b * Hq + h) * Nq
+        for i0 in range(lo, hi, BLOCK_M):
+            rows = i0 + tl.arange(0, BLOCK_M)
+            ok = rows < Nq
+            q = operand(load_tile(Q_h, rows, ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64), OP_BF16)
+            gN = tl.load(GN + (row0 + rows[:, None]) * DV + cols_v[None, :], mask=ok[:, None] & (cols_v[None, :] < DV),
+                         other=0.0)
+            gD = tl.load(GD + row0 + rows, mask=ok, other=0.0)
+            m = tl.load(M + row0 + rows, mask=ok, other=0.0)
+            active = (tl.max(tl.where(gN != 0.0, 1, 0), 1) > 0) | (gD != 0.0)
+            g_op = operand(gN, OP_BF16)
+            sT = tl.dot(k_op, tl.trans(q), input_precision=PRECISION) * scale  # (BLOCK_N, BLOCK_M)
+            t = rows + offset
+            keepT = (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - W) & real[:, None] & active[None, :]
+            wT = tl.where(keepT, tl.exp(sT - m[None, :]), 0.0)
+            dPT = tl.dot(v_op, tl.trans(g_op), input_precision=PRECISION)
+            dsT = tl.where(keepT, wT * (dPT + gD[None, :]), 0.0)
+            dv = tl.dot(operand(wT, OP_BF16), g_op, dv, input_precision=PRECISION)
+            dk = tl.dot(operand(dsT, OP_BF16), q, dk, input_precision=PRECISION)
+
+    key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
+    tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk * scale, 0.0).to(DK.dtype.element_ty),
+             mask=k_in[:, None] & (cols_d[None, :] < D))
+    tl.store(DV_OUT + key_rows * DV + cols_v[None, :], tl.where(real[:, None], dv, 0.0).to(DV_OUT.dtype.element_ty),
+             mask=k_in[:, None] & (cols_v[None, :] < DV))

@@ -1,0 +1,144 @@
+"""The hybrid window on the Triton kernels against the float64 reference (Triton's interpreter
+on the CPU, the GPU when there is one).
+
+The window part runs on kernels/window.py (the band of each query block), the rest on the
+quadratic or linear kernels over the keys before the window; ``fastmax_hf.window`` combines
+them. Tiles of 16 and chunks of 32 tokens (settings), so that a window spans several key
+tiles, starts inside one, and (linear regime) the rest crosses chunk boundaries.
+"""
+
+import pytest
+import torch
+
+from fastmax_hf import fastmax, fastmax_reference
+from fastmax_hf.options import FastmaxOptions
+from fastmax_hf.window import window_attention
+from conftest import randn, rel_err
+
+kernels = pytest.importorskip("fastmax_hf.kernels")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = dict(window_block_m=16, window_block_n=16, quad_fwd_block_m=16, quad_fwd_block_n=16,
+             quad_dkdv_block_m=16, quad_dkdv_block_n=16, quad_dq_block_m=16, quad_dq_block_n=16,
+             linear_chunk=32, linear_block_m=16, linear_block_n=16, linear_state_block_k=16)
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3}
+
+# (B, Hq, Hk, Nq, Nk, D, Dv, W, pad, regime): odd lengths, Nq < Nk and Nq > Nk, GQA, padding
+# with a fully padded row (B = 2), D padded to a power of 2, Dv != D, W = 1, W > N
+CASES = [
+    (1, 2, 1, 61, 61, 16, 16, 7, False, "quadratic"),
+    (2, 4, 2, 45, 70, 16, 12, 20, True, "quadratic"),
+    (1, 2, 2, 70, 45, 20, 16, 5, False, "quadratic"),
+    (1, 2, 1, 30, 30, 16, 16, 64, False, "quadratic"),
+    (2, 2, 1, 83, 83, 16, 16, 1, True, "linear"),
+    (1, 4, 2, 50, 97, 16, 24, 33, False, "linear"),
+    (1, 2, 2, 97, 64, 16, 16, 16, True, "linear"),
+]
+
+
+def _mask(gen, B, Nk):
+    mask = torch.rand(B, Nk, generator=gen) > 0.25
+    mask[0, : Nk // 3] = False  # left padding
+    if B > 1:
+        mask[-1] = False  # a row with no key: its output must be 0
+    return mask.to(DEVICE)
+
+
+def _triton_window(q, k, v, options, mask, regime):
+    with kernels.settings(**SMALL):
+        out, den = window_attention(q, k, v, options, key_padding_mask=mask, mode=regime, implementation="triton")
+    return out, den
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}/{}-N{}x{}-D{}-Dv{}-W{}-pad{}-{}".format(*c))
+def test_window_kernels_match_the_reference(gen, case, dtype):
+    B, Hq, Hk, Nq, Nk, D, Dv, W, pad, regime = case
+    q, k, v = (randn(gen, *s).to(DEVICE) for s in ((B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv)))
+    mask = _mask(gen, B, Nk) if pad else None
+    options = FastmaxOptions(scale=0.3, window=W)
+    low = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+    exact = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    out, _ = _triton_window(*low, options, mask, regime)
+    expected = fastmax_reference(*exact, causal=True, key_padding_mask=mask, scale=0.3, window=W)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, expected) < TOL[dtype]
+    if pad and B > 1:
+        assert torch.all(out[-1] == 0)
+    do = randn(gen, *expected.shape).to(DEVICE)
+    with kernels.settings(**SMALL):
+        got = torch.autograd.grad(out, low, do.to(dtype))
+    want = torch.autograd.grad(expected, exact, do)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype
+        assert rel_err(a, b) < TOL[dtype], "d" + name
+
+
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+def test_first_order_kernel_and_a_learned_gain(gen, regime):
+    """p = 1 with other coefficients, and a per-head gain gamma that gets its gradient."""
+    B, Hq, Hk, N, D, W = 1, 4, 2, 77, 16, 9
+    q, k, v = (randn(gen, B, h, N, D).to(DEVICE) for h in (Hq, Hk, Hk))
+    gain = torch.tensor([0.5, 1.0, 2.0, 1.5], device=DEVICE, requires_grad=True)
+    gain64 = gain.detach().double().requires_grad_()
+    kw = dict(scale=0.25, p=1, a0=6.0, a1=1.0, a2=0.0)
+    options = FastmaxOptions(window=W, window_gain=gain, **kw)
+    qs, ks, vs = (x.float().requires_grad_() for x in (q, k, v))
+    out, _ = _triton_window(qs, ks, vs, options, None, regime)
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    expected = fastmax_reference(*exact, causal=True, window=W, window_gain=gain64, **kw)
+    assert rel_err(out, expected) < 1e-4
+    do = randn(gen, *expected.shape).to(DEVICE)
+    with kernels.settings(**SMALL):
+        got = torch.autograd.grad(out, (qs, ks, vs, gain), do.float())
+    want = torch.autograd.grad(expected, (*exact, gain64), do)
+    for name, a, b in zip(("dq", "dk", "dv", "dgain"), got, want):
+        assert rel_err(a, b) < 1e-4, name
+
+
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+@pytest.mark.parametrize("kind", ["nan_value", "inf_key"])
+def test_a_later_nonfinite_token_leaves_earlier_rows_exact(gen, regime, kind):
+    """A NaN value or inf key at position j (inside a window tile and, for the rest, inside a
+    chunk) leaves the outputs of the queries before j, and the gradients of the positions
+    before j under a loss that reads only those queries, exactly as with j made finite."""
+    B, H, N, D, W, j = 1, 2, 90, 16, 12, 50
+    q, k, v = (randn(gen, B, H, N, D).float().to(DEVICE) for _ in range(3))
+    options = FastmaxOptions(scale=0.4, window=W)
+    k_bad, v_bad = k.clone(), v.clone()
+    if kind == "nan_value":
+        v_bad[0, 0, j, 1] = float("nan")
+    else:
+        k_bad[0, 0, j, 0] = float("inf")
+    do = randn(gen, B, H, j, D).float().to(DEVICE)
+
+    def run(k, v):
+        qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
+        out, _ = _triton_window(qs, ks, vs, options, None, regime)
+        with kernels.settings(**SMALL):
+            grads = torch.autograd.grad((out[:, :, :j] * do).sum(), (qs, ks, vs))
+        return (out.detach(), *grads)
+
+    bad, clean = run(k_bad, v_bad), run(k, v)
+    assert torch.isfinite(bad[0][:, :, :j]).all()
+    assert torch.equal(bad[0][:, :, :j], clean[0][:, :, :j])
+    assert torch.equal(bad[1][:, :, :j], clean[1][:, :, :j])  # dq of the earlier queries
+    for a, b in zip(bad[2:], clean[2:]):  # dk, dv of the earlier keys
+        assert torch.equal(a[:, :, :j], b[:, :, :j])
+    assert not torch.isfinite(bad[0][0, 0, j:]).all()  # the token reaches the queries that see it
+
+
+def test_the_public_function_takes_the_kernels_for_a_window(gen, monkeypatch):
+    """fastmax(..., window=W, backend="triton") runs the kernels' parts (counted), and gives
+    what the chunked form gives."""
+    from fastmax_hf.kernels import window_ops
+
+    calls = []
+    original = window_ops.window_forward
+    monkeypatch.setattr(window_ops, "window_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k, v = (randn(gen, 1, 2, 40, 16).float().to(DEVICE) for _ in range(3))
+    with kernels.settings(**SMALL):
+        out = fastmax(q, k, v, causal=True, window=6, backend="triton")
+    assert calls
+    chunked = fastmax(q, k, v, causal=True, window=6, backend="chunked")
+    assert rel_err(out, chunked.double()) < 1e-5
