@@ -277,13 +277,17 @@ def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode
     ``options.window`` is W, ``options.window_gain`` gamma (a tensor one gets the gradient of).
     ``mode`` picks the rest part's sweep ("auto", "linear", "quadratic"; see ``chunked``).
     ``implementation``: "chunked" (the PyTorch parts below) or "triton" (the same two parts on
-    the Triton kernels, ``fastmax_hf.kernels.window_parts``); the combine is the same."""
+    the Triton kernels, ``fastmax_hf.kernels.window_parts``); the combine is the same. The
+    kernels' window parts are not registered as custom operators yet, so under torch.compile
+    the PyTorch parts run (which the compiler traces)."""
     window = options.window
     if window is None:
         raise ValueError("window_attention needs `window` set in the options")
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hk
+    if implementation == "triton" and torch.compiler.is_compiling():
+        implementation = "chunked"
     if implementation == "triton":
         from .kernels import window_parts
 

@@ -142,3 +142,23 @@ def test_the_public_function_takes_the_kernels_for_a_window(gen, monkeypatch):
     assert calls
     chunked = fastmax(q, k, v, causal=True, window=6, backend="chunked")
     assert rel_err(out, chunked.double()) < 1e-5
+
+
+def test_under_torch_compile_the_pytorch_parts_run(gen, monkeypatch):
+    """The kernels' window parts are no custom operators yet: a compiled call traces the
+    PyTorch parts instead (no kernel launch), with the same result."""
+    from fastmax_hf.kernels import window_ops
+
+    calls = []
+    original = window_ops.window_forward
+    monkeypatch.setattr(window_ops, "window_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    q, k, v = (randn(gen, 1, 2, 40, 16).float().to(DEVICE) for _ in range(3))
+    options = FastmaxOptions(scale=0.3, window=5)
+
+    def attend(q, k, v):
+        return window_attention(q, k, v, options, key_padding_mask=None, implementation="triton")[0]
+
+    compiled = torch.compile(attend, backend="eager")(q, k, v)
+    assert not calls
+    eager = window_attention(q, k, v, options, key_padding_mask=None, implementation="chunked")[0]
+    assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-7)
