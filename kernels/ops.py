@@ -708,6 +708,20 @@ class _FastmaxFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_kernel_dtypes(q, k, v):
+    """The kernels compute in fp32 from fp16, bf16 or fp32 inputs of one dtype; anything else
+    (float64 among them) is a TypeError naming the argument, never a silently wrong result."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"the Triton kernels take float16, bfloat16 or float32 `{name}`, got {x.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"`q`, `k` and `v` must share one dtype for the Triton kernels, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+
+
 def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, regime="auto"):
     """Fastmax core on the Triton kernels: (out in q's dtype, fp32 denominator (B, Hq, Nq)).
 
@@ -725,6 +739,7 @@ def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, r
         regime = choose_regime(k.shape[2], q.shape[-1], options.p, backward)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
+    check_kernel_dtypes(q, k, v)
     args = (key_padding_mask, bool(causal), float(options.scale), int(options.p),
             float(options.a0), float(options.a1), float(options.a2), regime)
     if torch.compiler.is_compiling():

@@ -22,6 +22,7 @@ from .ops import (
     _mask_args,
     _Problem,
     _record,
+    check_kernel_dtypes,
     choose_regime,
     finite_keys,
     linear_backward_terms,
@@ -163,6 +164,7 @@ def window_parts(q, k, v, options, *, key_padding_mask=None, window: int, regime
     docstring), differentiable in q, k, v (m is not). ``options``: any object with ``scale``,
     ``p``, ``a0``, ``a1``, ``a2``; ``regime`` that of the rest part ("auto": by Nk as for
     ``triton_attention``, "quadratic", "linear")."""
+    check_kernel_dtypes(q, k, v)
     Nk, D = k.shape[2], q.shape[-1]
     if regime == "auto":
         regime = choose_regime(Nk, D, options.p)

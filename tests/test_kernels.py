@@ -240,6 +240,18 @@ def test_backward_in_head_groups(gen):
         assert rel_err(a, b) < 1e-4
 
 
+def test_inputs_of_another_dtype_are_refused_by_name():
+    """float64 (or mixed dtypes) would be silently wrong in the kernels: a TypeError instead."""
+    q, k, v = (torch.randn(1, 1, 8, 16, dtype=torch.float64) for _ in range(3))
+    options = FastmaxOptions(scale=0.3)
+    with pytest.raises(TypeError, match=r"float16, bfloat16 or float32 `q`, got torch.float64"):
+        triton_attention(q, k, v, options)
+    with pytest.raises(TypeError, match="share one dtype"):
+        triton_attention(q.float(), k.float(), v.half(), options)
+    with pytest.raises(TypeError, match="`k`"):
+        kernels.window_parts(q.float(), k, v.float(), FastmaxOptions(scale=0.3, window=2), window=2)
+
+
 def test_settings_reject_bad_values():
     with pytest.raises(ValueError, match="linear_chunk"):
         with kernels.settings(linear_chunk=100):
