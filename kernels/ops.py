@@ -605,9 +605,19 @@ def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
     """n new tokens attend causally to themselves and the state (S, z); returns (out, S', z').
 
     The state layout is the linear kernels' (see ``linear_layout`` and kernels/linear.py);
-    S (B, Hk, F_ROWS, Dv) and z (B, Hk, F_ROWS) are fp32 and are not modified."""
+    S (B, Hk, F_ROWS, Dv) and z (B, Hk, F_ROWS) are fp32 and are not modified. Under
+    torch.compile the call goes through the custom operator ``fastmax_hf::step`` (opaque to
+    the compiler, no graph break), so that a compiled decoding step holds no Python launch."""
+    check_kernel_dtypes(q, k, v)
+    coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
+    if torch.compiler.is_compiling():
+        return fastmax_step_op(q, k, v, S, z, key_padding_mask, *coefficients)
+    return _triton_step(q, k, v, S, z, *coefficients, key_padding_mask=key_padding_mask)
+
+
+def _triton_step(q, k, v, S, z, scale, p, a0, a1, a2, *, key_padding_mask=None):
     pb = _Problem.of(q, k, v)
-    chunk, heads = linear_plan(pb, options.p, True)  # a long prompt's states fit the scratch budget
+    chunk, heads = linear_plan(pb, p, True)  # a long prompt's states fit the scratch budget
     S_out, z_out = torch.empty_like(S), torch.empty_like(z)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     for qs, ks in _head_groups(pb, heads):
@@ -617,9 +627,8 @@ def triton_step(q, k, v, S, z, options, *, key_padding_mask=None):
         views = (S_out[:, ks], z_out[:, ks])
         direct = all(view.is_contiguous() for view in views)
         state_out = views if direct else (torch.empty_like(state_in[0]), torch.empty_like(state_in[1]))
-        _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], key_padding_mask, True, options.scale, options.p,
-                              options.a0, options.a1, options.a2, chunk, state_in=state_in, state_out=state_out,
-                              out=out[:, qs])
+        _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], key_padding_mask, True, scale, p, a0, a1, a2, chunk,
+                              state_in=state_in, state_out=state_out, out=out[:, qs])
         if not direct:
             views[0].copy_(state_out[0])
             views[1].copy_(state_out[1])
@@ -682,6 +691,20 @@ def _backward(ctx, grad_out, _grad_den):
 
 
 torch.library.register_autograd("fastmax_hf::forward", _backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastmax_hf::step", mutates_args=(), device_types=("cuda", "cpu"))
+def fastmax_step_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, S: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None,
+    scale: float, p: int, a0: float, a1: float, a2: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_step(q, k, v, S, z, scale, p, a0, a1, a2, key_padding_mask=mask)
+
+
+@fastmax_step_op.register_fake
+def _(q, k, v, S, z, mask, scale, p, a0, a1, a2):
+    B, Hq, n, _ = q.shape
+    return q.new_empty(B, Hq, n, v.shape[-1]), torch.empty_like(S), torch.empty_like(z)
 torch.library.register_autocast("fastmax_hf::forward", "cuda", torch.bfloat16)
 
 

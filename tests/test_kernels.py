@@ -122,6 +122,30 @@ def test_custom_op_registration(gen):
     assert torch.allclose(compiled(q, k, v), layer(q, k, v))
 
 
+def test_the_decoding_step_compiles_without_a_graph_break(gen):
+    """triton_step under torch.compile goes through fastmax_hf::step: fullgraph compiles, the
+    fake implementation gives the shapes, and the compiled step equals the eager one."""
+    from fastmax_hf.kernels import empty_state, triton_step
+
+    B, Hq, Hk, D, Dv = 2, 4, 2, 16, 8
+    options = FastmaxOptions(scale=0.25)
+    S, z = empty_state(B, Hk, D, Dv, 2, torch.device(DEVICE))
+    prompt = [randn(gen, B, h, 9, d).float().to(DEVICE) for h, d in ((Hq, D), (Hk, D), (Hk, Dv))]
+    _, S, z = triton_step(*prompt, S, z, options)
+    token = [randn(gen, B, h, 1, d).float().to(DEVICE) for h, d in ((Hq, D), (Hk, D), (Hk, Dv))]
+
+    def step(q, k, v, S, z):
+        return triton_step(q, k, v, S, z, options)
+
+    want = step(*token, S, z)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*token, S, z)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    meta = [torch.empty(x.shape, device="meta") for x in (*token, S, z)]
+    out, S_new, z_new = torch.ops.fastmax_hf.step(*meta, None, 0.25, 2, 1.0, 1.0, 0.5)
+    assert out.shape == (B, Hq, 1, Dv) and S_new.shape == S.shape and z_new.shape == z.shape
+
+
 # (B, Hq, Hk, Nq, Nk, D, Dv): several chunks of 32 keys, chunk boundaries that the causal
 # offset Nk - Nq does not align with, both directions of Nq != Nk, GQA, a query row alone
 CHUNKED_SHAPES = [
