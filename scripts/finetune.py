@@ -253,11 +253,6 @@ def check_model_config(args, config, vocab_size: int):
 def load_tokenizer(args, accelerator):
     """--tokenizer, else the model's own (--gguf_file: the one it embeds), else (built-in models) the
     default BPE, trained once."""
-    if args.gguf_file is not None and args.tokenizer is None:
-        try:
-            return gguf_model.load_gguf_tokenizer(args.gguf_file)
-        except (ValueError, ImportError) as err:
-            fail(str(err))
     return script_common.load_tokenizer(args, accelerator, builtin=args.model in data.BUILTIN_MODELS)
 
 

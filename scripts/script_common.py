@@ -29,11 +29,18 @@ def fail(message: str):
 
 
 def load_tokenizer(args, accelerator, builtin: bool):
-    """--tokenizer, else the model's own, else (``builtin``: a built-in config, which has none)
-    the default BPE.
+    """--tokenizer, else the model's own (--gguf_file: the one it embeds), else (``builtin``: a
+    built-in config, which has none) the default BPE.
 
     The main process goes first so that a default tokenizer is trained and cached once.
     """
+    if getattr(args, "gguf_file", None) is not None and args.tokenizer is None:
+        import gguf_model  # scripts/ is on sys.path, as the scripts put it
+
+        try:
+            return gguf_model.load_gguf_tokenizer(args.gguf_file)
+        except (ValueError, ImportError) as err:
+            fail(str(err))
     name = args.tokenizer or (data.DEFAULT if builtin else args.model)
     with accelerator.main_process_first():
         try:
