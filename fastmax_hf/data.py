@@ -30,6 +30,11 @@ import numpy as np
 import torch
 
 DEFAULT = "default"
+# The held-out evaluation texts of a conversion, by name (see held_out_corpus): every split is
+# "validation"; nothing in them is ever trained on.
+PYDOC_TOPICS = "pydoc-topics"
+HELD_OUT_STDLIB = "heldout-stdlib"
+HELD_OUT_CORPORA = (PYDOC_TOPICS, HELD_OUT_STDLIB)
 END_OF_TEXT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_VALIDATION_PERCENT = 5
@@ -185,6 +190,17 @@ def held_out_stdlib_texts() -> dict[str, str]:
             for name, path in zip(HELD_OUT_STDLIB_FILES, held_out_stdlib_files())}
 
 
+def held_out_corpus(name: str) -> TextSplits:
+    """A held-out evaluation corpus as TextSplits with no train split: ``PYDOC_TOPICS`` (the one
+    document of ``pydoc_topics_text``) or ``HELD_OUT_STDLIB`` (the files of ``HELD_OUT_STDLIB_FILES``,
+    one document each, in that order)."""
+    if name == PYDOC_TOPICS:
+        return TextSplits(name, [], [pydoc_topics_text()])
+    if name == HELD_OUT_STDLIB:
+        return TextSplits(name, [], list(held_out_stdlib_texts().values()))
+    raise ValueError(f"unknown held-out corpus {name!r}; choose one of {list(HELD_OUT_CORPORA)}")
+
+
 def is_held_out(relative_path: str) -> bool:
     """Whether a stdlib path (relative, posix) holds held-out evaluation text: one of
     ``HELD_OUT_STDLIB_FILES`` or ``PYDOC_TOPICS_SOURCES``."""
@@ -310,9 +326,12 @@ def load_text_dataset(
     dataset: str = DEFAULT, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
     max_files: int | None = None, config_name: str | None = None, argument: str = "--dataset",
 ) -> TextSplits:
-    """"default" (the standard-library corpus), a hub name, or local data files (errors name ``argument``)."""
+    """"default" (the standard-library corpus), one of ``HELD_OUT_CORPORA`` (evaluation texts: a
+    validation split only), a hub name, or local data files (errors name ``argument``)."""
     if dataset == DEFAULT:
         return default_corpus(validation_percent, max_files=max_files)
+    if dataset in HELD_OUT_CORPORA:
+        return held_out_corpus(dataset)
     return load_datasets_source(dataset, text_column, validation_percent, config_name, argument)
 
 

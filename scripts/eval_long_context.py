@@ -10,7 +10,7 @@ by scripts/finetune.py; or --gguf_file, read as scripts/finetune.py reads it) an
 with transformers; `import fastmax_hf` registers "fastmax"), over --lengths:
 
   perplexity  next-token perplexity on long documents (--dataset: the embedded stdlib corpus,
-              a hub name or local files; the --split's documents joined by eos and cut into
+              a held-out text (pydoc-topics, heldout-stdlib), a hub name or local files; the --split's documents joined by eos and cut into
               --ppl_documents of --document_tokens, by default the longest length), by sliding
               windows of each length moving by --stride (default half the length): every token
               but a document's first is scored once, with the window's earlier tokens as context.
@@ -26,9 +26,11 @@ with transformers; `import fastmax_hf` registers "fastmax"), over --lengths:
               an implementation is timed, its generate() (prompt, then one step per token from
               the cache) must give the logits of its stateless forward pass over the same tokens,
               to a tolerance by dtype (results.json "checks"), or the script stops.
+  factual     a dozen short factual prompts (scripts/factual_prompts.json, "The capital of
+              France is" -> "Paris"), greedy: how many each implementation answers.
 
 The code: this file is the command line; each section is a module of scripts/long_context/
-(perplexity.py, passkey.py, cost.py, plots.py; what they share in models.py, results.py,
+(perplexity.py, passkey.py, cost.py, factual.py, plots.py; what they share in models.py, results.py,
 sweep.py), and what this script shares with scripts/finetune.py is in scripts/script_common.py.
 
 Outputs in --output_dir: results.json (rewritten after every measurement), perplexity.png,
@@ -91,7 +93,7 @@ SCRIPTS = str(Path(__file__).resolve().parent)
 if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 
-from long_context import cost, models, passkey, perplexity, plots  # noqa: E402
+from long_context import cost, factual, models, passkey, perplexity, plots  # noqa: E402
 from long_context.models import BUILTIN_MODELS  # noqa: E402
 from long_context.results import SECTIONS, describe, load_results, save_results, settings  # noqa: E402
 from script_common import fail  # noqa: E402
@@ -121,7 +123,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default=None, help="tokenizer / token cache (default $FASTMAX_HF_CACHE or ~/.cache)")
     # perplexity
-    p.add_argument("--dataset", default=data.DEFAULT, help="'default' (the stdlib corpus), a hub name, or local files")
+    p.add_argument("--dataset", default=data.DEFAULT,
+                   help="'default' (the stdlib corpus), a held-out text no training here sees "
+                        f"({' or '.join(data.HELD_OUT_CORPORA)}: the Python documentation's topics, or "
+                        "fastmax_hf.data.HELD_OUT_STDLIB_FILES), a hub name, or local files")
     p.add_argument("--dataset_config", default=None, help="the hub dataset's configuration name")
     p.add_argument("--text_column", default="text")
     p.add_argument("--split", default="validation", choices=("validation", "train"),
@@ -226,6 +231,8 @@ def main(argv=None):
             perplexity.run(model, documents, args, results, save, accelerator)
         elif section == "passkey":
             passkey.run(model, tokenizer, args, results, save, accelerator)
+        elif section == "factual":
+            factual.run(model, tokenizer, args, results, save, accelerator)
         else:
             cost.run(model, args, results, save, accelerator)
         if accelerator.is_main_process:

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fastmax_lim", type=float, default=1.0, help="with --fastmax_normalize: the norm q and k are scaled to")
     p.add_argument("--window", type=int, default=None,
                    help="hybrid window: exact softmax over the last W positions, fastmax over the earlier ones "
-                        "(stored in the fastmax config; PyTorch path, no Triton kernel yet); default: none")
+                        "(stored in the fastmax config; on the Triton kernels on a GPU); default: none")
     p.add_argument("--window_gain", type=float, default=1.0, help="with --window: the weight of the fastmax part")
     # evaluation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at each stage's end)")
@@ -220,6 +220,9 @@ def check_args(args):
         fail(f"--window must be a positive number of positions, got {args.window}")
     if not args.window_gain > 0:
         fail(f"--window_gain must be positive, got {args.window_gain}")
+    if args.dataset in data.HELD_OUT_CORPORA and args.train_file is None:
+        fail(f"--dataset_name {args.dataset} is held out for evaluation (scripts/eval_long_context.py --dataset "
+             f"{args.dataset}); it is never trained on: train on 'default' or your own data")
     if args.stop_at_step is not None and not 0 < args.stop_at_step <= args.max_steps:
         fail(f"--stop_at_step must lie in (0, --max_train_steps], got {args.stop_at_step}")
 

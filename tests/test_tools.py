@@ -322,18 +322,23 @@ def test_finetune_experiment_runs_at_a_tiny_scale(tmp_path, tiny):
     cmd = [sys.executable, str(script), "--out_dir", str(tmp_path), "--model", "llama-tiny", "--seq_len", "32",
            "--batch_size", "4", "--convert_batch_size", "4", "--pretrain_steps", "20", "--eval_blocks", "8",
            "--mixed_precision", "no",
-           "--runs", "teacher,swap,distill", "--finetune_args", " ".join(shared)]
+           "--window", "8", "--runs", "teacher,swap,distill,distill_window", "--finetune_args", " ".join(shared)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["runs"]) == {"teacher", "swap", "distill"}
+    assert set(summary["runs"]) == {"teacher", "swap", "distill", "distill_window"}
     assert summary["runs"]["distill"]["tokens_over_teacher"] == pytest.approx(0.1)
+    assert summary["runs"]["distill_window"]["tokens"] == summary["runs"]["distill"]["tokens"]
+    saved = json.loads((tmp_path / "distill_window" / "config.json").read_text())
+    assert saved["fastmax"]["window"] == 8  # the window reached the converted model's config
     assert summary["runs"]["teacher"]["ppl_over_teacher"] == 1.0
     assert set(summary["targets"]) == {"distill_within_10_percent_of_teacher", "distill_tokens_at_most_10_percent",
-                                       "distill_better_than_swap"}
+                                       "distill_better_than_swap", "window_closes_half_of_distill_gap",
+                                       "window_at_most_1_17_of_teacher"}
     assert summary["meta"]["kernel_settings"] == dataclasses.asdict(kernels.KernelSettings())
     assert (tmp_path / "perplexity.png").is_file()
     assert "| distill | fastmax |" in (tmp_path / "summary.md").read_text()
+    assert "| distill_window | fastmax, window 8 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_finetune_experiment_keeps_the_conversion_token_budget_at_a_smaller_batch():
@@ -344,7 +349,7 @@ def test_finetune_experiment_keeps_the_conversion_token_budget_at_a_smaller_batc
         return value("--per_device_train_batch_size") * value("--max_train_steps"), value("--max_train_steps")
 
     teacher_tokens = 32 * 900  # blocks
-    for run in ("swap", "swap_kd", "distill"):
+    for run in ("swap", "swap_kd", "distill", "distill_window"):
         tokens, steps = budget(run, [])  # 8 blocks per step
         assert (tokens, steps) == (teacher_tokens // 10, 360)
         tokens, steps = budget(run, ["--convert_batch_size", "32"])

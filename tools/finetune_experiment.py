@@ -14,7 +14,10 @@ Five runs of scripts/finetune.py on the embedded stdlib corpus, one after the ot
              each layer's softmax output), then fine-tuning with the teacher KL as in 3;
              swap, swap_kd and distill all get --convert_fraction of the teacher's tokens;
 5. scratch   the same architecture trained with fastmax from random initialisation,
-             with the teacher's token budget.
+             with the teacher's token budget;
+6. distill_window  distill with the hybrid window (--window W: exact softmax over the last W
+             positions, fastmax over the earlier ones), the same tokens as distill (issue 17's
+             quality target: closing at least half of distill's gap to the teacher).
 
 Writes, under --out_dir: one directory per run (model, log.csv, loss.png, results.json),
 summary.json (validation perplexities, their ratios to the teacher's, tokens, times, and the
@@ -70,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16", "fp16"))
     p.add_argument("--eval_blocks", type=int, default=100000, help="validation blocks per evaluation (default: all)")
     p.add_argument("--finetune_args", default="", help="more finetune.py arguments for every run, e.g. '--max_files 200'")
-    p.add_argument("--runs", default="teacher,swap,swap_kd,distill,scratch",
+    p.add_argument("--window", type=int, default=64, help="distill_window: the hybrid window's W")
+    p.add_argument("--runs", default="teacher,swap,swap_kd,distill,scratch,distill_window",
                    help="which runs, comma-separated, in order ('': only rebuild the summary of --out_dir)")
     return p.parse_args(argv)
 
@@ -108,6 +112,9 @@ def plan(args) -> dict[str, list[str]]:
         "distill": ["--mode", "distill", *conversion, "--distill_steps", str(distill_steps),
                     "--distill_lora_rank", str(args.distill_lora_rank), "--kd_weight", str(args.kd_weight)],
         "scratch": ["--mode", "scratch", "--attention", "fastmax", *pretraining],
+        "distill_window": ["--mode", "distill", *conversion, "--distill_steps", str(distill_steps),
+                           "--distill_lora_rank", str(args.distill_lora_rank), "--kd_weight", str(args.kd_weight),
+                           "--window", str(args.window)],
     }
 
 
@@ -118,7 +125,8 @@ def summarize(args, results: dict[str, dict]) -> dict:
     for name, r in results.items():
         entry = dict(val_ppl=r["final"]["val_ppl"], val_loss=r["final"]["val_loss"], tokens=r["tokens"],
                      steps=r["steps"], initial_val_ppl=r["initial"]["val_ppl"], train_time_s=r["train_time_s"],
-                     wall_s=r["wall_s"], attention=r["attention"] if r["mode"] == "scratch" else "fastmax")
+                     wall_s=r["wall_s"], attention=r["attention"] if r["mode"] == "scratch" else
+                     f"fastmax, window {args.window}" if name == "distill_window" else "fastmax")
         if teacher is not None:
             entry["ppl_over_teacher"] = entry["val_ppl"] / teacher["final"]["val_ppl"]
             entry["tokens_over_teacher"] = entry["tokens"] / teacher["tokens"]
@@ -133,6 +141,12 @@ def summarize(args, results: dict[str, dict]) -> dict:
             distill_within_10_percent_of_teacher=runs["distill"]["ppl_over_teacher"] <= 1.10,
             distill_tokens_at_most_10_percent=runs["distill"]["tokens_over_teacher"] <= 0.10 + 1e-9,
             distill_better_than_swap=runs["distill"]["val_ppl"] < runs["swap"]["val_ppl"],
+        )
+    if {"teacher", "distill", "distill_window"} <= set(runs):  # issue 17: half of distill's gap, at most 1.17x
+        gap = runs["distill"]["ppl_over_teacher"] - 1
+        summary.setdefault("targets", {}).update(
+            window_closes_half_of_distill_gap=runs["distill_window"]["ppl_over_teacher"] - 1 <= gap / 2,
+            window_at_most_1_17_of_teacher=runs["distill_window"]["ppl_over_teacher"] <= 1.17,
         )
     if {"swap_kd", "distill"} <= set(runs):  # what attention transfer adds on top of the teacher KL
         summary["distill_over_swap_kd"] = runs["distill"]["val_ppl"] / runs["swap_kd"]["val_ppl"]
@@ -174,7 +188,8 @@ def plot(results: dict[str, dict], path: Path):
             left.plot(*curve(results[name]), "o-", label=label)
     left.set_title("pretraining")
     conversions = (("swap", "swap + fine-tune"), ("swap_kd", "swap + fine-tune with teacher KL"),
-                   ("distill", "distill: attention transfer + fine-tune with teacher KL"))
+                   ("distill", "distill: attention transfer + fine-tune with teacher KL"),
+                   ("distill_window", "distill with the hybrid window"))
     for name, label in conversions:
         if name in results:
             right.plot(*curve(results[name]), "o-", label=label)
@@ -216,9 +231,9 @@ def main(argv=None):
     unknown = sorted(set(runs) - set(commands))
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown}; choose from {list(commands)}")
-    if any(r in runs for r in ("swap", "swap_kd", "distill")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
+    if any(r in runs for r in ("swap", "swap_kd", "distill", "distill_window")) and "teacher" not in runs and not (out / "teacher" / "results.json").exists():
         raise SystemExit("swap, swap_kd and distill convert the teacher: run it too (--runs teacher,...)")
-    if "distill" in runs and args.distill_lora_rank > 0:
+    if {"distill", "distill_window"} & set(runs) and args.distill_lora_rank > 0:
         try:
             import peft  # noqa: F401
         except ImportError:

@@ -2,6 +2,7 @@
 
 Layout: {"settings": {"general": ..., <section>: ...}, "perplexity": {implementation: {length: record}},
 "passkey": {implementation: {length: {depth: record}}}, "cost": {implementation: {length: record}},
+"factual": {implementation: report of factual_prompts.ask_factual_prompts},
 "checks": {"cached_decoding": {implementation: record}} (written by the cost section), "meta": ...}.
 Lengths and depths are strings (JSON keys): str(length), f"{depth:g}".
 """
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 
 import fastmax_hf
+from factual_prompts import DEFAULT_MAX_NEW_TOKENS
 from script_common import fail, max_positions
 
-SECTIONS = ("perplexity", "passkey", "cost")
+SECTIONS = ("perplexity", "passkey", "cost", "factual")
 
 
 def settings(args, device, dtype) -> dict:
@@ -34,6 +36,7 @@ def settings(args, device, dtype) -> dict:
                            document_tokens=args.document_tokens, stride=args.stride),
         "passkey": dict(trials=args.trials, new_tokens=args.passkey_new_tokens, seed=args.seed),
         "cost": dict(decode_tokens=args.decode_tokens, seed=args.seed, repeat=not args.no_repeat),
+        "factual": dict(max_new_tokens=DEFAULT_MAX_NEW_TOKENS),
     }
 
 
