@@ -176,3 +176,20 @@ def test_builtin_configs_use_grouped_query_attention():
         assert config.num_key_value_heads < config.num_attention_heads
     with pytest.raises(ValueError, match="built-in"):
         data.builtin_model_config("llama-huge")
+
+
+# --------------------------------------------------------------------------- held-out corpora by name
+
+
+def test_held_out_corpora_are_validation_only_and_hold_the_held_out_texts():
+    topics = data.load_text_dataset(data.PYDOC_TOPICS)
+    assert topics.train == [] and topics.validation == [data.pydoc_topics_text()]
+    stdlib = data.load_text_dataset(data.HELD_OUT_STDLIB)
+    assert stdlib.train == [] and stdlib.validation == list(data.held_out_stdlib_texts().values())
+    assert len(stdlib.validation) == len(data.HELD_OUT_STDLIB_FILES)
+    assert topics.fingerprint() != stdlib.fingerprint()
+    # none of it reaches the default corpus's train split
+    train = set(data.default_corpus().train)
+    assert not train & set(stdlib.validation)
+    with pytest.raises(ValueError, match="unknown held-out corpus 'nope'"):
+        data.held_out_corpus("nope")

@@ -342,6 +342,8 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(tmp_path, tin
         (["--mode", "distill", "--distill_steps", "5", "--max_train_steps", "5"], "--distill_steps"),
         (["--mode", "swap", "--kd_weight", "0.5"], "needs a pretrained softmax --model_name_or_path"),
         (["--with_tracking", "--report_to", "none"], "--with_tracking needs a --report_to tracker"),
+        (["--dataset_name", "pydoc-topics"], "--dataset_name pydoc-topics is held out for evaluation"),
+        (["--dataset_name", "heldout-stdlib"], "--dataset_name heldout-stdlib is held out for evaluation"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, tiny, change, message):
