@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 import fastmax_hf
 from fastmax_hf import data, distill
+from fastmax_hf.integration.window_gain import PARAMETER as WINDOW_GAIN_PARAMETER
 
 # What this script shares with scripts/eval_long_context.py is in script_common.py beside it.
 # `python scripts/finetune.py` and `accelerate launch` put this folder on sys.path; runpy and
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid window: exact softmax over the last W positions, fastmax over the earlier ones "
                         "(stored in the fastmax config; on the Triton kernels on a GPU); default: none")
     p.add_argument("--window_gain", type=float, default=1.0, help="with --window: the weight of the fastmax part")
+    p.add_argument("--learn_window_gain", action="store_true",
+                   help="with --window: learn one gain per query head and layer while fine-tuning (log-parametrised; "
+                        "saved in config.json's fastmax options; fastmax_hf.integration.learn_window_gains)")
+    p.add_argument("--window_gain_lr", type=float, default=1e-2, help="with --learn_window_gain: the gains' peak LR")
     # evaluation, checkpoints, logging
     p.add_argument("--eval_every", type=int, default=50, help="evaluate every N steps (and at each stage's end)")
     p.add_argument("--eval_blocks", type=int, default=64, help="validation blocks per evaluation (all processes)")
@@ -220,6 +225,10 @@ def check_args(args):
         fail(f"--window must be a positive number of positions, got {args.window}")
     if not args.window_gain > 0:
         fail(f"--window_gain must be positive, got {args.window_gain}")
+    if args.learn_window_gain and args.window is None:
+        fail("--learn_window_gain needs --window: the gains weigh the hybrid window's fastmax part")
+    if args.learn_window_gain and not args.window_gain_lr > 0:
+        fail(f"--window_gain_lr must be positive, got {args.window_gain_lr}")
     if args.dataset in data.HELD_OUT_CORPORA and args.train_file is None:
         fail(f"--dataset_name {args.dataset} is held out for evaluation (scripts/eval_long_context.py --dataset "
              f"{args.dataset}); it is never trained on: train on 'default' or your own data")
@@ -369,6 +378,8 @@ def enter_stage(model, stage: Stage, args):
         enable_activation_checkpointing(model)
     if args.lora_rank > 0:
         model = distill.add_lora(model, rank=args.lora_rank)
+    if args.learn_window_gain:  # after LoRA, which freezes what it does not adapt
+        fastmax_hf.integration.learn_window_gains(model)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
@@ -381,11 +392,15 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def make_optimizer(params, lr: float, weight_decay: float):
-    """AdamW; no weight decay on vectors (norms, biases, gains)."""
+def make_optimizer(model, params, lr: float, weight_decay: float, window_gain_lr: float | None = None):
+    """AdamW; no weight decay on vectors (norms, biases, gains). Learned window gains (--learn_window_gain)
+    get their own group, whose LR is window_gain_lr / lr times the schedule's (``lr_scale``)."""
+    gains = {id(p) for name, p in model.named_parameters() if name.endswith(WINDOW_GAIN_PARAMETER)}
     decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    no_decay = [p for p in params if p.dim() < 2 and id(p) not in gains]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": [p for p in params if id(p) in gains], "weight_decay": 0.0,
+               "lr_scale": (window_gain_lr or lr) / lr}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
 
 
@@ -407,7 +422,7 @@ def train_step(model, optimizer, params, lr, blocks, step, stage, teacher, args,
     """One optimizer step over --gradient_accumulation_steps micro-batches; returns the loss averaged over
     micro-batches and processes."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     step_loss = torch.zeros((), device=accelerator.device)
     for micro in range(args.grad_accum):
         input_ids = micro_batch(blocks, step, micro, args, accelerator)
@@ -635,6 +650,8 @@ def plot_losses(history: list[dict], stages: list[Stage], path: Path, title: str
 def save_final_model(model, tokenizer, accelerator, args):
     """Write a plain transformers model (LoRA merged) with its fastmax options in config.json."""
     unwrapped = accelerator.unwrap_model(model)
+    if args.learn_window_gain:  # the gains move into config.json's fastmax options; their parameters go
+        fastmax_hf.integration.store_window_gains(unwrapped)
     if args.lora_rank > 0:  # one process or DDP (checked at the start): the weights are whole
         unwrapped, state_dict = distill.merge_lora(unwrapped), None
     else:  # under FSDP this gathers the shards (a collective: every process calls it)
@@ -658,7 +675,8 @@ def main(argv=None):
         "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     tracker = choose_tracker(args)
     accelerator = Accelerator(mixed_precision=mixed, log_with=tracker, project_dir=args.output_dir)
-    if accelerator.distributed_type == DistributedType.FSDP and (args.mode == "distill" or args.lora_rank > 0):
+    if accelerator.distributed_type == DistributedType.FSDP and (args.mode == "distill" or args.lora_rank > 0
+                                                                 or args.learn_window_gain):
         fail("FSDP runs full fine-tuning (scratch, swap); distill and --lora_rank change the model between "
              "stages or merge adapters, which needs whole weights: use DDP (scripts/accelerate_ddp.yaml)")
     set_seed(args.seed)
@@ -707,7 +725,8 @@ def main(argv=None):
             continue  # finished before the checkpoint; its result is in the checkpoint's weights
         model, params = enter_stage(model, stage, args)
         teacher = load_teacher(args, accelerator) if stage.name == "train" and args.kd_weight > 0 else None
-        optimizer = make_optimizer(params, stage.lr, 0.0 if stage.name == "transfer" else args.weight_decay)
+        optimizer = make_optimizer(model, params, stage.lr, 0.0 if stage.name == "transfer" else args.weight_decay,
+                                   args.window_gain_lr if args.learn_window_gain else None)
         model, optimizer = accelerator.prepare(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]  # as prepared (FSDP may replace them)
         if stage.index == resume_stage:
@@ -750,8 +769,8 @@ def main(argv=None):
             accelerator.free_memory()
 
     save_final_model(model, tokenizer, accelerator, args)
-    if accelerator.is_main_process:
-        write_results(out, args, history, stages, tokens_per_step, config)
+    if accelerator.is_main_process:  # the saved model's config: learned window gains are in it
+        write_results(out, args, history, stages, tokens_per_step, accelerator.unwrap_model(model).config)
     accelerator.end_training()
     return history
 

@@ -502,3 +502,36 @@ def test_the_readme_s_finetune_commands_parse():
         argv = [w for w in words[words.index("scripts/finetune.py") + 1:] if w != "..."]
         finetune.parse_args(argv)
     assert any("--max_train_steps" in c and "--resume_from_checkpoint" in c for c in commands)
+
+
+# --------------------------------------------------------------------------- learned window gains
+
+
+def test_learned_window_gains_train_resume_and_reload(tmp_path, tiny):
+    # distill of the tiny built-in model with --window and --learn_window_gain: the gains move, land in
+    # config.json per layer and head, a stopped and resumed run ends with the same gains, and the
+    # saved model reloads as fastmax computing with them
+    argv = [*tiny, "--mode", "distill", "--kd_weight", "0", "--max_train_steps", "6", "--distill_steps", "2",
+            "--window", "8", "--learn_window_gain", "--window_gain_lr", "0.05", "--checkpointing_steps", "2"]
+    straight = run(argv, tmp_path / "straight")
+    config = json.loads((tmp_path / "straight" / "config.json").read_text())
+    gains = config["fastmax"]["window_gain"]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    assert len(gains) == layers and all(len(g) == heads for g in gains)
+    assert all(abs(g - 1.0) > 1e-4 for g in sum(gains, []))  # every gain learned something
+    assert json.loads((tmp_path / "straight" / "results.json").read_text())["fastmax"]["window_gain"] == gains
+    stopped = tmp_path / "stopped"
+    run([*argv, "--stop_at_step", "4"], stopped)
+    resumed = run([*argv, "--resume_from_checkpoint", "latest"], stopped)
+    assert _curve(resumed) == _curve(straight)
+    again = json.loads((stopped / "config.json").read_text())["fastmax"]["window_gain"]
+    assert sum(again, []) == pytest.approx(sum(gains, []), rel=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight")
+    assert model.config._attn_implementation == "fastmax"
+    assert not any("window_gain" in name for name, _ in model.named_parameters())
+    assert fastmax_hf.get_fastmax_config(model.config).window_gain[0] == tuple(gains[0])
+
+
+def test_learn_window_gain_needs_a_window(tmp_path, tiny):
+    with pytest.raises(SystemExit, match="--learn_window_gain needs --window"):
+        run([*tiny, "--max_train_steps", "2", "--learn_window_gain"], tmp_path)

@@ -12,6 +12,8 @@ scripts/finetune.py then scripts/eval_long_context.py, into --out_dir/<run>/:
   window    the same with the hybrid window (--window, default 64: exact softmax over the last
             64 positions, fastmax over the earlier ones);
   fastmax_lr / window_lr  the same two at --alt_learning_rate (a second learning rate);
+  window_learned  window with a learned gain per query head and layer on the fastmax part
+            (finetune.py --learn_window_gain);
   swap_kd   no attention transfer: fastmax swapped in and fine-tuned on the teacher's KL
             for the same steps.
 
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "scripts" / "finetune.py"
 EVALUATE = ROOT / "scripts" / "eval_long_context.py"
 DATASETS = ("pydoc-topics", "heldout-stdlib")  # fastmax_hf.data.HELD_OUT_CORPORA
-RUNS = ("teacher", "fastmax", "window", "fastmax_lr", "window_lr", "swap_kd")
+RUNS = ("teacher", "fastmax", "window", "fastmax_lr", "window_lr", "window_learned", "swap_kd")
 TEACHER = "sdpa"  # the teacher's rows in the teacher run's results; "fastmax" there is the straight swap
 
 
@@ -89,7 +91,8 @@ def conversion_args(args, name: str) -> list[str]:
     if name == "swap_kd":
         return ["--mode", "swap", *common]
     distill = ["--mode", "distill", *common, "--distill_steps", str(max(1, round(steps * args.distill_fraction)))]
-    return distill + (["--window", str(args.window)] if name.startswith("window") else [])
+    return distill + (["--window", str(args.window)] if name.startswith("window") else []) + (
+        ["--learn_window_gain"] if name == "window_learned" else [])
 
 
 def run_command(cmd: list[str], log: Path):

@@ -10,6 +10,7 @@ exactly what it did before; ``disable()`` reverts the patches.
 from .attention import ATTN_IMPLEMENTATION, fastmax_attention_forward, fastmax_attention_mask, register_fastmax
 from .cache import FastmaxCache, FastmaxCacheLayer
 from .config import FastmaxConfig, get_fastmax_config, model_card, set_fastmax_config
+from .window_gain import learn_window_gains, store_window_gains
 from .patches import (
     FAMILIES,
     KV_CACHE_FAMILIES,

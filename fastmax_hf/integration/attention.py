@@ -20,6 +20,8 @@ cached keys and values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..functional import fastmax_with_options
@@ -28,6 +30,7 @@ from ..options import FastmaxOptions
 from ..stages import apply_dropout
 from .cache import take_hand_over
 from .config import get_fastmax_config
+from .window_gain import learned_window_gain
 
 ATTN_IMPLEMENTATION = "fastmax"
 CACHE_LAYER_KWARG = "fastmax_cache_layer"
@@ -273,7 +276,11 @@ def fastmax_attention_forward(
         cache_layer = take_hand_over(getattr(module, "layer_idx", None), key, value)
     config = get_fastmax_config(module.config)
     _refuse_unsupported(kwargs)
-    options = config.options_for(scaling, head_dim=query.shape[-1])
+    options = config.options_for(scaling, head_dim=query.shape[-1], layer_idx=getattr(module, "layer_idx", None),
+                                 heads_q=query.shape[1], device=query.device)
+    learned = learned_window_gain(module)  # (Hq,) while window_gain.learn_window_gains trains them
+    if learned is not None:
+        options = dataclasses.replace(options, window_gain=learned)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     batch, len_q, len_k = query.shape[0], query.shape[2], key.shape[2]

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
+
+import torch
 
 from ..backends import check_backend
 from ..options import FastmaxOptions, default_scale
@@ -43,7 +46,10 @@ class FastmaxConfig:
             last W positions, fastmax over the earlier ones; causal layers only). The generation
             cache then keeps the last W positions' keys and values per layer beside the state.
             Runs on the PyTorch path ("triton" is refused).
-        window_gain: gamma, the weight of the fastmax part (a positive number; 1.0 by default).
+        window_gain: gamma, the weight of the fastmax part: a positive number (1.0 by default), or
+            one gain per query head of every layer, ``window_gain[layer_idx][head]`` (a tuple of
+            tuples; config.json holds it as a list of lists), as ``fastmax_hf.integration.window_gain``
+            learns and stores them.
 
     ``options_for`` gives the ``FastmaxOptions`` of an attention call.
     """
@@ -57,7 +63,7 @@ class FastmaxConfig:
     lim: float = 1.0
     backend: str = "auto"
     window: int | None = None
-    window_gain: float = 1.0
+    window_gain: float | tuple[tuple[float, ...], ...] = 1.0
 
     def __post_init__(self):
         check_kernel_options(p=self.p, a0=self.a0, a1=self.a1, a2=self.a2, normalize=self.normalize, lim=self.lim)
@@ -66,23 +72,49 @@ class FastmaxConfig:
             raise ValueError(f"`temperature` must be positive, got {self.temperature}")
         check_backend(self.backend)
         check_window(self.window)
-        if not isinstance(self.window_gain, (int, float)) or isinstance(self.window_gain, bool):
-            # config.json holds numbers: a per-head learnable gain belongs to the model, not its config
-            raise TypeError(f"`window_gain` in a FastmaxConfig must be a positive number, got {self.window_gain!r}")
-        check_window_gain(self.window_gain)
+        if isinstance(self.window_gain, (list, tuple)):
+            # config.json holds numbers: one list of per-head gains per layer, kept as tuples (hashable)
+            layers = tuple(_gains_of_layer(i, gains) for i, gains in enumerate(self.window_gain))
+            if not layers:
+                raise ValueError("`window_gain` per layer must name at least one layer")
+            object.__setattr__(self, "window_gain", layers)
+        elif not isinstance(self.window_gain, (int, float)) or isinstance(self.window_gain, bool):
+            raise TypeError("`window_gain` in a FastmaxConfig must be a positive number or a list (per layer) "
+                            f"of lists (per query head) of positive numbers, got {self.window_gain!r}")
+        else:
+            check_window_gain(self.window_gain)
 
-    def options_for(self, scaling: float | None, head_dim: int) -> FastmaxOptions:
+    def window_gain_of_layer(self, layer_idx: int | None, heads_q: int, device) -> float | torch.Tensor:
+        """``window_gain`` for one layer's call: the number, or that layer's (Hq,) float64 gains on ``device``."""
+        if not isinstance(self.window_gain, tuple):
+            return float(self.window_gain)
+        if not isinstance(layer_idx, int) or not 0 <= layer_idx < len(self.window_gain):
+            raise ValueError(f"`window_gain` holds gains for {len(self.window_gain)} layers; an attention layer "
+                             f"with layer_idx={layer_idx!r} has none")
+        gains = self.window_gain[layer_idx]
+        if len(gains) != heads_q:
+            raise ValueError(f"`window_gain` of layer {layer_idx} has {len(gains)} gains, but the layer has {heads_q} query heads")
+        return _gain_tensor(gains, str(device))
+
+    def options_for(self, scaling: float | None, head_dim: int, layer_idx: int | None = None,
+                    heads_q: int | None = None, device=None) -> FastmaxOptions:
         """The kernel's options for an attention call: s = q . k * scaling / temperature.
 
         ``scaling`` is what the model passes to its attention function; None means
-        ``default_scale(head_dim)`` (1/sqrt(head_dim))."""
+        ``default_scale(head_dim)`` (1/sqrt(head_dim)). ``layer_idx``, ``heads_q`` and ``device``
+        pick a layer's gains when ``window_gain`` holds one list per layer."""
         model_scale = default_scale(head_dim) if scaling is None else scaling
+        gain = self.window_gain_of_layer(layer_idx, heads_q, device) if isinstance(self.window_gain, tuple) \
+            else float(self.window_gain)
         return FastmaxOptions(scale=float(model_scale / self.temperature), p=self.p, a0=self.a0, a1=self.a1,
                               a2=self.a2, normalize=self.normalize, lim=self.lim, window=self.window,
-                              window_gain=float(self.window_gain))
+                              window_gain=gain)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        options = dataclasses.asdict(self)
+        if isinstance(self.window_gain, tuple):  # JSON has lists
+            options["window_gain"] = [list(gains) for gains in self.window_gain]
+        return options
 
     @classmethod
     def from_dict(cls, options: dict) -> "FastmaxConfig":
@@ -91,6 +123,25 @@ class FastmaxConfig:
         if unknown:
             raise ValueError(f"unknown fastmax option(s) {unknown} in the model config; known options: {sorted(known)}")
         return cls(**options)
+
+
+def _gains_of_layer(layer_idx: int, gains) -> tuple[float, ...]:
+    if not isinstance(gains, (list, tuple)) or not gains:
+        raise TypeError(f"`window_gain` per layer: layer {layer_idx} must hold a non-empty list of per-head gains, "
+                        f"got {gains!r}")
+    for gain in gains:
+        if not isinstance(gain, (int, float)) or isinstance(gain, bool) or not math.isfinite(gain) or gain <= 0:
+            raise ValueError(f"`window_gain` per layer: every gain must be a positive finite number, "
+                             f"layer {layer_idx} holds {gain!r}")
+    return tuple(float(g) for g in gains)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gain_tensor(gains: tuple[float, ...], device: str) -> torch.Tensor:
+    # one small tensor per (layer, device), made once: every attention call reads it (made outside
+    # inference mode, so that one first made during generation can still be saved for backward)
+    with torch.inference_mode(False):
+        return torch.tensor(gains, dtype=torch.float64, device=device)  # exact; cast to the kernel's dtype per call
 
 
 def set_fastmax_config(config, fastmax_config: FastmaxConfig | None = None, **options) -> FastmaxConfig:
@@ -121,12 +172,17 @@ def get_fastmax_config(config) -> FastmaxConfig:
         return options
     if not isinstance(options, dict):
         raise TypeError(f"`config.{CONFIG_ATTRIBUTE}` must be a dict of fastmax options, got {type(options).__name__}")
-    items = tuple(sorted(options.items()))
+    items = tuple(sorted((key, _frozen(value)) for key, value in options.items()))
     try:
         hash(items)
     except TypeError:
         return FastmaxConfig.from_dict(options)  # an unhashable value: let validation name it
     return _parse_options(items)
+
+
+def _frozen(value):
+    """Lists (config.json's per-layer window gains) as tuples, so that the options can key a cache."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 @functools.lru_cache(maxsize=64)
