@@ -449,3 +449,13 @@ def test_the_bare_run_evaluates_an_installed_pretrained_model(tmp_path, monkeypa
     monkeypatch.setattr(gguf_model, "installed_pretrained_gguf", lambda: None)
     args = evaluation.parse_args([])
     assert args.model == data.DEFAULT_MODEL and args.gguf_file is None
+
+
+def test_factual_section_and_random_weights_said_on_the_plots(tiny, tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(evaluation.plots, "write_plots", lambda results, out, title: titles.append(title))
+    results = evaluation.main([*tiny, "--sections", "factual", "--attn", "fastmax,sdpa", "--output_dir", str(tmp_path)])
+    for name in ("fastmax", "sdpa"):
+        report = results["factual"][name]
+        assert report["total"] == 12 and 0 <= report["answered"] <= 12 and len(report["prompts"]) == 12
+    assert titles and all("random weights" in t for t in titles)
