@@ -8,6 +8,7 @@ or a device-side crash inside a kernel.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -136,14 +137,30 @@ def check_window_gain(gain) -> None:
         raise ValueError(f"`window_gain` must be positive, got {gain}")
 
 
+# Gain tensors whose values were checked when they were made (a model config's per-layer gains,
+# ``integration.config``): reading a tensor's values back is a device synchronisation, which every
+# attention call of every decoding step would otherwise pay.
+# (keyed by id, the tensor itself the weak value: tensors compare by value, not identity)
+_CHECKED_GAINS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def mark_window_gain_checked(gain: torch.Tensor) -> torch.Tensor:
+    """Record that ``gain``'s values are positive and finite (checked by the caller); returns it."""
+    _CHECKED_GAINS[id(gain)] = gain
+    return gain
+
+
 def check_window_gain_tensor(gain, heads_q: int, device) -> None:
-    """A tensor ``window_gain`` against the call: shape () or (Hq,), q's device, every entry positive and finite."""
+    """A tensor ``window_gain`` against the call: shape () or (Hq,), q's device, every entry positive
+    and finite (the values only for tensors not made by ``mark_window_gain_checked``'s callers)."""
     if not isinstance(gain, torch.Tensor):
         return
     if gain.dim() == 1 and gain.shape[0] != heads_q:
         raise ValueError(f"`window_gain` must have shape () or (Hq,) = ({heads_q},), got {tuple(gain.shape)}")
     if gain.device != device:
         raise ValueError(f"`window_gain` is on {gain.device} but `q` is on {device}")
+    if _CHECKED_GAINS.get(id(gain)) is gain:
+        return
     if not bool((torch.isfinite(gain) & (gain > 0)).all()):
         raise ValueError("`window_gain` must be positive and finite in every head")
 

@@ -114,3 +114,18 @@ def test_errors_name_what_is_wrong():
     too_few_layers = tiny_config(window_gain=[[1.0] * 6] * 2)
     with pytest.raises(ValueError, match="gains for 2 layers; an attention layer with layer_idx=2 has none"):
         tiny_model(too_few_layers)(torch.randint(2, 97, (1, 9)))
+
+
+def test_stored_gains_are_not_read_back_on_every_call(monkeypatch):
+    # a config's per-layer gains are checked when parsed; reading a tensor's values back per attention
+    # call would be a device synchronisation on every decoding step of every layer
+    from fastmax_hf import validation
+
+    config = FastmaxConfig(window=4, window_gain=[[1.0, 2.0, 0.5]])
+    gains = config.window_gain_of_layer(0, 3, "cpu")
+    assert config.window_gain_of_layer(0, 3, "cpu") is gains  # made once per layer and device
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: pytest.fail("the gains' values were read back"))
+    validation.check_window_gain_tensor(gains, 3, gains.device)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="positive and finite in every head"):  # any other tensor still is checked
+        validation.check_window_gain_tensor(torch.tensor([1.0, -2.0, 1.0]), 3, torch.device("cpu"))

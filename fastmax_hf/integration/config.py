@@ -23,7 +23,13 @@ import torch
 
 from ..backends import check_backend
 from ..options import FastmaxOptions, default_scale
-from ..validation import check_finite_number, check_kernel_options, check_window, check_window_gain
+from ..validation import (
+    check_finite_number,
+    check_kernel_options,
+    check_window,
+    check_window_gain,
+    mark_window_gain_checked,
+)
 
 CONFIG_ATTRIBUTE = "fastmax"
 
@@ -140,8 +146,8 @@ def _gains_of_layer(layer_idx: int, gains) -> tuple[float, ...]:
 def _gain_tensor(gains: tuple[float, ...], device: str) -> torch.Tensor:
     # one small tensor per (layer, device), made once: every attention call reads it (made outside
     # inference mode, so that one first made during generation can still be saved for backward)
-    with torch.inference_mode(False):
-        return torch.tensor(gains, dtype=torch.float64, device=device)  # exact; cast to the kernel's dtype per call
+    with torch.inference_mode(False):  # exact; cast to the kernel's dtype per call; values checked in _gains_of_layer
+        return mark_window_gain_checked(torch.tensor(gains, dtype=torch.float64, device=device))
 
 
 def set_fastmax_config(config, fastmax_config: FastmaxConfig | None = None, **options) -> FastmaxConfig:
