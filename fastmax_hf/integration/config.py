@@ -51,7 +51,7 @@ class FastmaxConfig:
         window: None, or W: the hybrid window of ``fastmax_hf.fastmax`` (exact softmax over the
             last W positions, fastmax over the earlier ones; causal layers only). The generation
             cache then keeps the last W positions' keys and values per layer beside the state.
-            Runs on the PyTorch path ("triton" is refused).
+            Runs on the Triton kernels too; its recurrent step stays on PyTorch.
         window_gain: gamma, the weight of the fastmax part: a positive number (1.0 by default), or
             one gain per query head of every layer, ``window_gain[layer_idx][head]`` (a tuple of
             tuples; config.json holds it as a list of lists), as ``fastmax_hf.integration.window_gain``
@@ -110,8 +110,7 @@ class FastmaxConfig:
         ``default_scale(head_dim)`` (1/sqrt(head_dim)). ``layer_idx``, ``heads_q`` and ``device``
         pick a layer's gains when ``window_gain`` holds one list per layer."""
         model_scale = default_scale(head_dim) if scaling is None else scaling
-        gain = self.window_gain_of_layer(layer_idx, heads_q, device) if isinstance(self.window_gain, tuple) \
-            else float(self.window_gain)
+        gain = self.window_gain_of_layer(layer_idx, heads_q, device)
         return FastmaxOptions(scale=float(model_scale / self.temperature), p=self.p, a0=self.a0, a1=self.a1,
                               a2=self.a2, normalize=self.normalize, lim=self.lim, window=self.window,
                               window_gain=gain)
