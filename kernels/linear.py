@@ -7,7 +7,11 @@ The numerator of query i factorises over features of q and k:
     phi_q(q) = [a0, c1 q, c2 w_mn q[m] q[n]]     (w = 2 off the diagonal, 1 on it)
 
 with c1 = a1 scale and c2 = a2 scale^2 (the denominator likewise with v_j -> 1). The
-(m, n >= m) grid of pair features is cut into BT x BT tiles (tile (mb, nb), nb >= mb).
+(m, n >= m) grid of pair features is cut into BT x BT tiles (tile (mb, nb), nb >= mb), each
+holding all BT x BT products, so that w becomes one number per tile (``_tile``). The pair
+part of z is a Gram matrix, z2[m, n] = sum_j k[m] k[n] (x^T x over a chunk), computed by the
+orders-0/1 program with one product and scattered into the tile layout (``_pair_rows``);
+the readout's denominator reads it back as a D x D matrix, phi_q(q) . z = q^T z2 q.
 
 Causal attention splits the key timeline into chunks of CHUNK tokens and runs three
 kernels, each parallel over chunks as well as heads and feature tiles:
@@ -48,13 +52,40 @@ from .quadratic import attend_keys, dkdv_from_query_heads, dq_from_keys, output_
 @triton.jit
 def _tile(TILE_M, TILE_N, t, BT: tl.constexpr):
     """Tile t of the pair grid: its block indices, the columns of x its pairs read, and the
-    symmetry weights w[m, n] (2 above the diagonal, 1 on it, 0 below; exact in bf16)."""
+    weight of its query-side features.
+
+    Every tile holds all BT x BT products x[m] x[n] of its two column blocks. Off the diagonal
+    (nb > mb) each unordered pair {m, n} appears once and weighs 2; in a diagonal tile it
+    appears as (m, n) and as (n, m), with equal key-side entries, so weight 1 on the whole
+    tile counts it twice and the squares once: w = 2 above, 1 on, 0 below the diagonal, folded
+    into one number per tile (exact in bf16) instead of a weight per feature."""
     mb = tl.load(TILE_M + t)
     nb = tl.load(TILE_N + t)
     m_cols = mb * BT + tl.arange(0, BT)
     n_cols = nb * BT + tl.arange(0, BT)
-    w = tl.where(n_cols[None, :] > m_cols[:, None], 2.0, tl.where(n_cols[None, :] == m_cols[:, None], 1.0, 0.0))
-    return mb, nb, m_cols, n_cols, tl.reshape(w, (BT * BT,))
+    weight = tl.where(mb == nb, 1.0, 2.0)
+    return mb, nb, m_cols, n_cols, weight
+
+
+@triton.jit
+def _pair_rows(BLOCK_D: tl.constexpr, BT: tl.constexpr):
+    """For every (a, b) of a BLOCK_D x BLOCK_D matrix: its row in the state's pair-tile layout
+    (the tile (min, max) of the two column blocks, the entry with a's and b's roles swapped
+    below the block diagonal), whether that row is the entry itself (a in a block at or before
+    b's) and its tile's weight (1 on the block diagonal, 2 off it, as ``_tile``)."""
+    a = tl.arange(0, BLOCK_D)[:, None]
+    b = tl.arange(0, BLOCK_D)[None, :]
+    ma = a // BT
+    nb = b // BT
+    lo = tl.minimum(ma, nb)
+    hi = tl.maximum(ma, nb)
+    NB: tl.constexpr = BLOCK_D // BT
+    t = lo * NB - (lo * (lo - 1)) // 2 + (hi - lo)  # the order of ops._pair_tiles
+    own = ma <= nb
+    r_in = tl.where(own, a % BT, b % BT)
+    c_in = tl.where(own, b % BT, a % BT)
+    weight = tl.where(ma == nb, 1.0, 2.0)
+    return 1 + BLOCK_D + t * (BT * BT) + r_in * BT + c_in, own, weight
 
 
 @triton.jit
@@ -64,14 +95,14 @@ def _pairs(xm, xn, ROWS: tl.constexpr, BT: tl.constexpr, OP_BF16: tl.constexpr):
 
 
 @triton.jit
-def _pair_grads(grad3, Y, xm, xn, mb, nb, ROWS: tl.constexpr, BT: tl.constexpr, NBLK: tl.constexpr):
-    """grad3 (ROWS, NBLK, BT) += d/dx of sum_f Y_f x[m_f] x[n_f] for one tile (mb, nb).
+def _pair_grads(grad3, Y, xm, xn, mb, nb, scale, ROWS: tl.constexpr, BT: tl.constexpr, NBLK: tl.constexpr):
+    """grad3 (ROWS, NBLK, BT) += scale * d/dx of sum_f Y_f x[m_f] x[n_f] for one tile (mb, nb).
 
     Register tensors cannot be sliced by a run-time block index, so each half lands in its
     column block through a comparison with the block index."""
     Y3 = tl.reshape(Y, (ROWS, BT, BT))
-    d_m = tl.sum(Y3 * xn.to(tl.float32)[:, None, :], 2)  # (ROWS, BT): columns of block mb
-    d_n = tl.sum(Y3 * xm.to(tl.float32)[:, :, None], 1)  # (ROWS, BT): columns of block nb
+    d_m = tl.sum(Y3 * xn.to(tl.float32)[:, None, :], 2) * scale  # (ROWS, BT): columns of block mb
+    d_n = tl.sum(Y3 * xm.to(tl.float32)[:, :, None], 1) * scale  # (ROWS, BT): columns of block nb
     blocks = tl.arange(0, NBLK)[None, :, None]
     grad3 += tl.where(blocks == mb, d_m[:, None, :], 0.0)
     grad3 += tl.where(blocks == nb, d_n[:, None, :], 0.0)
@@ -143,9 +174,8 @@ def chunk_states_kernel(
     MASK_b = MASK + b * stride_mb
 
     if pid_t < N_TILES:
-        mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, pid_t, BT)
-        acc = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
-        z = tl.zeros((TF,), dtype=tl.float32)
+        mb, nb, m_cols, n_cols, weight = _tile(TILE_M, TILE_N, pid_t, BT)
+        acc = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)  # z of the tile: the orders-0/1 program
         for g in range(0, GROUPS):
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
@@ -158,23 +188,20 @@ def chunk_states_kernel(
                 xm = load_tile(X_h, rows, ok, stride_xn, m_cols, D, stride_xd, True, EVEN_D, I64)
                 xn = load_tile(X_h, rows, ok, stride_xn, n_cols, D, stride_xd, True, EVEN_D, I64)
                 if IS_QUERY:
-                    # c2 goes onto x[m] before rounding, so the bf16 product carries no rounded coefficient
-                    f = _pairs(xm.to(tl.float32) * c2, xn, BLOCK_K, BT, OP_BF16) * operand(wsym, OP_BF16)[None, :]
-                    z += tl.sum(f.to(tl.float32) * zw[:, None], 0)
+                    # c2 w goes onto x[m] before rounding, so the bf16 product carries no rounded coefficient
+                    f = _pairs(xm.to(tl.float32) * (c2 * weight), xn, BLOCK_K, BT, OP_BF16)
                 else:
                     f = _pairs(xm, xn, BLOCK_K, BT, OP_BF16)  # (BLOCK_K, TF), zero on rows not ok
-                    z += tl.sum(f.to(tl.float32), 0)
                 acc = tl.dot(tl.trans(f), operand(val, OP_BF16), acc, input_precision=PRECISION)
         frows = 1 + BLOCK_D + pid_t * TF + tl.arange(0, TF)
         tl.store(H + (chunk_base + frows[:, None]) * DV + cols_v[None, :], acc.to(H.dtype.element_ty),
                  mask=v_ok[None, :])
-        if pid_v == 0:
-            tl.store(Z + chunk_base + frows, z)
     else:
         S1 = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
         S0 = tl.zeros((BLOCK_DV,), dtype=tl.float32)
         z1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
         z0 = tl.sum(z1, 0)
+        z2 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)  # sum zw x[m] x[n]: the pair tiles' z
         for g in range(0, GROUPS):
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
@@ -187,7 +214,9 @@ def chunk_states_kernel(
                 x = load_tile(X_h, rows, ok, stride_xn, cols_d, D, stride_xd, True, EVEN_D, I64)  # (BLOCK_K, BLOCK_D)
                 S1 = tl.dot(tl.trans(operand(x, OP_BF16)), operand(val, OP_BF16), S1, input_precision=PRECISION)
                 S0 += tl.sum(val.to(tl.float32), 0)
-                z1 += tl.sum(x.to(tl.float32) * zw[:, None], 0)
+                xw = x.to(tl.float32) * zw[:, None]
+                z2 = tl.dot(tl.trans(operand(xw, OP_BF16)), operand(x, OP_BF16), z2, input_precision=PRECISION)
+                z1 += tl.sum(xw, 0)
                 z0 += tl.sum(zw, 0)
         if IS_QUERY:
             S1 = S1 * c1
@@ -200,6 +229,11 @@ def chunk_states_kernel(
         if pid_v == 0:
             tl.store(Z + chunk_base + 1 + cols_d, z1)
             tl.store(Z + chunk_base, z0)
+            if N_TILES > 0:
+                pair_rows, own, weight = _pair_rows(BLOCK_D, BT)
+                if IS_QUERY:
+                    z2 = z2 * (c2 * weight)
+                tl.store(Z + chunk_base + pair_rows, z2, mask=own)
 
 
 # ----------------------------------------------------------------------------------------
@@ -208,30 +242,46 @@ def chunk_states_kernel(
 
 
 @triton.jit
+def _exclusive_add(sum_a, last_a, sum_b, last_b):
+    """Combine of an exclusive prefix sum as an inclusive scan over (sum before the last
+    element, last element) pairs: the scan's first part at position i is sum_{c < i} x_c."""
+    return sum_a + last_a + sum_b, last_b
+
+
+@triton.jit
 def _scan_block(BUF, IN, OUT, bh, offs, width, N_CHUNKS,
-                MODE: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr, BLOCK_E: tl.constexpr):
+                MODE: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr, BLOCK_E: tl.constexpr,
+                BLOCK_C: tl.constexpr):
     """One block of elements of a (N_CHUNKS, width) buffer: exclusive prefix (MODE 0), exclusive
-    suffix (MODE 1) or the total into chunk 0 (MODE 2); accumulated in fp32."""
+    suffix (MODE 1) or the total into chunk 0 (MODE 2); accumulated in fp32.
+
+    BLOCK_C chunks are loaded at once and summed with a scan across them, so that the loads of a
+    step are independent of each other: the scan runs at memory speed rather than at one
+    load latency per chunk."""
     ok = offs < width
     if LOAD_STATE:
         running = tl.load(IN + bh * width + offs, mask=ok, other=0.0).to(tl.float32)
     else:
         running = tl.zeros((BLOCK_E,), dtype=tl.float32)
     base = bh * N_CHUNKS * width
+    steps = tl.arange(0, BLOCK_C)
+    for step0 in range(0, N_CHUNKS, BLOCK_C):
+        inside = (step0 + steps) < N_CHUNKS
+        if MODE == 1:
+            chunks = N_CHUNKS - 1 - (step0 + steps)
+        else:
+            chunks = step0 + steps
+        ptrs = BUF + base + chunks[:, None].to(tl.int64) * width + offs[None, :]
+        tile_ok = inside[:, None] & ok[None, :]
+        tile = tl.load(ptrs, mask=tile_ok, other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_E)
+        if MODE != 2:
+            # exclusive, in the order of the scan (not inclusive - tile: a non-finite chunk
+            # would reach its own prefix through inf - inf)
+            before, _ = tl.associative_scan((tl.zeros_like(tile), tile), 0, _exclusive_add)
+            tl.store(ptrs, (before + running[None, :]).to(BUF.dtype.element_ty), mask=tile_ok)
+        running += tl.sum(tile, 0)
     if MODE == 2:
-        for c in range(0, N_CHUNKS):
-            running += tl.load(BUF + base + c * width + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(BUF + base + offs, running.to(BUF.dtype.element_ty), mask=ok)
-    else:
-        for step in range(0, N_CHUNKS):
-            if MODE == 0:
-                c = step
-            else:
-                c = N_CHUNKS - 1 - step
-            ptr = BUF + base + c * width + offs
-            chunk = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
-            tl.store(ptr, running.to(BUF.dtype.element_ty), mask=ok)
-            running += chunk
     if STORE_STATE:
         tl.store(OUT + bh * width + offs, running, mask=ok)
 
@@ -240,6 +290,7 @@ def _scan_block(BUF, IN, OUT, bh, offs, width, N_CHUNKS,
 def state_scan_kernel(
     H, Z, S_IN, Z_IN, S_OUT, Z_OUT, N_CHUNKS, F_ROWS, DV, N_S_BLOCKS,
     MODE: tl.constexpr, LOAD_STATE: tl.constexpr, STORE_STATE: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Grid (N_S_BLOCKS + cdiv(F_ROWS, BLOCK_E), B * Hk): the S part (F_ROWS * Dv elements)
     in the first N_S_BLOCKS programs, the z part (F_ROWS) in the rest."""
@@ -247,10 +298,11 @@ def state_scan_kernel(
     bh = tl.program_id(1).to(tl.int64)
     if pid < N_S_BLOCKS:
         offs = pid * BLOCK_E + tl.arange(0, BLOCK_E)
-        _scan_block(H, S_IN, S_OUT, bh, offs, F_ROWS * DV, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E)
+        _scan_block(H, S_IN, S_OUT, bh, offs, F_ROWS * DV, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E,
+                    BLOCK_C)
     else:
         offs = (pid - N_S_BLOCKS) * BLOCK_E + tl.arange(0, BLOCK_E)
-        _scan_block(Z, Z_IN, Z_OUT, bh, offs, F_ROWS, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E)
+        _scan_block(Z, Z_IN, Z_OUT, bh, offs, F_ROWS, N_CHUNKS, MODE, LOAD_STATE, STORE_STATE, BLOCK_E, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------------
@@ -339,17 +391,20 @@ def linear_fwd_kernel(
         acc += a0 * S0[None, :]
         acc = tl.dot(operand(q.to(tl.float32) * c1, OP_BF16), operand(S1, OP_BF16), acc, input_precision=PRECISION)
         den += a0 * z0 + c1 * tl.sum(q.to(tl.float32) * z1[None, :], 1)
-        # order 2, one feature tile at a time
+        if N_TILES > 0:  # order 2 of the denominator: q^T z2 q
+            pair_rows, own, weight = _pair_rows(BLOCK_D, BT)
+            z2 = tl.load(Z + base + pair_rows)  # (BLOCK_D, BLOCK_D), symmetric
+            qz2 = tl.dot(q.to(tl.float32), z2, input_precision=PRECISION)
+            den += c2 * tl.sum(q.to(tl.float32) * qz2, 1)
+        # order 2 of the numerator, one feature tile at a time
         for t in range(0, N_TILES):
-            mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+            mb, nb, m_cols, n_cols, weight = _tile(TILE_M, TILE_N, t, BT)
             qm = load_tile(Q_h, rows, q_ok, stride_qn, m_cols, D, stride_qd, True, EVEN_D, I64)
             qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
-            qf = _pairs(qm.to(tl.float32) * c2, qn, BLOCK_M, BT, OP_BF16) * operand(wsym, OP_BF16)[None, :]
+            qf = _pairs(qm.to(tl.float32) * (c2 * weight), qn, BLOCK_M, BT, OP_BF16)
             frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
             S_t = tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)  # (TF, BLOCK_DV)
-            z_t = tl.load(Z + frows)
             acc = tl.dot(qf, operand(S_t, OP_BF16), acc, input_precision=PRECISION)
-            den += tl.sum(qf.to(tl.float32) * z_t[None, :], 1)
 
     out = output_rows(acc, den)
     o_offs = b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + cols_v[None, :] * stride_od
@@ -425,15 +480,15 @@ def linear_bwd_dq_kernel(
         if N_TILES > 0:
             dq3 = tl.zeros((BLOCK_M, NBLK, BT), dtype=tl.float32)
             for t in range(0, N_TILES):
-                mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+                mb, nb, m_cols, n_cols, weight = _tile(TILE_M, TILE_N, t, BT)
                 frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
                 S_t = tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
                 z_t = tl.load(Z + frows)
-                X = tl.dot(g, tl.trans(operand(S_t, OP_BF16)), input_precision=PRECISION)  # (BLOCK_M, TF)
-                X = (X - crow[:, None] * z_t[None, :]) * (c2 * wsym)[None, :]
+                X = tl.dot(g, tl.trans(operand(S_t, OP_BF16)), -crow[:, None] * z_t[None, :],
+                           input_precision=PRECISION)  # (BLOCK_M, TF)
                 qm = load_tile(Q_h, rows, q_ok, stride_qn, m_cols, D, stride_qd, True, EVEN_D, I64)
                 qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
-                dq3 = _pair_grads(dq3, X, qm, qn, mb, nb, BLOCK_M, BT, NBLK)
+                dq3 = _pair_grads(dq3, X, qm, qn, mb, nb, c2 * weight, BLOCK_M, BT, NBLK)
             dq += tl.reshape(dq3, (BLOCK_M, BLOCK_D))
     tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_ok[:, None] & (cols_d[None, :] < D))
@@ -500,7 +555,7 @@ def linear_bwd_dkdv_kernel(
     if N_TILES > 0:
         dk3 = tl.zeros((BLOCK_N, NBLK, BT), dtype=tl.float32)
         for t in range(0, N_TILES):
-            mb, nb, m_cols, n_cols, wsym = _tile(TILE_M, TILE_N, t, BT)
+            mb, nb, m_cols, n_cols, weight = _tile(TILE_M, TILE_N, t, BT)
             km = load_tile(K_h, keys, k_in, stride_kn, m_cols, D, stride_kd, True, EVEN_D, I64)
             kn = load_tile(K_h, keys, k_in, stride_kn, n_cols, D, stride_kd, True, EVEN_D, I64)
             kf = _pairs(km, kn, BLOCK_N, BT, OP_BF16)  # (BLOCK_N, TF)
@@ -508,8 +563,9 @@ def linear_bwd_dkdv_kernel(
             R_t = operand(tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0), OP_BF16)
             r_t = tl.load(Z + frows)
             dv = tl.dot(kf, R_t, dv, input_precision=PRECISION)
-            Y = tl.dot(v_op, tl.trans(R_t), input_precision=PRECISION) - r_t[None, :]  # (BLOCK_N, TF)
-            dk3 = _pair_grads(dk3, Y, km, kn, mb, nb, BLOCK_N, BT, NBLK)
+            Y = tl.dot(v_op, tl.trans(R_t), tl.zeros((BLOCK_N, TF), dtype=tl.float32) - r_t[None, :],
+                       input_precision=PRECISION)  # (BLOCK_N, TF)
+            dk3 = _pair_grads(dk3, Y, km, kn, mb, nb, 1.0, BLOCK_N, BT, NBLK)
         dk += tl.reshape(dk3, (BLOCK_N, BLOCK_D))
 
     real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient

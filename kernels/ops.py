@@ -69,8 +69,12 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
     (2, 16): (22000, 10000),  # D = 16, 32: the earlier kernels on an H100 (not re-measured)
     (2, 32): (22000, 9500),
-    (2, 64): (31000, 23000),  # H200: benchmarks/h200/quadratic/bench_quadratic.json, "crossover"
-    (2, 128): (85000, 61000),  # H200: the same run
+    # H200, after the linear kernels' rework: benchmarks/h200/kernels/crossover.json
+    # (D=64: forward+backward 1.34 ms quadratic against 2.06 linear at 8k, 4.85 against 4.08 at
+    # 16k; forward 1.04 / 1.18 at 16k, 3.86 / 2.16 at 32k. D=128: forward+backward 36.5 / 41.0
+    # at 32k, 149 / 81.4 at 64k; forward 8.39 / 11.2 at 32k, 33.6 / 22.3 at 64k)
+    (2, 64): (18500, 13500),
+    (2, 128): (44000, 37000),
 }
 
 
@@ -218,18 +222,31 @@ def _linear_config(pb: _Problem, p: int = 2) -> dict:
     wide = pb.dtype != torch.bfloat16  # fp32 operands (fp16 inputs included)
     # p = 2: 1024-token chunks at long sequences (fewer states to write and scan), 512 below
     # 32k keys (more chunks to run in parallel); measured on the H200 (BENCHMARKS.md)
+    # Warps and stages per kernel from the H200 sweep at 64k tokens, bf16, p = 2
+    # (benchmarks/h200/kernels/lab9_linear_kernels.jsonl): the state kernel with 4 warps
+    # (1.84 -> 1.08 ms per pass at D=64, 10.3 -> 7.4 at D=128); at D=64 the forward and dq
+    # readouts with 8 warps and 2 stages, the dk/dv readout with 4 warps (6.1 -> 4.4 ms); at
+    # D=128 all three with 4 warps (15.4 -> 12.1, 21.5 -> 12.4, 27.5 -> 20.1 ms).
+    narrow = pb.block_d <= 64
     defaults = dict(
         chunk=(1024 if max(pb.Nk, pb.Nq) >= 32768 else 512) if p == 2 else 128,
         state_block_k=32 if wide else 64,
         state_block_dv=min(64, pb.block_dv),
-        state_warps=8,
+        state_warps=4 if not wide and p == 2 else 8,
         state_stages=1,
-        block_m=32 if wide else (128 if pb.block_d <= 64 and p == 2 else 64),
+        block_m=32 if wide else (128 if narrow and p == 2 else 64),
         block_n=32 if wide else 64,
-        warps=8 if pb.block_d >= 64 else 4,
-        stages=1,
+        warps=8 if pb.block_d == 64 or (wide and pb.block_d >= 64) else 4,
+        stages=2 if not wide and narrow and p == 2 else 1,
     )
     config = _chosen(defaults, "linear_")
+    # the backward readouts follow linear_warps / linear_stages unless their own are set
+    s = current_settings()
+    config.update(_chosen(dict(
+        dq_warps=config["warps"], dq_stages=config["stages"],
+        dkdv_warps=s.linear_warps if s.linear_warps is not None else (4 if not wide and p == 2 else config["warps"]),
+        dkdv_stages=s.linear_stages if s.linear_stages is not None else 1,
+    ), "linear_"))
     config["readout_block_dv"] = pb.block_dv if not wide and pb.block_dv <= 128 else min(64, pb.block_dv)
     for name in ("state_block_k", "block_m", "block_n"):
         if config["chunk"] % config[name]:
@@ -449,13 +466,16 @@ def _chunk_states(x, val, mask, inv_den, crow, pb: _Problem, cfg, p, a0, c1, c2,
 def _scan(H, Z, mode: int, state_in=None, state_out=None):
     """In place over chunks: exclusive prefix (0), exclusive suffix (1) or total into chunk 0 (2)."""
     BH, n_chunks, f_rows, dv = H.shape
+    # 1024 elements over 4 warps, 8 chunks at a time: each thread holds its columns of all 8
+    # chunks, so the scan across them stays in registers (no shared memory round trip)
     block_e = 1024
     n_s_blocks = triton.cdiv(f_rows * dv, block_e)
     S_in, z_in = state_in if state_in is not None else (Z, Z)
     S_out, z_out = state_out if state_out is not None else (Z, Z)
     compiled = state_scan_kernel[(n_s_blocks + triton.cdiv(f_rows, block_e), BH)](
         H, Z, S_in, z_in, S_out, z_out, n_chunks, f_rows, dv, n_s_blocks,
-        MODE=mode, LOAD_STATE=state_in is not None, STORE_STATE=state_out is not None, BLOCK_E=block_e, num_warps=4,
+        MODE=mode, LOAD_STATE=state_in is not None, STORE_STATE=state_out is not None, BLOCK_E=block_e,
+        BLOCK_C=min(8, max(2, triton.next_power_of_2(n_chunks))), num_warps=4,
     )
     _record("state_scan", compiled)
 
@@ -523,8 +543,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     m, smb, smn = _mask_args(mask, q)
     tile_m, tile_n = _pair_tiles(block_d, str(q.device))
     common = dict(P=p, CAUSAL=causal, HAS_MASK=mask is not None, CHUNK=chunk, BLOCK_M=cfg["block_m"],
-                  BLOCK_N=cfg["block_n"], BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags(),
-                  num_warps=cfg["warps"], num_stages=cfg["stages"])
+                  BLOCK_N=cfg["block_n"], BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags())
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
 
     # dq from the prefix states of the keys (recomputed: nothing is kept from the forward)
@@ -545,6 +564,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
         q, k, k_finite, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides[:8], *k_finite.stride(),
         *strides[8:],
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, c1, c2, **common,
+        num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"],
     )
     _record("linear_bwd_dq", compiled)
     del H, Z, k_finite  # before the query-side states are allocated
@@ -561,6 +581,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     compiled = linear_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides,
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, a0, c1, c2, **common,
+        num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"],
     )
     _record("linear_bwd_dkdv", compiled)
     return dq, dk, dv

@@ -42,7 +42,8 @@ class KernelSettings:
     window_block_n: int | None = None
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
-    # per tile, warps and stages
+    # per tile, warps and stages (the forward readout's; the dq and dk/dv readouts' own
+    # warps and stages where given)
     linear_chunk: int | None = None
     linear_state_block_k: int | None = None
     linear_state_block_dv: int | None = None
@@ -52,6 +53,10 @@ class KernelSettings:
     linear_block_n: int | None = None
     linear_warps: int | None = None
     linear_stages: int | None = None
+    linear_dq_warps: int | None = None
+    linear_dq_stages: int | None = None
+    linear_dkdv_warps: int | None = None
+    linear_dkdv_stages: int | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
     # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and
     # their gradients

@@ -10,6 +10,9 @@ Sections (``--sections``):
   overhead  host time of one forward+backward call at a short length (launch-bound)
   hostprof  cProfile of that call
   quadsweep quadratic tile settings from --variants, with per-kernel GPU times and cuDNN's
+  linkernels the linear kernels at --lin_n tokens, D = 64 and 128: each kernel's GPU time
+            (torch.profiler) forward and forward+backward, at the defaults and under each of
+            --variants' settings (a JSON list of kernel-settings dicts, without "_shape")
   hoststub  (CPU, no GPU needed) the host time of one quadratic forward+backward call with every
             kernel launch replaced by a no-op: what the package's own Python costs, apart from
             Triton's launcher and the GPU
@@ -111,10 +114,10 @@ def section_check(args):
         (1, 4, 2, 1531, 1200, 32, 32, False, "bnhd", 2),
         (1, 2, 1, 5000, 5000, 64, 64, False, "bnhd", 2),
     ]
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for dtype in (getattr(torch, name) for name in args.check_dtypes.split(",")):
         for B, Hq, Hk, Nq, Nk, D, Dv, pad, layout, p in shapes:
             for causal in (False, True):
-                for regime in ("quadratic", "linear"):
+                for regime in args.check_regimes.split(","):
                     if dtype == torch.float32 and Nq * Nk > 2000 * 2000:
                         continue
                     t0 = time.time()
@@ -219,6 +222,34 @@ def kernel_ms(fn, reps=10):
             fn()
         torch.cuda.synchronize()
     return {e.key: round(e.device_time_total / reps / 1e3, 4) for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def section_linkernels(args):
+    for D in (64, 128):
+        for variant in [{}] + [v for v in json.loads(args.variants) if "_shape" not in v]:
+            record = {"section": "linkernels", "N": args.lin_n, "D": D, "H": 16, "B": 1, "causal": True,
+                      "settings": variant}
+            try:
+                with kernels.settings(**variant):
+                    q, k, v = _inputs(args.lin_n, D, grad=True)
+                    call = lambda: run_fastmax(q, k, v, True, "linear")  # noqa: E731
+                    out = call()
+                    rows = 256
+                    exp = fastmax_reference(q[:1, :2, -rows:].double(), k[:1, :2].double(), v[:1, :2].double(),
+                                            causal=True, scale=D ** -0.5)
+                    record["rel_err"] = rel_err(out[:1, :2, -rows:], exp)
+                    do = torch.randn_like(out)
+                    run = _fwd_bwd(call, (q, k, v), do)
+                    for name, fn, count in (("fwd", call, 4), ("fwd+bwd", run, 12)):
+                        ms = bench(fn)
+                        record[name] = {"ms": ms, "tflops": count * feature_count(D) * D * args.lin_n * 16 / ms / 1e9,
+                                        "kernels_ms": kernel_ms(fn)}
+                    record["stats"] = kernels.ops.compiled_stats()
+                    del q, k, v, out, do
+            except Exception as err:  # noqa: BLE001
+                record["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+            emit(record)
+            torch.cuda.empty_cache()
 
 
 def section_overhead(args):
@@ -343,6 +374,9 @@ def main():
     parser.add_argument("--sections", default="check,quad,linear")
     parser.add_argument("--variants", default="[]")
     parser.add_argument("--sdpa_max", type=int, default=131072)
+    parser.add_argument("--lin_n", type=int, default=65536, help="tokens of the linkernels section")
+    parser.add_argument("--check_dtypes", default="bfloat16,float16,float32", help="dtypes of the check section")
+    parser.add_argument("--check_regimes", default="quadratic,linear", help="regimes of the check section")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args_global = args

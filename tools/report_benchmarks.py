@@ -131,8 +131,8 @@ def parse_args(argv=None):
     parser.add_argument("--quadratic", default="benchmarks/h200/quadratic/bench_quadratic.json",
                         help="JSON with a quadratic section ('none': no table)")
     parser.add_argument("--crossover", default=None,
-                        help="JSON with a crossover section (default: the --quadratic file's, else crossover.json "
-                             "beside --results; 'none': no table)")
+                        help="JSON with a crossover section (default: crossover.json beside --results, else the "
+                             "--quadratic file's; 'none': no table)")
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--plots", default=None, help="folder for the PNG plots (default: the folder of --results)")
     parser.add_argument("--analysis", default="benchmarks/analysis.md",
@@ -142,7 +142,8 @@ def parse_args(argv=None):
     if args.crossover is None:
         quadratic = Path(args.quadratic)
         has_own = args.quadratic != "none" and quadratic.exists() and "crossover" in json.loads(quadratic.read_text())
-        args.crossover = str(quadratic if has_own else results_dir / "crossover.json")
+        beside = results_dir / "crossover.json"
+        args.crossover = str(beside if beside.exists() or not has_own else quadratic)
     if args.plots is None:
         args.plots = str(results_dir)
     return args
