@@ -484,8 +484,8 @@ def linear_bwd_dq_kernel(
                 frows = base + 1 + BLOCK_D + t * TF + tl.arange(0, TF)
                 S_t = tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0)
                 z_t = tl.load(Z + frows)
-                X = tl.dot(g, tl.trans(operand(S_t, OP_BF16)), -crow[:, None] * z_t[None, :],
-                           input_precision=PRECISION)  # (BLOCK_M, TF)
+                X = tl.dot(g, tl.trans(operand(S_t, OP_BF16)), input_precision=PRECISION)  # (BLOCK_M, TF)
+                X = X - crow[:, None] * z_t[None, :]
                 qm = load_tile(Q_h, rows, q_ok, stride_qn, m_cols, D, stride_qd, True, EVEN_D, I64)
                 qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
                 dq3 = _pair_grads(dq3, X, qm, qn, mb, nb, c2 * weight, BLOCK_M, BT, NBLK)
@@ -563,8 +563,7 @@ def linear_bwd_dkdv_kernel(
             R_t = operand(tl.load(H + frows[:, None] * DV + cols_v[None, :], mask=v_ok[None, :], other=0.0), OP_BF16)
             r_t = tl.load(Z + frows)
             dv = tl.dot(kf, R_t, dv, input_precision=PRECISION)
-            Y = tl.dot(v_op, tl.trans(R_t), tl.zeros((BLOCK_N, TF), dtype=tl.float32) - r_t[None, :],
-                       input_precision=PRECISION)  # (BLOCK_N, TF)
+            Y = tl.dot(v_op, tl.trans(R_t), input_precision=PRECISION) - r_t[None, :]  # (BLOCK_N, TF)
             dk3 = _pair_grads(dk3, Y, km, kn, mb, nb, 1.0, BLOCK_N, BT, NBLK)
         dk += tl.reshape(dk3, (BLOCK_N, BLOCK_D))
 
