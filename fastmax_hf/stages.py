@@ -48,6 +48,55 @@ def norm_scale(x, lim, causal, valid=None, prev_peak=None):
     return factor.to(x.dtype).unsqueeze(-1), peak[..., -1]
 
 
+class _ScaleByPeak(torch.autograd.Function):
+    """x * lim / max ||x_n|| (the factor of ``norm_scale`` without a previous peak), with its
+    backward written out: the same gradient as autograd's through ``norm_scale``, in a few
+    passes over x instead of the dozens that the composed norm, cast, maximum and products
+    take (at 64k tokens, 16 heads, D=64 those made up half of a p = 1 forward+backward).
+
+    Backward, with f_n = lim / P_n, P_n = max_{n' <= n} ||x_n'|| reached at n* (cummax; the
+    whole sequence without a causal mask): dx_n = g_n f_n + x_n / ||x_n|| sum_{i: i* = n}
+    (-f_i / P_i) (g_i . x_i), where the second term counts only the positions that count
+    towards the maximum (``valid``) and only where ||x_n|| > 0."""
+
+    @staticmethod
+    def forward(ctx, x, lim, causal, valid):
+        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        norms = torch.linalg.vector_norm(x, dim=-1, dtype=work)  # (B, H, N)
+        counted = None
+        if valid is not None:
+            counted = valid[:, None, :].expand_as(norms)
+            norms = norms.masked_fill(~counted, 0.0)
+        if causal:
+            peak, at = torch.cummax(norms, dim=-1)
+        else:
+            peak, at = norms.max(dim=-1, keepdim=True)
+        # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
+        factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
+        factor = factor.to(x.dtype)
+        ctx.save_for_backward(x, norms, peak, at, factor, counted)
+        return x * factor.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norms, peak, at, factor, counted = ctx.saved_tensors
+        # row terms (B, H, N) in the norms' precision; the (.., D) tensors in x's dtype, three passes
+        g_factor = torch.linalg.vecdot(grad, x, dim=-1).to(norms.dtype)
+        if g_factor.shape != peak.shape:  # one factor for the whole sequence (no causal mask)
+            g_factor = g_factor.sum(-1, keepdim=True)
+        tiny = torch.finfo(peak.dtype).tiny
+        g_peak = torch.where(peak > 0, -g_factor * factor.to(peak.dtype) / peak.clamp_min(tiny), torch.zeros_like(peak))
+        g_norms = torch.zeros_like(norms).scatter_add_(-1, at, g_peak)
+        through_norm = norms > 0
+        if counted is not None:
+            through_norm = through_norm & counted
+            # selected, not multiplied: a non-finite x where no gradient passes gives 0, not inf * 0
+            x = x.masked_fill(~through_norm.unsqueeze(-1), 0)
+        coef = torch.where(through_norm, g_norms / norms.clamp_min(tiny), torch.zeros_like(norms))
+        grad_x = torch.addcmul(grad * factor.unsqueeze(-1), x, coef.to(x.dtype).unsqueeze(-1))
+        return grad_x, None, None, None
+
+
 def normalize_qk(q, k, lim, causal, key_padding_mask):
     """q and k scaled by lim / max ||x_n|| (see ``norm_scale``).
 
@@ -58,7 +107,13 @@ def normalize_qk(q, k, lim, causal, key_padding_mask):
         # padded keys are removed by selection before the product: an inf there would otherwise
         # reach the gradient of the running maximum (inf * 0 in the backward of k * factor)
         k = torch.where(key_padding_mask[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
-    return q * norm_scale(q, lim, causal, query_mask)[0], k * norm_scale(k, lim, causal, key_padding_mask)[0]
+    return _scale_by_peak(q, lim, causal, query_mask), _scale_by_peak(k, lim, causal, key_padding_mask)
+
+
+def _scale_by_peak(x, lim, causal, valid):
+    if x.shape[-2] == 0:  # no token: nothing to scale (and no maximum to take)
+        return x * 0
+    return _ScaleByPeak.apply(x, lim, causal, valid)
 
 
 def _visible_rows(shapes: Shapes, causal, key_padding_mask, device):

@@ -10,15 +10,16 @@ with c1 = a1 scale and c2 = a2 scale^2 (the denominator likewise with v_j -> 1).
 (m, n >= m) grid of pair features is cut into BT x BT tiles (tile (mb, nb), nb >= mb), each
 holding all BT x BT products, so that w becomes one number per tile (``_tile``). The pair
 part of z is a Gram matrix, z2[m, n] = sum_j k[m] k[n] (x^T x over a chunk), computed by the
-orders-0/1 program with one product and scattered into the tile layout (``_pair_rows``);
+state kernel's z program with one product and scattered into the tile layout (``_pair_rows``);
 the readout's denominator reads it back as a D x D matrix, phi_q(q) . z = q^T z2 q.
 
 Causal attention splits the key timeline into chunks of CHUNK tokens and runs three
 kernels, each parallel over chunks as well as heads and feature tiles:
 
 1. ``chunk_states_kernel``: every chunk's own state H_c = sum_{j in c} phi(k_j) v_j^T,
-   one program per (feature tile, chunk, value block, head); the pair features are
-   formed in registers and fed to the tensor cores, never written to memory.
+   one program per (feature tile, chunk, value block, head), one more for orders 0 and 1 and
+   one for z; the pair features are formed in registers and fed to the tensor cores, never
+   written to memory.
 2. ``state_scan_kernel``: in place, H_c becomes the exclusive prefix sum_{c' < c} H_c'
    (in fp32 registers; stored in the operand dtype), continuing a given state and
    returning the final one when asked (prefill and decoding).
@@ -114,26 +115,22 @@ def _pair_grads(grad3, Y, xm, xn, mb, nb, scale, ROWS: tl.constexpr, BT: tl.cons
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
-                     stride_vn, stride_vd, stride_mn, cols_v, DV,
-                     IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_DV: tl.constexpr, I64: tl.constexpr):
-    """One step of BLOCK_K positions of a chunk: the rows, which of them count, their values
-    (g = do / d for queries) and their weights in z (c for queries, 1 for keys)."""
+def _chunk_rows(INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS, stride_mn,
+                IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of BLOCK_K positions of a chunk: the rows, which of them count, the weight of
+    each row's features in S (1/d for queries: g = do / d with do as loaded) and in z (c for
+    queries, 1 for keys)."""
     pos = p0 + tl.arange(0, BLOCK_K)
     rows = pos - ROW_SHIFT
     ok = pos < pos_hi
-    if not IS_QUERY:
-        ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
-    val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
     if IS_QUERY:
-        inv_den = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
+        row_w = tl.load(INV_DEN + row0 + rows, mask=ok, other=0.0)
         zw = tl.load(CROW + row0 + rows, mask=ok, other=0.0)
-        val = val.to(tl.float32) * inv_den[:, None]
     else:
-        zw = ok.to(tl.float32)
-    return rows, ok, val, zw
-
+        ok = ok & key_valid(MASK_b, stride_mn, rows, N_ROWS, HAS_MASK)
+        row_w = ok.to(tl.float32)
+        zw = row_w
+    return rows, ok, row_w, zw
 
 
 @triton.jit
@@ -144,18 +141,20 @@ def chunk_states_kernel(
     stride_mb, stride_mn,
     Hx, GROUPS, N_ROWS, ROW_SHIFT, N_CHUNKS, N_DV_BLOCKS, D, DV, F_ROWS, N_TILES,
     a0, c1, c2,
-    IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr,
+    IS_QUERY: tl.constexpr, HAS_MASK: tl.constexpr, PAIRS: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    """Grid (N_TILES + 1, N_CHUNKS * N_DV_BLOCKS, B * Hk): H[bh, c] (F_ROWS, Dv), Z[bh, c] (F_ROWS).
+    """Grid (N_TILES + 2, N_CHUNKS * N_DV_BLOCKS, B * Hk): H[bh, c] (F_ROWS, Dv), Z[bh, c] (F_ROWS).
 
     Keys (IS_QUERY=False): X = k, VAL = v, rows = positions, unweighted features; padded keys
     and keys past N_ROWS add nothing. Queries (IS_QUERY=True): X = q of the GROUPS heads of
-    each key/value head (summed), VAL = do with 1/d folded in (g = do / d), the features
-    weighted by (a0, c1, c2 w), and Z gets sum phi_q(q_i) c_i. Rows are positions - ROW_SHIFT
-    (the causal offset Nk - Nq for queries). Program N_TILES owns orders 0 and 1."""
+    each key/value head (summed), VAL = do, each row's features scaled by 1/d (so that S sums
+    phi_q(q_i) g_i^T, g = do / d), the orders weighted by (a0, c1, c2 w) on the finished sums,
+    and Z gets sum phi_q(q_i) c_i. Rows are positions - ROW_SHIFT (the causal offset Nk - Nq for
+    queries). Programs: one per pair tile of S, then orders 0 and 1 of S, then z (in the first
+    value block's programs only), so that no program holds two accumulators."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1) // N_DV_BLOCKS
     pid_v = tl.program_id(1) % N_DV_BLOCKS
@@ -173,79 +172,89 @@ def chunk_states_kernel(
     chunk_base = (pid_bh.to(tl.int64) * N_CHUNKS + pid_c) * F_ROWS
     MASK_b = MASK + b * stride_mb
 
-    if pid_t < N_TILES:
+    if pid_t < N_TILES:  # one pair tile of S: sum_j (x[m] x[n])_j val_j^T
         mb, nb, m_cols, n_cols, weight = _tile(TILE_M, TILE_N, pid_t, BT)
-        acc = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)  # z of the tile: the orders-0/1 program
+        acc = tl.zeros((TF, BLOCK_DV), dtype=tl.float32)
         for g in range(0, GROUPS):
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
             V_h = VAL + b * stride_vb + head * stride_vh
             row0 = (b * Hx + head) * N_ROWS
             for p0 in range(pos_lo, pos_hi, BLOCK_K):
-                rows, ok, val, zw = _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
-                                                     stride_vn, stride_vd, stride_mn, cols_v, DV,
-                                                     IS_QUERY, HAS_MASK, BLOCK_K, EVEN_DV, I64)
+                rows, ok, row_w, zw = _chunk_rows(INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS, stride_mn,
+                                                  IS_QUERY, HAS_MASK, BLOCK_K)
+                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
                 xm = load_tile(X_h, rows, ok, stride_xn, m_cols, D, stride_xd, True, EVEN_D, I64)
                 xn = load_tile(X_h, rows, ok, stride_xn, n_cols, D, stride_xd, True, EVEN_D, I64)
                 if IS_QUERY:
-                    # c2 w goes onto x[m] before rounding, so the bf16 product carries no rounded coefficient
-                    f = _pairs(xm.to(tl.float32) * (c2 * weight), xn, BLOCK_K, BT, OP_BF16)
+                    # 1/d goes onto x[m] before rounding: the bf16 product is the only rounding
+                    f = _pairs(xm.to(tl.float32) * row_w[:, None], xn, BLOCK_K, BT, OP_BF16)
                 else:
                     f = _pairs(xm, xn, BLOCK_K, BT, OP_BF16)  # (BLOCK_K, TF), zero on rows not ok
                 acc = tl.dot(tl.trans(f), operand(val, OP_BF16), acc, input_precision=PRECISION)
+        if IS_QUERY:
+            acc = acc * (c2 * weight)
         frows = 1 + BLOCK_D + pid_t * TF + tl.arange(0, TF)
         tl.store(H + (chunk_base + frows[:, None]) * DV + cols_v[None, :], acc.to(H.dtype.element_ty),
                  mask=v_ok[None, :])
-    else:
+    elif pid_t == N_TILES:  # orders 0 and 1 of S
         S1 = tl.zeros((BLOCK_D, BLOCK_DV), dtype=tl.float32)
         S0 = tl.zeros((BLOCK_DV,), dtype=tl.float32)
+        for g in range(0, GROUPS):
+            head = hk * GROUPS + g
+            X_h = X + b * stride_xb + head * stride_xh
+            V_h = VAL + b * stride_vb + head * stride_vh
+            row0 = (b * Hx + head) * N_ROWS
+            for p0 in range(pos_lo, pos_hi, BLOCK_K):
+                rows, ok, row_w, zw = _chunk_rows(INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS, stride_mn,
+                                                  IS_QUERY, HAS_MASK, BLOCK_K)
+                val = load_tile(V_h, rows, ok, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
+                x = load_tile(X_h, rows, ok, stride_xn, cols_d, D, stride_xd, True, EVEN_D, I64)  # (BLOCK_K, BLOCK_D)
+                if IS_QUERY:
+                    x = x.to(tl.float32) * row_w[:, None]
+                S1 = tl.dot(tl.trans(operand(x, OP_BF16)), operand(val, OP_BF16), S1, input_precision=PRECISION)
+                S0 += tl.sum(val.to(tl.float32) * row_w[:, None], 0)
+        if IS_QUERY:
+            S1 = S1 * c1
+            S0 = S0 * a0
+        tl.store(H + (chunk_base + 1 + cols_d[:, None]) * DV + cols_v[None, :], S1.to(H.dtype.element_ty),
+                 mask=v_ok[None, :])
+        tl.store(H + chunk_base * DV + cols_v, S0.to(H.dtype.element_ty), mask=v_ok)
+    elif pid_v == 0:  # z, once per chunk: orders 0 and 1, and the pair part as a Gram matrix
         z1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
         z0 = tl.sum(z1, 0)
         z2 = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)  # sum zw x[m] x[n]: the pair tiles' z
         for g in range(0, GROUPS):
             head = hk * GROUPS + g
             X_h = X + b * stride_xb + head * stride_xh
-            V_h = VAL + b * stride_vb + head * stride_vh
             row0 = (b * Hx + head) * N_ROWS
             for p0 in range(pos_lo, pos_hi, BLOCK_K):
-                rows, ok, val, zw = _chunk_step_rows(V_h, INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS,
-                                                     stride_vn, stride_vd, stride_mn, cols_v, DV,
-                                                     IS_QUERY, HAS_MASK, BLOCK_K, EVEN_DV, I64)
+                rows, ok, row_w, zw = _chunk_rows(INV_DEN, CROW, MASK_b, row0, p0, pos_hi, ROW_SHIFT, N_ROWS, stride_mn,
+                                                  IS_QUERY, HAS_MASK, BLOCK_K)
                 x = load_tile(X_h, rows, ok, stride_xn, cols_d, D, stride_xd, True, EVEN_D, I64)  # (BLOCK_K, BLOCK_D)
-                S1 = tl.dot(tl.trans(operand(x, OP_BF16)), operand(val, OP_BF16), S1, input_precision=PRECISION)
-                S0 += tl.sum(val.to(tl.float32), 0)
-                xw = x.to(tl.float32) * zw[:, None]
-                z2 = tl.dot(tl.trans(operand(xw, OP_BF16)), operand(x, OP_BF16), z2, input_precision=PRECISION)
-                z1 += tl.sum(xw, 0)
+                if IS_QUERY:
+                    xw = operand(x.to(tl.float32) * zw[:, None], OP_BF16)
+                else:
+                    xw = operand(x, OP_BF16)  # zw is 1 on the rows loaded, 0 (and x 0) elsewhere
+                if PAIRS:
+                    z2 = tl.dot(tl.trans(xw), operand(x, OP_BF16), z2, input_precision=PRECISION)
+                z1 += tl.sum(xw.to(tl.float32), 0)
                 z0 += tl.sum(zw, 0)
         if IS_QUERY:
-            S1 = S1 * c1
-            S0 = S0 * a0
             z1 = z1 * c1
             z0 = z0 * a0
-        tl.store(H + (chunk_base + 1 + cols_d[:, None]) * DV + cols_v[None, :], S1.to(H.dtype.element_ty),
-                 mask=v_ok[None, :])
-        tl.store(H + chunk_base * DV + cols_v, S0.to(H.dtype.element_ty), mask=v_ok)
-        if pid_v == 0:
-            tl.store(Z + chunk_base + 1 + cols_d, z1)
-            tl.store(Z + chunk_base, z0)
-            if N_TILES > 0:
-                pair_rows, own, weight = _pair_rows(BLOCK_D, BT)
-                if IS_QUERY:
-                    z2 = z2 * (c2 * weight)
-                tl.store(Z + chunk_base + pair_rows, z2, mask=own)
+        tl.store(Z + chunk_base + 1 + cols_d, z1)
+        tl.store(Z + chunk_base, z0)
+        if PAIRS:
+            pair_rows, own, weight = _pair_rows(BLOCK_D, BT)
+            if IS_QUERY:
+                z2 = z2 * (c2 * weight)
+            tl.store(Z + chunk_base + pair_rows, z2, mask=own)
 
 
 # ----------------------------------------------------------------------------------------
 # 2. scan over chunks
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _exclusive_add(sum_a, last_a, sum_b, last_b):
-    """Combine of an exclusive prefix sum as an inclusive scan over (sum before the last
-    element, last element) pairs: the scan's first part at position i is sum_{c < i} x_c."""
-    return sum_a + last_a + sum_b, last_b
 
 
 @triton.jit
@@ -255,9 +264,9 @@ def _scan_block(BUF, IN, OUT, bh, offs, width, N_CHUNKS,
     """One block of elements of a (N_CHUNKS, width) buffer: exclusive prefix (MODE 0), exclusive
     suffix (MODE 1) or the total into chunk 0 (MODE 2); accumulated in fp32.
 
-    BLOCK_C chunks are loaded at once and summed with a scan across them, so that the loads of a
-    step are independent of each other: the scan runs at memory speed rather than at one
-    load latency per chunk."""
+    BLOCK_C chunks are loaded at once and summed with a cumulative sum across them, so that the
+    loads of a step are independent of each other: the scan runs at memory speed rather than at
+    one load latency per chunk."""
     ok = offs < width
     if LOAD_STATE:
         running = tl.load(IN + bh * width + offs, mask=ok, other=0.0).to(tl.float32)
@@ -275,9 +284,13 @@ def _scan_block(BUF, IN, OUT, bh, offs, width, N_CHUNKS,
         tile_ok = inside[:, None] & ok[None, :]
         tile = tl.load(ptrs, mask=tile_ok, other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_E)
         if MODE != 2:
-            # exclusive, in the order of the scan (not inclusive - tile: a non-finite chunk
-            # would reach its own prefix through inf - inf)
-            before, _ = tl.associative_scan((tl.zeros_like(tile), tile), 0, _exclusive_add)
+            # exclusive: the running sum of the chunks before each one in the step, loaded
+            # again one chunk back (inclusive - tile would let a non-finite chunk reach its own
+            # prefix through inf - inf); read before this step's stores
+            prev_ptrs = ptrs + (width if MODE == 1 else -width)
+            prev_ok = (steps >= 1)[:, None] & tile_ok
+            prev = tl.load(prev_ptrs, mask=prev_ok, other=0.0).to(tl.float32)
+            before = tl.cumsum(prev, 0)
             tl.store(ptrs, (before + running[None, :]).to(BUF.dtype.element_ty), mask=tile_ok)
         running += tl.sum(tile, 0)
     if MODE == 2:

@@ -43,7 +43,7 @@ class KernelSettings:
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
     # per tile, warps and stages (the forward readout's; the dq and dk/dv readouts' own
-    # warps and stages where given)
+    # warps and stages where given, and the dk/dv readout's own query rows per diagonal tile)
     linear_chunk: int | None = None
     linear_state_block_k: int | None = None
     linear_state_block_dv: int | None = None
@@ -57,6 +57,7 @@ class KernelSettings:
     linear_dq_stages: int | None = None
     linear_dkdv_warps: int | None = None
     linear_dkdv_stages: int | None = None
+    linear_dkdv_block_m: int | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
     # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and
     # their gradients

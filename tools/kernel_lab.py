@@ -228,21 +228,23 @@ def section_linkernels(args):
     for D in (64, 128):
         for variant in [{}] + [v for v in json.loads(args.variants) if "_shape" not in v]:
             record = {"section": "linkernels", "N": args.lin_n, "D": D, "H": 16, "B": 1, "causal": True,
-                      "settings": variant}
+                      "p": args.lin_p, "settings": variant}
             try:
                 with kernels.settings(**variant):
                     q, k, v = _inputs(args.lin_n, D, grad=True)
-                    call = lambda: run_fastmax(q, k, v, True, "linear")  # noqa: E731
+                    a = (1.0, 1.0, 0.5) if args.lin_p == 2 else (1.0, 1.0, 0.0)
+                    call = lambda: run_fastmax(q, k, v, True, "linear", p=args.lin_p, a=a)  # noqa: E731
                     out = call()
                     rows = 256
                     exp = fastmax_reference(q[:1, :2, -rows:].double(), k[:1, :2].double(), v[:1, :2].double(),
-                                            causal=True, scale=D ** -0.5)
+                                            causal=True, scale=D ** -0.5, p=args.lin_p, a0=a[0], a1=a[1], a2=a[2])
                     record["rel_err"] = rel_err(out[:1, :2, -rows:], exp)
                     do = torch.randn_like(out)
                     run = _fwd_bwd(call, (q, k, v), do)
+                    features = feature_count(D) if args.lin_p == 2 else 1 + D
                     for name, fn, count in (("fwd", call, 4), ("fwd+bwd", run, 12)):
                         ms = bench(fn)
-                        record[name] = {"ms": ms, "tflops": count * feature_count(D) * D * args.lin_n * 16 / ms / 1e9,
+                        record[name] = {"ms": ms, "tflops": count * features * D * args.lin_n * 16 / ms / 1e9,
                                         "kernels_ms": kernel_ms(fn)}
                     record["stats"] = kernels.ops.compiled_stats()
                     del q, k, v, out, do
@@ -375,6 +377,7 @@ def main():
     parser.add_argument("--variants", default="[]")
     parser.add_argument("--sdpa_max", type=int, default=131072)
     parser.add_argument("--lin_n", type=int, default=65536, help="tokens of the linkernels section")
+    parser.add_argument("--lin_p", type=int, default=2, choices=(1, 2), help="order p of the linkernels section")
     parser.add_argument("--check_dtypes", default="bfloat16,float16,float32", help="dtypes of the check section")
     parser.add_argument("--check_regimes", default="quadratic,linear", help="regimes of the check section")
     parser.add_argument("--out", default=None)
