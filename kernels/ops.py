@@ -69,12 +69,13 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
     (2, 16): (22000, 10000),  # D = 16, 32: the earlier kernels on an H100 (not re-measured)
     (2, 32): (22000, 9500),
-    # H200, after the linear kernels' rework: benchmarks/h200/kernels/crossover.json
-    # (D=64: forward+backward 1.34 ms quadratic against 2.06 linear at 8k, 4.85 against 4.08 at
-    # 16k; forward 1.04 / 1.18 at 16k, 3.86 / 2.16 at 32k. D=128: forward+backward 36.5 / 41.0
-    # at 32k, 149 / 81.4 at 64k; forward 8.39 / 11.2 at 32k, 33.6 / 22.3 at 64k)
-    (2, 64): (18500, 13500),
-    (2, 128): (44000, 37000),
+    # H200, after the state kernel's split and the cumulative-sum scan:
+    # benchmarks/h200/kernels/crossover.json (D=64: forward+backward 1.37 ms quadratic against
+    # 1.73 linear at 8k, 5.05 against 3.37 at 16k; forward 1.04 / 1.10 at 16k, 3.97 / 2.07 at
+    # 32k. D=128: forward+backward 9.26 / 19.4 at 16k, 36.9 / 35.3 at 32k; forward 8.54 / 10.1
+    # at 32k, 34.0 / 20.2 at 64k); the measurement before it: crossover_2026-12-02_before_split.json
+    (2, 64): (17300, 10500),
+    (2, 128): (39000, 31500),
 }
 
 
