@@ -43,9 +43,13 @@ def norm_scale(x, lim, causal, valid=None, prev_peak=None):
     peak = torch.cummax(norms, dim=-1).values if causal else norms.amax(-1, keepdim=True)
     if prev_peak is not None:
         peak = torch.maximum(peak, prev_peak[..., None])
-    # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
-    factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
-    return factor.to(x.dtype).unsqueeze(-1), peak[..., -1]
+    return _peak_factor(peak, lim).to(x.dtype).unsqueeze(-1), peak[..., -1]
+
+
+def _peak_factor(peak, lim):
+    """lim / peak, and 0 where the peak is 0: every vector so far is 0 (or padded), so any
+    factor works."""
+    return torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
 
 
 class _ScaleByPeak(torch.autograd.Function):
@@ -71,9 +75,7 @@ class _ScaleByPeak(torch.autograd.Function):
             peak, at = torch.cummax(norms, dim=-1)
         else:
             peak, at = norms.max(dim=-1, keepdim=True)
-        # a zero peak means every vector so far is 0 (or padded): any factor works, take 0
-        factor = torch.where(peak > 0, lim / peak.clamp_min(torch.finfo(peak.dtype).tiny), torch.zeros_like(peak))
-        factor = factor.to(x.dtype)
+        factor = _peak_factor(peak, lim).to(x.dtype)
         ctx.save_for_backward(x, norms, peak, at, factor, counted)
         return x * factor.unsqueeze(-1)
 
