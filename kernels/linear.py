@@ -29,9 +29,10 @@ kernels, each parallel over chunks as well as heads and feature tiles:
 
 Without a causal mask the scan sums every chunk and each query reads the total.
 
-Backward (no state is kept from the forward; see fastmax_hf/chunked.py for the algebra),
-with g_i = do_i / d_i and c_i = (do_i . o_i) / d_i:
-- dq: the prefix states again, then ``linear_bwd_dq_kernel``: X_i = S g_i - c_i z (the
+Backward (see fastmax_hf/chunked.py for the algebra), with g_i = do_i / d_i and
+c_i = (do_i . o_i) / d_i:
+- dq: the forward's prefix states where the launcher kept them (ops.keeps_key_states), else
+  the same two kernels again, then ``linear_bwd_dq_kernel``: X_i = S g_i - c_i z (the
   gradient of phi_q(q_i)) pushed through the pair features, plus the chunk's own tile;
 - dk, dv: query-side states R_c = sum_{i in c} phi_q(q_i) g_i^T, r_c = sum phi_q(q_i) c_i
   (``chunk_states_kernel`` on the queries), a reverse scan (the chunks after c), then

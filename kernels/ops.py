@@ -484,9 +484,40 @@ def _scan(H, Z, mode: int, state_in=None, state_out=None):
     _record("state_scan", compiled)
 
 
+@dataclass(frozen=True)
+class KeyStates:
+    """The scanned key states of a forward, kept for its backward's dq readout: H (B*Hk,
+    n_chunks, F_ROWS, Dv) in the state dtype, Z (B*Hk, n_chunks, F_ROWS) fp32, and the chunk
+    length they were computed with. Without a causal mask only the total (n_chunks = 1)."""
+
+    H: torch.Tensor
+    Z: torch.Tensor
+    chunk: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.H.numel() * self.H.element_size() + self.Z.numel() * self.Z.element_size()
+
+
+def keeps_key_states(pb: _Problem, p: int, causal: bool, chunk: int) -> bool:
+    """Whether a forward that will be differentiated keeps its key states for the backward
+    (the setting ``linear_keep_states``, else: without a causal mask always, one total state
+    per head; with it, when the per-chunk states take no more memory than the q, k, v and o
+    that autograd saves for the call anyway)."""
+    chosen = current_settings().linear_keep_states
+    if chosen is not None:
+        return chosen
+    if not causal:
+        return True
+    states = pb.B * pb.Hk * _state_bytes_per_head(pb, pb.Nk, p, chunk)
+    saved = pb.dtype.itemsize * pb.B * (pb.Hq * pb.Nq * (pb.D + pb.Dv) + pb.Hk * pb.Nk * (pb.D + pb.Dv))
+    return states <= saved
+
+
 def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, state_in=None, state_out=None,
-                          out=None):
-    """Forward of one group of heads: (out (B, Hq, Nq, Dv), den (B, Hq, Nq) fp32 contiguous).
+                          out=None, keep=False):
+    """Forward of one group of heads: (out (B, Hq, Nq, Dv), den (B, Hq, Nq) fp32 contiguous,
+    the ``KeyStates`` when ``keep``, else None).
 
     ``out``: where to write the output (any strides: a view of the whole output)."""
     pb = _Problem.of(q, k, v)
@@ -513,7 +544,11 @@ def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, st
         BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags(block_dv), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     _record("linear_fwd", compiled)
-    return out, den
+    if not keep:
+        return out, den, None
+    if not causal:  # the scan left the total in chunk 0: keep only that
+        H, Z = H[:, :1].clone(), Z[:, :1].clone()
+    return out, den, KeyStates(H, Z, chunk)
 
 
 def _head_groups(pb: _Problem, heads: int):
@@ -524,22 +559,33 @@ def _head_groups(pb: _Problem, heads: int):
 
 
 def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
+    """(out, den) of the linear kernels."""
+    return linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=False)[:2]
+
+
+def linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=True):
+    """(out, den, KeyStates or None): with ``keep``, the key states for the backward where
+    ``keeps_key_states`` allows it and the heads run in one launch (a launch per group of
+    heads means the states did not fit the scratch budget at once)."""
     pb = _Problem.of(q, k, v)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
-        return _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk)
+        keep = keep and keeps_key_states(pb, p, causal, chunk)
+        return _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, keep=keep)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
     for qs, ks in _head_groups(pb, heads):
         # the output is written through its strides straight into the whole tensor
-        _, den[:, qs] = _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], mask, causal, scale, p, a0, a1, a2,
-                                              chunk, out=out[:, qs])
-    return out, den
+        _, den[:, qs], _ = _linear_forward_heads(q[:, qs], k[:, ks], v[:, ks], mask, causal, scale, p, a0, a1, a2,
+                                                 chunk, out=out[:, qs])
+    return out, den, None
 
 
-def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk, grads=None):
+def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk, grads=None,
+                           key_states: KeyStates | None = None):
     """dq, dk, dv of one group of heads, contiguous in the inputs' dtype; written into ``grads``
-    (contiguous views of the whole gradients) when given, so that no group is copied."""
+    (contiguous views of the whole gradients) when given, so that no group is copied.
+    ``key_states``: the forward's (``KeyStates``), read instead of recomputed."""
     pb = _Problem.of(q, k, v, grad_out)
     cfg = _linear_config(pb, p)
     block_d, n_tiles, f_rows = linear_layout(pb.D, p)
@@ -550,11 +596,14 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
                   BLOCK_N=cfg["block_n"], BT=PAIR_TILE, OP_BF16=pb.op_bf16, **pb.flags())
     strides = (*q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride())
 
-    # dq from the prefix states of the keys (recomputed: nothing is kept from the forward)
-    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
-    H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
-                         n_chunks=n_chunks, row_shift=0)
-    _scan(H, Z, 0 if causal else 2)
+    # dq from the prefix states of the keys: the forward's where it kept them, else recomputed
+    if key_states is not None:
+        H, Z = key_states.H, key_states.Z
+    else:
+        n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
+        H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
+                             n_chunks=n_chunks, row_shift=0)
+        _scan(H, Z, 0 if causal else 2)
     if grads is None:
         grads = (torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device),
                  torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device),
@@ -592,17 +641,22 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     return dq, dk, dv
 
 
-def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
+def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, key_states=None):
     pb = _Problem.of(q, k, v, grad_out)
     inv_den, crow = _backward_rows(out, den, grad_out, pb)
-    return linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2)
+    return linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2,
+                                 key_states=key_states)
 
 
-def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2):
+def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, key_states=None):
     """dq, dk, dv of the surrogate sum_ij f(s_ij) (g_i . v_j - c_i) with g = grad_out * inv_den
     and c = crow (fp32 (B, Hq, Nq) contiguous): the backward of Fastmax for the row terms of
-    ``_backward_rows``, or of any function of (sum_j f v_j, sum_j f) given those terms."""
+    ``_backward_rows``, or of any function of (sum_j f v_j, sum_j f) given those terms.
+    ``key_states``: what ``linear_forward_keeping`` kept (its chunk length is used)."""
     pb = _Problem.of(q, k, v, grad_out)
+    if key_states is not None:
+        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2,
+                                      key_states.chunk, key_states=key_states)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)
@@ -741,19 +795,29 @@ class _FastmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal, scale, p, a0, a1, a2, regime):
-        impl = quadratic_forward if regime == "quadratic" else linear_forward
-        out, den = impl(q, k, v, mask, causal, scale, p, a0, a1, a2)
-        ctx.save_for_backward(q, k, v, mask, out, den)
+        kept, ctx.chunk = (None, None), None
+        if regime == "quadratic":
+            out, den = quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2)
+        else:  # the key states are kept for the backward where ``keeps_key_states`` allows it
+            out, den, states = linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2,
+                                                      keep=any(ctx.needs_input_grad[:3]))
+            if states is not None:
+                kept, ctx.chunk = (states.H, states.Z), states.chunk
+        ctx.save_for_backward(q, k, v, mask, out, den, *kept)
         ctx.options = (causal, scale, p, a0, a1, a2, regime)
         ctx.mark_non_differentiable(den)
         return out, den
 
     @staticmethod
     def backward(ctx, grad_out, _grad_den):
-        q, k, v, mask, out, den = ctx.saved_tensors
+        q, k, v, mask, out, den, H, Z = ctx.saved_tensors
         causal, scale, p, a0, a1, a2, regime = ctx.options
-        impl = quadratic_backward if regime == "quadratic" else linear_backward
-        dq, dk, dv = impl(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+        if regime == "quadratic":
+            dq, dk, dv = quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+        else:
+            states = KeyStates(H, Z, ctx.chunk) if ctx.chunk is not None else None
+            dq, dk, dv = linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2,
+                                         key_states=states)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -781,7 +845,10 @@ def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, r
 
     Under torch.compile the call goes through the custom operator ``fastmax_hf::forward``
     (opaque to the compiler); in eager mode through an autograd Function with the same
-    kernels and less host overhead. Under CUDA autocast both take bf16 inputs.
+    kernels and less host overhead. Under CUDA autocast both take bf16 inputs. The eager
+    Function keeps the linear forward's key states for the backward where
+    ``keeps_key_states`` allows it (one state pass fewer); the custom operator, whose outputs
+    are (out, den) only, recomputes them.
     """
     if regime == "auto":
         backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))

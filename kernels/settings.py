@@ -58,6 +58,11 @@ class KernelSettings:
     linear_dkdv_warps: int | None = None
     linear_dkdv_stages: int | None = None
     linear_dkdv_block_m: int | None = None
+    # True: the forward's per-chunk key states are kept for the backward (its dq readout reads
+    # them instead of recomputing them: one state pass and one scan fewer); False: recomputed;
+    # None: kept where they take no more memory than the q, k, v and o the call saves anyway
+    # (always without a causal mask, where one total state per head is kept)
+    linear_keep_states: bool | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
     # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and
     # their gradients
@@ -67,9 +72,9 @@ class KernelSettings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "quad_dq_fused":
+            if field.name in ("quad_dq_fused", "linear_keep_states"):
                 if value is not None and not isinstance(value, bool):
-                    raise ValueError(f"kernel setting `quad_dq_fused` must be True, False or None, got {value!r}")
+                    raise ValueError(f"kernel setting `{field.name}` must be True, False or None, got {value!r}")
                 continue
             if field.name == "scratch_fraction":
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:

@@ -180,6 +180,63 @@ def test_linear_kernels_across_chunks(gen, causal, shape):
             assert rel_err(a, b) < TOL[dtype], (dtype, p, "d" + name)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", CHUNKED_SHAPES)
+def test_kept_key_states_give_the_recomputed_gradients(gen, causal, shape, monkeypatch):
+    """The forward's key states, kept for the backward, are the ones it would recompute: the
+    same gradients to the bit, with one state pass fewer in the backward (the dq readout reads
+    them; the dk/dv readout's query-side states are still computed)."""
+    from fastmax_hf.kernels import ops
+
+    passes = []
+    real = ops._chunk_states
+    monkeypatch.setattr(ops, "_chunk_states", lambda *a, **kw: passes.append(kw["is_query"]) or real(*a, **kw))
+    chunked = dict(linear_chunk=32, linear_block_m=16, linear_block_n=32, linear_state_block_k=16)
+    (q, k, v), (qe, ke, ve), mask = inputs(gen, *shape, torch.float32)
+    expected = fastmax_reference(qe, ke, ve, causal=causal, key_padding_mask=mask, scale=0.3)
+    do = randn(gen, *expected.shape).to(DEVICE).float()
+    grads = {}
+    for keep in (False, True):
+        passes.clear()
+        with kernels.settings(**chunked, linear_keep_states=keep):
+            out, _ = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=causal, key_padding_mask=mask,
+                                      regime="linear")
+            assert passes == [False]
+            grads[keep] = torch.autograd.grad(out, (q, k, v), do)
+        assert passes == ([False, True] if keep else [False, False, True])
+        assert rel_err(out, expected) < 1e-4
+    want = torch.autograd.grad(expected, (qe, ke, ve), do)
+    for name, kept, recomputed, exact in zip("qkv", grads[True], grads[False], want):
+        assert torch.equal(kept, recomputed), "d" + name
+        assert rel_err(kept, exact) < 1e-4, "d" + name
+
+
+def test_key_states_are_kept_only_where_they_are_small():
+    """The default: without a causal mask (one total state per head) always; with it while the
+    per-chunk states take no more memory than q, k, v and o; never without a gradient."""
+    from fastmax_hf.kernels import ops
+
+    def problem(N, D, Hq=16, Hk=16):
+        q = torch.empty(1, Hq, N, D, dtype=torch.bfloat16, device="meta")
+        k = torch.empty(1, Hk, N, D, dtype=torch.bfloat16, device="meta")
+        return ops._Problem.of(q, k, k)
+
+    assert ops.keeps_key_states(problem(65536, 128), 2, False, 1024)
+    assert ops.keeps_key_states(problem(65536, 64), 2, True, 1024)  # 355 MB of states, 537 MB of q, k, v, o
+    assert not ops.keeps_key_states(problem(65536, 128), 2, True, 1024)  # 2.5 GB against 1.1 GB
+    assert ops.keeps_key_states(problem(65536, 128, 32, 8), 2, True, 4096)  # GQA: states per key/value head
+    with kernels.settings(linear_keep_states=True):
+        assert ops.keeps_key_states(problem(65536, 128), 2, True, 1024)
+    with kernels.settings(linear_keep_states=False):
+        assert not ops.keeps_key_states(problem(65536, 64), 2, False, 1024)
+    # no gradient asked for: nothing is kept
+    q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
+    out, den, states = ops.linear_forward_keeping(q, k, v, None, False, 0.3, 2, 1.0, 1.0, 0.5, keep=False)
+    assert states is None
+    out2, den2, states = ops.linear_forward_keeping(q, k, v, None, False, 0.3, 2, 1.0, 1.0, 0.5, keep=True)
+    assert torch.equal(out, out2) and states.H.shape[1] == 1 and states.nbytes > 0
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["dq-kernel", "fused-dq"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal, fused):
@@ -282,6 +339,9 @@ def test_settings_reject_bad_values():
             pass
     with pytest.raises(ValueError, match="quad_dq_fused"):
         with kernels.settings(quad_dq_fused=1):
+            pass
+    with pytest.raises(ValueError, match="linear_keep_states"):
+        with kernels.settings(linear_keep_states="yes"):
             pass
     with pytest.raises(ValueError, match="unknown kernel setting"):
         with kernels.settings(chunk=64):

@@ -125,6 +125,9 @@ def test_bench_arguments_and_its_default_tune_grid_are_valid_settings():
         bench.parse_args(["--sections", "long,everything"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--sections", "tune", "--tune_regimes", "cubic"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "tune", "--tune_causal", "yes"])
+    assert bench.bools(bench.parse_args(["--sections", "tune", "--tune_causal", "true,false"]).tune_causal) == [True, False]
     with pytest.raises(SystemExit, match="no_such_setting"):
         bench.check_settings(bench.parse_args(["--sections", "tune", "--tune", '{"no_such_setting": [1, 2]}']))
     with pytest.raises(SystemExit, match="no_such_setting"):

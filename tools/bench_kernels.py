@@ -239,7 +239,8 @@ def section_quadratic(args):
 
 
 def section_tune(args):
-    """Every combination of --tune (kernel settings), in each of --tune_regimes, at N = --tune_n."""
+    """Every combination of --tune (kernel settings), in each of --tune_regimes, at N = --tune_n,
+    with and without the causal mask (--tune_causal): times, forward+backward peak memory."""
     from fastmax_hf import kernels
 
     rows = []
@@ -247,14 +248,17 @@ def section_tune(args):
     for D in ints(args.tune_dims):
         inputs = [torch.randn(1, 16, args.tune_n, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                   for _ in range(3)]
-        for regime in args.tune_regimes.split(","):
+        for regime, causal in itertools.product(args.tune_regimes.split(","), bools(args.tune_causal)):
             for combo in combinations:
-                entry = {"regime": regime, "D": D, "N": args.tune_n, "settings": combo}
+                entry = {"regime": regime, "D": D, "N": args.tune_n, "causal": causal, "settings": combo}
                 with kernel_settings(combo):
                     for backward in (False, True):
-                        check = None if backward else (lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
-                        res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, True, regime), backward, check)
+                        check = None if backward else (lambda out, q, k, v: check_tail(out, q, k, v, causal, q.shape[-1] ** -0.5))
+                        res = timed("tune", lambda: inputs, lambda q, k, v: fastmax_call(q, k, v, causal, regime), backward,
+                                    check)
                         entry["fwd+bwd" if backward else "fwd"] = res.get("ms", res.get("error"))
+                        if backward and "peak_mib" in res:
+                            entry["peak_mib_fwd+bwd"] = res["peak_mib"]
                 # registers and spills of the kernels compiled last, where the kernels report them
                 stats = kernels.ops.compiled_stats()
                 entry["stats"] = {name: list(value) for name, value in stats.items() if name.startswith(regime)}
@@ -484,6 +488,10 @@ def section_decode(args):
     RESULTS["decode"] = rows
 
 
+def bools(text):
+    return [part.strip().lower() == "true" for part in text.split(",")]  # parse_args checked them
+
+
 def ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -508,6 +516,8 @@ def parse_args(argv=None):
     parser.add_argument("--tune_regimes", default="linear", help="tune: the regimes timed, e.g. linear,quadratic")
     parser.add_argument("--tune_n", type=int, default=16384, help="tune: sequence length")
     parser.add_argument("--tune_dims", default="64,128", help="tune: head dims")
+    parser.add_argument("--tune_causal", default="true", help="tune: with the causal mask, without, or both "
+                                                              "(true,false)")
     add_settings_argument(parser)
     parser.add_argument("--out", default=None, help="JSON results file (rewritten after each section)")
     args = parser.parse_args(argv)
@@ -520,6 +530,8 @@ def parse_args(argv=None):
         bad = sorted(set(args.tune_regimes.split(",")) - {"linear", "quadratic"})
         if bad:
             parser.error(f"--tune_regimes: unknown {bad}; choose from linear, quadratic")
+        if not set(args.tune_causal.lower().split(",")) <= {"true", "false"}:
+            parser.error(f"--tune_causal: a comma-separated list of true/false, got {args.tune_causal!r}")
     args.section_list = sections
     args.settings_changes = json_object(args.settings)
     return args
