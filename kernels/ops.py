@@ -502,8 +502,11 @@ class KeyStates:
 def keeps_key_states(pb: _Problem, p: int, causal: bool, chunk: int) -> bool:
     """Whether a forward that will be differentiated keeps its key states for the backward
     (the setting ``linear_keep_states``, else: without a causal mask always, one total state
-    per head; with it, when the per-chunk states take no more memory than the q, k, v and o
-    that autograd saves for the call anyway)."""
+    per head; with it, when the per-chunk states take no more memory than q, k, v, o and
+    their gradients, which the backward allocates anyway: at most twice what autograd saves
+    for the call without them. D=64 at 16k-256k keys keeps them, D=128 past 16k does not
+    (2.5 GB of states at 64k against 2.1 GB): there ``linear_keep_states=True`` trades
+    that memory for one state pass, BENCHMARKS.md)."""
     chosen = current_settings().linear_keep_states
     if chosen is not None:
         return chosen
@@ -511,7 +514,7 @@ def keeps_key_states(pb: _Problem, p: int, causal: bool, chunk: int) -> bool:
         return True
     states = pb.B * pb.Hk * _state_bytes_per_head(pb, pb.Nk, p, chunk)
     saved = pb.dtype.itemsize * pb.B * (pb.Hq * pb.Nq * (pb.D + pb.Dv) + pb.Hk * pb.Nk * (pb.D + pb.Dv))
-    return states <= saved
+    return states <= 2 * saved
 
 
 def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, state_in=None, state_out=None,

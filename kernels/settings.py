@@ -60,8 +60,8 @@ class KernelSettings:
     linear_dkdv_block_m: int | None = None
     # True: the forward's per-chunk key states are kept for the backward (its dq readout reads
     # them instead of recomputing them: one state pass and one scan fewer); False: recomputed;
-    # None: kept where they take no more memory than the q, k, v and o the call saves anyway
-    # (always without a causal mask, where one total state per head is kept)
+    # None: kept where they take no more memory than q, k, v, o and their gradients (always
+    # without a causal mask, where one total state per head is kept)
     linear_keep_states: bool | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
     # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and

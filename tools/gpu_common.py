@@ -155,6 +155,8 @@ def run_metadata() -> dict:
         "triton": triton_version,
         "transformers": _version("transformers"),
         "fastmax_hf": fastmax_hf.__version__,
+        # the peers' packages where installed (None where not)
+        "peers": {name: _version(name) for name in ("fla-core", "retention", "einops")},
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(["python", *sys.argv]),
         "kernel_settings": _settings_or_error(),
