@@ -69,13 +69,15 @@ def crossover_length(dim: int, p: int, backward: bool = True) -> int:
 CROSSOVER: dict[tuple[int, int], tuple[int, int]] = {
     (2, 16): (22000, 10000),  # D = 16, 32: the earlier kernels on an H100 (not re-measured)
     (2, 32): (22000, 9500),
-    # H200, after the state kernel's split and the cumulative-sum scan:
-    # benchmarks/h200/kernels/crossover.json (D=64: forward+backward 1.37 ms quadratic against
-    # 1.73 linear at 8k, 5.05 against 3.37 at 16k; forward 1.04 / 1.10 at 16k, 3.97 / 2.07 at
-    # 32k. D=128: forward+backward 9.26 / 19.4 at 16k, 36.9 / 35.3 at 32k; forward 8.54 / 10.1
-    # at 32k, 34.0 / 20.2 at 64k); the measurement before it: crossover_2026-12-02_before_split.json
-    (2, 64): (17300, 10500),
-    (2, 128): (39000, 31500),
+    # H200, with the forward's key states kept for the backward (ops.keeps_key_states):
+    # benchmarks/h200/kernels/crossover.json (D=64: forward+backward 1.34 ms quadratic against
+    # 1.51 linear at 8k, 2.92 against 2.22 at 12k; forward 1.07 / 1.09 at 16k, 3.97 / 2.06 at
+    # 32k. D=128, whose states are not kept (larger than q, k, v, o and gradients):
+    # forward+backward 9.22 / 19.3 at 16k, 37.1 / 35.1 at 32k; forward 8.64 / 10.1 at 32k); the
+    # measurements before it:
+    # crossover_2026-12-02.json (10.5k at D=64), crossover_2026-12-02_before_split.json
+    (2, 64): (16800, 9300),
+    (2, 128): (39000, 31200),  # forward: 8.54 / 10.1 at 32k, 34.0 / 20.2 at 64k (crossover_2026-12-02.json)
 }
 
 
