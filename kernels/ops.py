@@ -563,6 +563,22 @@ def _head_groups(pb: _Problem, heads: int):
         yield slice(h0 * pb.groups, h1 * pb.groups), slice(h0, h1)
 
 
+def key_states_chunk(q, k, v, p: int, causal: bool) -> int:
+    """The chunk length of the key states a differentiated linear forward of these inputs
+    keeps for its backward, 0 where it keeps none (``keeps_key_states``, and every head in one
+    launch): what both the eager Function and the custom operator decide by."""
+    pb = _Problem.of(q, k, v)
+    chunk, heads = linear_plan(pb, p, causal)
+    return chunk if heads == pb.Hk and keeps_key_states(pb, p, causal, chunk) else 0
+
+
+def _key_states_shapes(pb: _Problem, p: int, causal: bool, chunk: int):
+    """Shapes of the kept H and Z (``KeyStates``)."""
+    f_rows = feature_rows(pb.D, p)
+    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk) if causal else 1
+    return (pb.B * pb.Hk, n_chunks, f_rows, pb.Dv), (pb.B * pb.Hk, n_chunks, f_rows)
+
+
 def linear_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     """(out, den) of the linear kernels."""
     return linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=False)[:2]
@@ -575,7 +591,7 @@ def linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=Tru
     pb = _Problem.of(q, k, v)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
-        keep = keep and keeps_key_states(pb, p, causal, chunk)
+        keep = keep and keeps_key_states(pb, p, causal, chunk)  # as key_states_chunk decides
         return _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, keep=keep)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
@@ -734,16 +750,27 @@ def empty_state(batch, heads_kv, dim, dim_v, p, device):
 @torch.library.custom_op("fastmax_hf::forward", mutates_args=(), device_types=("cuda", "cpu"))
 def fastmax_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-    causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = quadratic_forward if regime == "quadratic" else linear_forward
-    return impl(q, k, v, mask, causal, scale, p, a0, a1, a2)
+    causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str, keep_chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, den, H, Z): H and Z the key states kept for the backward when ``keep_chunk`` (the
+    chunk length ``key_states_chunk`` chose when the call was traced) is not 0, else empty."""
+    if regime == "quadratic" or not keep_chunk:
+        impl = quadratic_forward if regime == "quadratic" else linear_forward
+        out, den = impl(q, k, v, mask, causal, scale, p, a0, a1, a2)
+        return out, den, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    out, den, states = _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, keep_chunk, keep=True)
+    return out, den, states.H, states.Z
 
 
 @fastmax_forward_op.register_fake
-def _(q, k, v, mask, causal, scale, p, a0, a1, a2, regime):
+def _(q, k, v, mask, causal, scale, p, a0, a1, a2, regime, keep_chunk=0):
     B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+    out, den = q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+    if regime == "quadratic" or not keep_chunk:
+        return out, den, q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    pb = _Problem.of(q, k, v)
+    h_shape, z_shape = _key_states_shapes(pb, p, causal, keep_chunk)
+    return out, den, q.new_empty(h_shape, dtype=pb.state_dtype), q.new_empty(z_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastmax_hf::backward", mutates_args=(), device_types=("cuda", "cpu"))
@@ -751,28 +778,33 @@ def fastmax_backward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
     out: torch.Tensor, den: torch.Tensor, grad_out: torch.Tensor,
     causal: bool, scale: float, p: int, a0: float, a1: float, a2: float, regime: str,
+    H: torch.Tensor | None = None, Z: torch.Tensor | None = None, keep_chunk: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = quadratic_backward if regime == "quadratic" else linear_backward
-    return impl(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+    if regime == "quadratic":
+        return quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2)
+    states = KeyStates(H, Z, keep_chunk) if keep_chunk else None
+    return linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, key_states=states)
 
 
 @fastmax_backward_op.register_fake
-def _(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime):
+def _(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime, H=None, Z=None, keep_chunk=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, p, a0, a1, a2, regime = inputs
-    out, den = output
-    ctx.save_for_backward(q, k, v, mask, out, den)
+    q, k, v, mask, causal, scale, p, a0, a1, a2, regime, keep_chunk = inputs
+    out, den, H, Z = output
+    ctx.save_for_backward(q, k, v, mask, out, den, H, Z)
     ctx.options = (causal, scale, p, a0, a1, a2, regime)
+    ctx.keep_chunk = keep_chunk
 
 
-def _backward(ctx, grad_out, _grad_den):
-    q, k, v, mask, out, den = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_den, _grad_H, _grad_Z):
+    q, k, v, mask, out, den, H, Z = ctx.saved_tensors
     causal, scale, p, a0, a1, a2, regime = ctx.options
-    dq, dk, dv = fastmax_backward_op(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = fastmax_backward_op(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2, regime,
+                                     H, Z, ctx.keep_chunk)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastmax_hf::forward", _backward, setup_context=_setup_context)
@@ -851,9 +883,9 @@ def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, r
     Under torch.compile the call goes through the custom operator ``fastmax_hf::forward``
     (opaque to the compiler); in eager mode through an autograd Function with the same
     kernels and less host overhead. Under CUDA autocast both take bf16 inputs. The eager
-    Function keeps the linear forward's key states for the backward where
-    ``keeps_key_states`` allows it (one state pass fewer); the custom operator, whose outputs
-    are (out, den) only, recomputes them.
+    Function and the custom operator keep the linear forward's key states for the backward
+    where ``keeps_key_states`` allows it (one state pass fewer); the operator's choice is made
+    when the call is traced (``key_states_chunk``) and passed to it.
     """
     if regime == "auto":
         backward = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
@@ -864,7 +896,10 @@ def triton_attention(q, k, v, options, *, causal=False, key_padding_mask=None, r
     args = (key_padding_mask, bool(causal), float(options.scale), int(options.p),
             float(options.a0), float(options.a1), float(options.a2), regime)
     if torch.compiler.is_compiling():
-        return fastmax_forward_op(q, k, v, *args)
+        differentiated = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        keep_chunk = key_states_chunk(q, k, v, int(options.p), bool(causal)) if (
+            regime == "linear" and differentiated) else 0
+        return fastmax_forward_op(q, k, v, *args, keep_chunk)[:2]
     if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
         with torch.autocast("cuda", enabled=False):

@@ -107,13 +107,20 @@ def test_custom_op_registration(gen):
     q = torch.empty(2, 4, 10, 16, device="meta")
     k = torch.empty(2, 2, 12, 16, device="meta")
     v = torch.empty(2, 2, 12, 8, device="meta")
-    out, den = torch.ops.fastmax_hf.forward(q, k, v, None, True, 0.25, 2, 1.0, 1.0, 0.5, "linear")
+    out, den, H, Z = torch.ops.fastmax_hf.forward(q, k, v, None, True, 0.25, 2, 1.0, 1.0, 0.5, "linear")
     assert out.shape == (2, 4, 10, 8) and out.device.type == "meta" and den.shape == (2, 4, 10)
+    assert H.numel() == 0 and Z.numel() == 0  # nothing kept unless the call says so
+    from fastmax_hf.kernels import ops
+
+    _, _, H, Z = torch.ops.fastmax_hf.forward(q, k, v, None, True, 0.25, 2, 1.0, 1.0, 0.5, "linear", 512)
+    rows = ops.feature_rows(16, 2)
+    assert H.shape == (4, 1, rows, 8) and Z.shape == (4, 1, rows) and H.dtype == torch.float32
 
     (q, k, v), _, mask = inputs(gen, 1, 2, 1, 20, 20, 16, 16, torch.float32)
-    args = (q, k, v, mask, True, 0.25, 2, 1.0, 1.0, 0.5, "quadratic")
-    torch.library.opcheck(torch.ops.fastmax_hf.forward.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for args in ((q, k, v, mask, True, 0.25, 2, 1.0, 1.0, 0.5, "quadratic"),
+                 (q, k, v, mask, True, 0.25, 2, 1.0, 1.0, 0.5, "linear", ops.key_states_chunk(q, k, v, 2, True))):
+        torch.library.opcheck(torch.ops.fastmax_hf.forward.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def layer(q, k, v):
         return fastmax(q, k, v, causal=True, key_padding_mask=mask, backend="triton").sum()
@@ -211,6 +218,34 @@ def test_kept_key_states_give_the_recomputed_gradients(gen, causal, shape, monke
         assert rel_err(kept, exact) < 1e-4, "d" + name
 
 
+def test_the_compiled_call_keeps_the_key_states_too(gen, monkeypatch):
+    """Under torch.compile the custom operator returns the kept states beside its output and its
+    backward reads them: the eager gradients to the bit, one state pass fewer than recomputing."""
+    from fastmax_hf.kernels import ops
+
+    passes = []
+    real = ops._chunk_states
+    monkeypatch.setattr(ops, "_chunk_states", lambda *a, **kw: passes.append(kw["is_query"]) or real(*a, **kw))
+    (q, k, v), _, mask = inputs(gen, 1, 2, 1, 70, 70, 16, 16, torch.float32)
+    do = randn(gen, 1, 2, 70, 16).to(DEVICE).float()
+
+    def attend(q, k, v):
+        return triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=True, key_padding_mask=mask,
+                                regime="linear")[0]
+
+    with kernels.settings(linear_chunk=32, linear_block_m=16, linear_block_n=32, linear_state_block_k=16,
+                          linear_keep_states=True):
+        assert ops.key_states_chunk(q, k, v, 2, True) == 32
+        want = torch.autograd.grad(attend(q, k, v), (q, k, v), do)
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+        out = compiled(q, k, v)
+        passes.clear()
+        got = torch.autograd.grad(out, (q, k, v), do)
+        assert passes == [True]  # the backward built only the query-side states
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_key_states_are_kept_only_where_they_are_small():
     """The default: without a causal mask (one total state per head) always; with it while the
     per-chunk states take no more memory than q, k, v, o and their gradients; never without a
@@ -266,16 +301,23 @@ def test_quadratic_kernels_whole_and_diagonal_blocks(gen, causal, fused):
 
 
 def test_eager_function_and_custom_operator_agree(gen):
-    """Eager calls take an autograd Function, torch.compile the custom operator: same numbers."""
+    """Eager calls take an autograd Function, torch.compile the custom operator: same numbers,
+    with the operator keeping the key states for its backward and without."""
+    from fastmax_hf.kernels import ops
+
+    assert ops.key_states_chunk(*inputs(gen, 1, 2, 1, 30, 30, 16, 16, torch.float32)[0], 2, True) > 0
     (q, k, v), _, mask = inputs(gen, 1, 2, 1, 30, 30, 16, 16, torch.float32)
     do = randn(gen, 1, 2, 30, 16).to(DEVICE).float()
     for regime in ("quadratic", "linear"):
         out, den = triton_attention(q, k, v, FastmaxOptions(scale=0.3), causal=True, key_padding_mask=mask,
                                     regime=regime)
-        op_out, op_den = torch.ops.fastmax_hf.forward(q, k, v, mask, True, 0.3, 2, 1.0, 1.0, 0.5, regime)
-        assert torch.equal(out, op_out) and torch.equal(den, op_den)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(op_out, (q, k, v), do)):
-            assert torch.equal(a, b)
+        for keep_chunk in ((0, ops.key_states_chunk(q, k, v, 2, True)) if regime == "linear" else (0,)):
+            op_out, op_den, _, _ = torch.ops.fastmax_hf.forward(q, k, v, mask, True, 0.3, 2, 1.0, 1.0, 0.5, regime,
+                                                                keep_chunk)
+            assert torch.equal(out, op_out) and torch.equal(den, op_den)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
+                            torch.autograd.grad(op_out, (q, k, v), do)):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("N, D, Hq, Hk", [
