@@ -568,7 +568,10 @@ def key_states_chunk(q, k, v, p: int, causal: bool) -> int:
     keeps for its backward, 0 where it keeps none (``keeps_key_states``, and every head in one
     launch): what both the eager Function and the custom operator decide by."""
     pb = _Problem.of(q, k, v)
-    chunk, heads = linear_plan(pb, p, causal)
+    return _keep_chunk(pb, p, causal, *linear_plan(pb, p, causal))
+
+
+def _keep_chunk(pb: _Problem, p: int, causal: bool, chunk: int, heads: int) -> int:
     return chunk if heads == pb.Hk and keeps_key_states(pb, p, causal, chunk) else 0
 
 
@@ -591,7 +594,7 @@ def linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=Tru
     pb = _Problem.of(q, k, v)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
-        keep = keep and keeps_key_states(pb, p, causal, chunk)  # as key_states_chunk decides
+        keep = keep and _keep_chunk(pb, p, causal, chunk, heads) > 0
         return _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, keep=keep)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
@@ -674,10 +677,10 @@ def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale,
     and c = crow (fp32 (B, Hq, Nq) contiguous): the backward of Fastmax for the row terms of
     ``_backward_rows``, or of any function of (sum_j f v_j, sum_j f) given those terms.
     ``key_states``: what ``linear_forward_keeping`` kept (its chunk length is used)."""
-    pb = _Problem.of(q, k, v, grad_out)
     if key_states is not None:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2,
                                       key_states.chunk, key_states=key_states)
+    pb = _Problem.of(q, k, v, grad_out)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)
