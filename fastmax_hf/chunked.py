@@ -434,3 +434,21 @@ def state_readout(q, S, z, options: FastmaxOptions):
     num = fq @ S.unsqueeze(2)  # (B, Hk, G, n, Dv)
     den = (fq * z[:, :, None, None, :]).sum(-1)
     return num.reshape(B, Hq, n, S.shape[-1]), den.reshape(B, Hq, n)
+
+
+@torch.no_grad()
+def chunked_decode_step_(q, k, v, S, z, options: FastmaxOptions, *, key_valid=None):
+    """One new token per sequence (q (B, Hq, 1, D), k, v (B, Hk, 1, D / Dv)) attends to the
+    state and itself and joins it, S and z updated in place; returns out (B, Hq, 1, Dv).
+
+    ``key_valid`` (B,) bool: False = a padded token, which attends but joins nothing (its
+    features are zero by selection). The PyTorch twin of the Triton decoding step."""
+    cd = S.dtype
+    kc, vc = k.to(cd), v.to(cd)
+    fk = _key_features(kc, options.p)  # (B, Hk, 1, F)
+    if key_valid is not None:
+        fk = torch.where(key_valid[:, None, None, None], fk, torch.zeros((), dtype=cd, device=fk.device))
+    S.add_(fk.transpose(-1, -2) @ vc)
+    z.add_(fk[:, :, 0])
+    num, den = state_readout(q, S, z, options)
+    return _normalise(num, den).to(q.dtype)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import choose_backend
-from .chunked import chunked_step, feature_count
+from .chunked import chunked_decode_step_, chunked_step, feature_count
 from .options import FastmaxOptions
 from .stages import norm_scale
 from .validation import check_window_gain_tensor
@@ -174,3 +174,30 @@ def step_with_options(q, k, v, state: FastmaxState | None, options: FastmaxOptio
 
     out, S, z = chunked_step(q, k, v, state.S, state.z, options, key_padding_mask=key_padding_mask)
     return out, FastmaxState(S, z, q_peak, k_peak)
+
+
+@torch.no_grad()
+def decode_step_(q, k, v, state: FastmaxState, options: FastmaxOptions, *, key_valid=None) -> torch.Tensor:
+    """One new token per sequence, folded into ``state`` in place; returns out (B, Hq, 1, Dv).
+
+    Unlike ``fastmax_step`` the state's tensors are updated where they lie and keep their
+    addresses, and nothing is read back to the host: what a captured CUDA graph replays
+    (``FastmaxCache(static=True)``). ``key_valid`` (B,) bool: False = this token is padding
+    (it attends and joins nothing). A hybrid-window state is continued by ``fastmax_step``."""
+    if q.shape[2] != 1 or k.shape[2] != 1 or v.shape[2] != 1:
+        raise ValueError(f"decode_step_ takes one new token per sequence, got `q` {tuple(q.shape)}")
+    if state.window is not None:
+        raise ValueError("a hybrid-window state keeps a ring of keys and values: continue it with fastmax_step")
+    if options.normalize:
+        if state.q_peak is None:
+            raise ValueError("`state` was built without normalize=True but `normalize` is set")
+        valid = None if key_valid is None else key_valid[:, None]
+        q, q_peak = _running_normalize(q, state.q_peak, options.lim, valid)
+        k, k_peak = _running_normalize(k, state.k_peak, options.lim, valid)
+        state.q_peak.copy_(q_peak)
+        state.k_peak.copy_(k_peak)
+    if state.layout == "triton":
+        from .kernels import decode_step_ as triton_decode_step_
+
+        return triton_decode_step_(q, k, v, state.S, state.z, options, key_valid=key_valid)
+    return chunked_decode_step_(q, k, v, state.S, state.z, options, key_valid=key_valid)

@@ -8,7 +8,7 @@ machine a plain ``pytest`` runs it too. It holds the essential checks of tools/c
 128; both regimes (``triton_attention(..., regime="quadratic" | "linear")``); forward and
 gradients; grouped-query heads; padding with a fully padded row; Hugging Face's (B, N, H, D)
 memory read through its strides; the public function and the recurrent step on CUDA tensors;
-empty inputs; the hybrid window on the kernels; and tensors of more than 2^31 elements
+the in-place decoding step and static generation replayed as CUDA graphs; empty inputs; the hybrid window on the kernels; and tensors of more than 2^31 elements
 (offsets past int32).
 
 Errors are ||x - ref|| / ||ref|| against the float64 reference, targets fp32 1e-4, fp16 5e-3,
@@ -209,3 +209,91 @@ def test_tensors_past_two_to_the_31_elements(cuda_gen):
     want = torch.autograd.grad(expected, (q64, k64, v64), do[:, h : h + 1].double())
     for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
         assert rel_err(a[:, h : h + 1], b) <= TARGET[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_in_place_decoding_step_on_cuda(cuda_gen, dtype):
+    """The in-place decoding kernel on the GPU: a prefill, then steps through decode_step_
+    (batch 1: rows split over programs; batch 40: one program per head), against float64."""
+    from fastmax_hf.kernels import decode_step_, empty_state, triton_step
+
+    for batch in (1, 40):
+        q, k, v, _ = make(cuda_gen, batch, 8, 2, 300, 300, 64, 64, dtype, pad=False, hf_layout=True)
+        opts = FastmaxOptions(scale=64 ** -0.5)
+        split = 290
+        out, S, z = triton_step(q[:, :, :split], k[:, :, :split], v[:, :, :split],
+                                *empty_state(batch, 2, 64, 64, 2, "cuda"), opts)
+        outs, addr = [out], S.data_ptr()
+        for t in range(split, 300):
+            s = slice(t, t + 1)
+            outs.append(decode_step_(q[:, :, s], k[:, :, s], v[:, :, s], S, z, opts))
+        assert S.data_ptr() == addr
+        expected = fastmax_reference(q.double(), k.double(), v.double(), causal=True)
+        assert rel_err(torch.cat(outs, 2), expected) <= TARGET[dtype]
+
+
+def _tiny_causal_lm(family: str, dtype):
+    import copy
+
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
+    configs = {
+        "llama": lambda: LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, **common),
+        "qwen2": lambda: Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=1, **common),
+        "gpt2": lambda: GPT2Config(n_embd=256, n_layer=3, n_head=4, **common),
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(configs[family]()), attn_implementation="fastmax")
+    return model.to(device="cuda", dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_static_generation_replays_cuda_graphs(family):
+    """generate(cache_implementation="static") on CUDA: every decoding step a replayed graph, the
+    logits those of a stateless forward over the generated tokens (bf16 tolerance), a left-padded
+    batch; in fp32, beams and seeded sampling generate what the default cache generates."""
+    model = _tiny_causal_lm(family, torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 512, (3, 50), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    runner = model.get_compiled_call(None)
+    new = 12
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, cache_implementation="static", return_dict_in_generate=True,
+                             output_logits=True)
+        assert runner.captures == 1 and runner.replays == new - 1
+        full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, 50:])], 1)[:, :-1]
+        positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+        stateless = model(out.sequences[:, :-1], attention_mask=full_mask, position_ids=positions,
+                          use_cache=False).logits[:, 49:]
+    assert rel_err(torch.stack(out.logits, 1), stateless) <= 2e-2
+
+    # fp32: beams generate what the default cache generates; seeded sampling draws from the same
+    # distributions (logits equal to rounding until the draws differ) and the graph leaves the
+    # random generator where the default cache leaves it
+    model = model.float()
+    gen = torch.cuda.default_generators[0]
+    for kwargs in (dict(num_beams=3, do_sample=False), dict(do_sample=True, top_k=20)):
+        runs, offsets = [], []
+        for implementation in ("static", None):
+            torch.manual_seed(5)
+            with torch.inference_mode():
+                runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                           pad_token_id=0, cache_implementation=implementation,
+                                           return_dict_in_generate=True, output_logits=True, **kwargs))
+            offsets.append(gen.get_offset())
+        assert offsets[0] == offsets[1], kwargs
+        if kwargs.get("num_beams"):
+            assert torch.equal(runs[0].sequences, runs[1].sequences)
+            continue
+        same = (runs[0].sequences[:, 50:] == runs[1].sequences[:, 50:]).all(0)
+        agree = int(same.long().cumprod(0).sum())  # steps before the first differing draw
+        for step in range(min(agree + 1, new)):
+            assert rel_err(runs[0].logits[step], runs[1].logits[step]) < 1e-4, step
+    assert model.get_compiled_call(None).replays > new - 1

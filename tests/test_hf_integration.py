@@ -570,8 +570,8 @@ def test_kv_cache_family_keeps_the_kv_cache_with_one_warning():
 
 def test_generation_refusals(llama):
     ids = prompts(18, 5)[0][None]
-    with pytest.raises(ValueError, match="cache_implementation='static'"):
-        greedy(llama, ids, 3, cache_implementation="static")
+    with pytest.raises(ValueError, match="cache_implementation='offloaded_static'.*'static'"):
+        greedy(llama, ids, 3, cache_implementation="offloaded_static")
     with pytest.raises(ValueError, match="assisted decoding"):
         greedy(llama, ids, 3, prompt_lookup_num_tokens=2)
     cache = FastmaxCache(config=llama.config)

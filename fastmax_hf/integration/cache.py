@@ -8,8 +8,15 @@ are folded in by the recurrent step (``fastmax_hf.recurrent``) and then forgotte
 W positions (``FastmaxState.tail_k``/``tail_v``, B x Hk x W x D each): still constant in the number
 of tokens. What it
 cannot do follows from that: ``crop`` (assisted decoding, rollback) would need the states of
-earlier positions, and a static cache preallocates per-token slots that fastmax never uses.
-Both are refused.
+earlier positions, and is refused.
+
+After the prompt every one-token step is folded into the state in place by one fused step
+(``recurrent.decode_step_``): the state's tensors keep their addresses and nothing is read back
+to the host. ``static=True`` (what ``generate(..., cache_implementation="static")`` builds for a
+fastmax model) makes the cache compileable, so that generate() takes its static-shape path and
+a decoding step is captured once as a CUDA graph and replayed (``integration.graphs``); its beam
+reorders are in place too. There are no per-token slots to preallocate: the state has its final
+size from the first token.
 
 One mechanism for every family. Every attention class that goes through
 ``ALL_ATTENTION_FUNCTIONS`` does, in transformers' own code,
@@ -29,6 +36,7 @@ over the new tokens only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 
 import torch
@@ -36,7 +44,7 @@ from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..options import FastmaxOptions
-from ..recurrent import FastmaxState, step_with_options
+from ..recurrent import FastmaxState, decode_step_, step_with_options
 
 _NO_KV = (
     "FastmaxCache keeps Fastmax's recurrent state, not keys and values, so {what}. It serves models built with "
@@ -109,10 +117,17 @@ class FastmaxCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_type: str = "full_attention", sliding_window: int | None = None, **kwargs):
+    def __init__(self, layer_type: str = "full_attention", sliding_window: int | None = None, static: bool = False,
+                 **kwargs):
         """``sliding_window``: the window of a sliding/chunked layer, up to which full fastmax attention is
-        what the layer computes; the attention function refuses to attend to more positions."""
+        what the layer computes; the attention function refuses to attend to more positions.
+        ``static``: compileable, for CUDA-graph decoding (see the module's docstring)."""
         super().__init__()
+        self.static = bool(static)
+        self.is_compileable = self.static  # generate() then takes its static-shape (compiled-call) path
+        # (B,) bool read by in-place steps that get no padding mask: whether each row's new token is
+        # real. Set by the CUDA-graph runner, which captures its steps without the growing mask.
+        self.decode_valid: torch.Tensor | None = None
         self.layer_type = layer_type
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -157,9 +172,15 @@ class FastmaxCacheLayer(CacheLayerMixin):
                 f"the FastmaxCache holds a batch of {self.state.S.shape[0]} sequences but this call has "
                 f"{query.shape[0]}; use a new cache for a new batch"
             )
-        out, self.state = step_with_options(
-            query, key, value, self.state, options, key_padding_mask=key_padding_mask, backend=backend
-        )
+        if self.state is not None and query.shape[2] == 1 and self.state.window is None:
+            # one fused step, in place: the cache owns its state (a beam reorder or batch selection
+            # gives it new tensors), and the state keeps its addresses for CUDA graphs
+            key_valid = key_padding_mask[:, -1] if key_padding_mask is not None else self.decode_valid
+            out = decode_step_(query, key, value, self.state, options, key_valid=key_valid)
+        else:
+            out, self.state = step_with_options(
+                query, key, value, self.state, options, key_padding_mask=key_padding_mask, backend=backend
+            )
         self.seen_tokens += query.shape[2]
         return out
 
@@ -182,8 +203,11 @@ class FastmaxCacheLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: row i of the new state is row beam_idx[i] of the old one."""
-        if self.state is not None:
+        """Beam search: row i of the new state is row beam_idx[i] of the old one (in place when static)."""
+        if self.state is not None and self.static:
+            for held in self.state.tensors():
+                held.copy_(held.index_select(0, beam_idx.to(held.device)))
+        elif self.state is not None:
             self.state = self.state.index_select(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -288,10 +312,10 @@ NON_ATTENTION_LAYER_TYPES = ("conv", "linear_attention", "dummy")
 WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
 
 
-def _cache_layer(layer_type: str, kwargs: dict, model_type: str):
+def _cache_layer(layer_type: str, kwargs: dict, model_type: str, static: bool = False):
     window = kwargs.get("sliding_window") if layer_type in WINDOWED_LAYER_TYPES else None
     if layer_type in FASTMAX_LAYER_TYPES:
-        return FastmaxCacheLayer(layer_type=layer_type, sliding_window=window)
+        return FastmaxCacheLayer(layer_type=layer_type, sliding_window=window, static=static)
     if layer_type in HYBRID_LAYER_TYPES and _LinearAttentionLayer is not None:
         return FastmaxHybridLayer(number_of_states=kwargs.get("number_of_states", 1), layer_type=layer_type,
                                   sliding_window=window)
@@ -321,16 +345,22 @@ class FastmaxCache(Cache):
         out = model(input_ids, cache=cache, use_cache=True)             # transformers >= 5.24
     """
 
-    def __init__(self, config=None, num_hidden_layers: int | None = None):
+    def __init__(self, config=None, num_hidden_layers: int | None = None, static: bool = False):
         self.config = None if config is None else config.get_text_config(decoder=True)
+        self.static = bool(static)
         if self.config is not None and num_hidden_layers is None:
             types, kwargs = _layer_types(self.config)
             model_type = getattr(self.config, "model_type", "?")
-            super().__init__(layers=[_cache_layer(t, kw, model_type) for t, kw in zip(types, kwargs)])
+            super().__init__(layers=[_cache_layer(t, kw, model_type, static) for t, kw in zip(types, kwargs)])
         elif num_hidden_layers is not None:
-            super().__init__(layers=[FastmaxCacheLayer() for _ in range(num_hidden_layers)])
+            super().__init__(layers=[FastmaxCacheLayer(static=static) for _ in range(num_hidden_layers)])
         else:
-            super().__init__(layer_class_to_replicate=FastmaxCacheLayer)
+            super().__init__(layer_class_to_replicate=functools.partial(FastmaxCacheLayer, static=static))
+
+    @property
+    def is_compileable(self) -> bool:
+        """Static caches only: generate() then takes its static-shape path (``graphs.py``)."""
+        return self.static and bool(self.layers) and all(layer.is_compileable for layer in self.layers)
 
     def layer(self, layer_idx: int) -> FastmaxCacheLayer:
         """The fastmax layer ``layer_idx``, created on first use when the cache was built without a config."""

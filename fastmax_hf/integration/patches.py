@@ -1,6 +1,6 @@
 """What ``import fastmax_hf`` changes in transformers, each change small, named and revertible.
 
-Two patches, for every model; no family needs a patch of its own in transformers 5.24 (the
+Three patches, for every model; no family needs a patch of its own in transformers 5.24 (the
 per-family tables below refuse families or keep their key/value cache, and patch nothing):
 
     patch_attn_resolution / unpatch_attn_resolution
@@ -17,7 +17,13 @@ per-family tables below refuse families or keep their key/value cache, and patch
         with an error naming the family and, where there is one, the config change that converts it.
     patch_generation / unpatch_generation
         ``GenerationMixin._prepare_cache_for_generation``: wherever transformers would build its default
-        ``DynamicCache`` for a fastmax model, a ``FastmaxCache`` (constant size) is used instead.
+        ``DynamicCache`` for a fastmax model, a ``FastmaxCache`` (constant size) is used instead;
+        ``cache_implementation="static"`` gives a static ``FastmaxCache`` (state folded in place).
+    patch_compiled_call / unpatch_compiled_call
+        ``PreTrainedModel.get_compiled_call``, which generate() calls for its static-shape decoding
+        steps when the cache is compileable: for a fastmax model it returns the model's
+        ``DecodeGraphRunner`` (``graphs.py``: CUDA-graph replay of the eager step) instead of
+        ``torch.compile(model.__call__)``.
 
 The recurrent state itself needs no patch: ``FastmaxCache.update`` hands each layer over to the
 attention function (see ``cache.py``), which every family calls through ``ALL_ATTENTION_FUNCTIONS``.
@@ -185,6 +191,9 @@ def check_family(model_class: type, config) -> None:
 _MISSING = object()
 _ORIGINAL_RESOLUTION: object = _MISSING
 _ORIGINAL_PREPARE_CACHE: object = _MISSING
+_ORIGINAL_COMPILED_CALL: object = _MISSING
+# The cache_implementation that gives a fastmax model a static FastmaxCache (CUDA-graph decoding).
+STATIC_CACHE_IMPLEMENTATION = "static"
 RESOLUTION_METHOD = "get_correct_attn_implementation"
 
 
@@ -293,15 +302,25 @@ def _prepare_cache_for_generation(
             "cache back with crop(), which fastmax's recurrent state cannot do: generate without an assistant"
         )
     user_cache = next((model_kwargs[n] for n in CACHE_ARGUMENT_NAMES if model_kwargs.get(n) is not None), None)
+    implementation = generation_config.cache_implementation
+    static = implementation == STATIC_CACHE_IMPLEMENTATION
     if user_cache is None and generation_config.use_cache is not False:
-        implementation = generation_config.cache_implementation
-        if implementation not in (None, "dynamic"):
+        if implementation not in (None, "dynamic", STATIC_CACHE_IMPLEMENTATION):
             raise ValueError(
                 f"cache_implementation={implementation!r} is a key/value cache; a fastmax model generates from a "
-                "constant-size recurrent state (FastmaxCache) instead. Leave cache_implementation unset."
+                "constant-size recurrent state (FastmaxCache) instead. Leave cache_implementation unset, or set "
+                f"it to {STATIC_CACHE_IMPLEMENTATION!r} for decoding steps replayed as CUDA graphs."
             )
 
-    result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    # transformers would preallocate a static key/value cache: have it build its default one
+    # (replaced below) and give the model a static FastmaxCache instead
+    if static:
+        generation_config.cache_implementation = None
+    try:
+        result = original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+    finally:
+        if static:
+            generation_config.cache_implementation = implementation
 
     if user_cache is None:
         from transformers.cache_utils import DynamicCache
@@ -309,7 +328,7 @@ def _prepare_cache_for_generation(
         for name in CACHE_ARGUMENT_NAMES:
             built = model_kwargs.get(name)
             if type(built) is DynamicCache:
-                model_kwargs[name] = FastmaxCache(config=text_config)
+                model_kwargs[name] = FastmaxCache(config=text_config, static=static)
             elif built is not None and not isinstance(built, FastmaxCache):
                 warn_once(
                     f"own-cache:{type(built).__name__}",
@@ -347,12 +366,57 @@ def unpatch_generation() -> None:
     _ORIGINAL_PREPARE_CACHE = _MISSING
 
 
+def _get_compiled_call(self, compile_config=None):
+    """PreTrainedModel.get_compiled_call, answering with CUDA-graph replay for fastmax models.
+
+    generate() asks for it when the cache is compileable (a static FastmaxCache), for every
+    decoding step. The runner replays captured graphs of the eager step; a call it cannot
+    replay runs the model as it is."""
+    if not uses_recurrent_state(self):
+        return _ORIGINAL_COMPILED_CALL(self, compile_config)
+    from .graphs import decode_graph_runner
+
+    if compile_config is not None and getattr(compile_config, "mode", None) not in (None, "reduce-overhead"):
+        warn_once(
+            "compile-config",
+            f"fastmax_hf: a fastmax model decodes its static-cache steps as CUDA graphs of the eager step; the "
+            f"compile_config (mode={compile_config.mode!r}) is not used",
+        )
+    return decode_graph_runner(self)
+
+
+def patch_compiled_call() -> None:
+    """Make generate()'s static-shape decoding replay CUDA graphs for fastmax models (others: unchanged)."""
+    global _ORIGINAL_COMPILED_CALL
+    from transformers import PreTrainedModel
+
+    if _ORIGINAL_COMPILED_CALL is not _MISSING:
+        return
+    original = PreTrainedModel.__dict__.get("get_compiled_call")
+    if original is None:  # a transformers without a static-shape path: static caches decode eagerly
+        return
+    _ORIGINAL_COMPILED_CALL = original
+    PreTrainedModel.get_compiled_call = _get_compiled_call
+
+
+def unpatch_compiled_call() -> None:
+    global _ORIGINAL_COMPILED_CALL
+    from transformers import PreTrainedModel
+
+    if _ORIGINAL_COMPILED_CALL is _MISSING:
+        return
+    PreTrainedModel.get_compiled_call = _ORIGINAL_COMPILED_CALL
+    _ORIGINAL_COMPILED_CALL = _MISSING
+
+
 def patch_all() -> None:
     """Every patch; what ``import fastmax_hf`` does (idempotent)."""
     patch_attn_resolution()
     patch_generation()
+    patch_compiled_call()
 
 
 def unpatch_all() -> None:
+    unpatch_compiled_call()
     unpatch_generation()
     unpatch_attn_resolution()
