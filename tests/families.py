@@ -5,7 +5,9 @@
 
     forward     a forward pass of a (2, 6) batch whose first row is left-padded gives finite logits
     generation  greedy generate() of NEW_TOKENS tokens with its cache equals recomputation
-                (use_cache=False: every step a full forward, the argmax of its last logits)
+                (use_cache=False: every step a full forward, the argmax of its last logits), and
+                so do beam search, seeded sampling and greedy search with
+                cache_implementation="static" (``OTHER_SEARCHES``)
     cache       the cache generate() used is a FastmaxCache, and its bytes after every step are
                 the same (constant in the generated length)
 
@@ -183,9 +185,18 @@ def _inputs():
     return ids, mask
 
 
-def _generate(model, ids, mask, use_cache):
+def _generate(model, ids, mask, use_cache, **kwargs):
+    kwargs = {"do_sample": False, **kwargs}
     return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                          do_sample=False, pad_token_id=0, use_cache=use_cache, return_dict_in_generate=True)
+                          pad_token_id=0, use_cache=use_cache, return_dict_in_generate=True, **kwargs)
+
+
+# Besides greedy search: each compared with recomputation (the same seed before each sampling run).
+OTHER_SEARCHES = {
+    "beam search": dict(num_beams=2),
+    "sampling": dict(do_sample=True, top_k=8),
+    "static cache": dict(cache_implementation="static"),
+}
 
 
 def _tensor_bytes(held) -> int:
@@ -266,6 +277,20 @@ def _run_fastmax(family: str, config) -> Result:
     if not torch.equal(cached.sequences, recomputed.sequences):
         return Result(family, "generation differs", f"cached {cached.sequences[:, PROMPT:].tolist()} vs "
                                                     f"recomputed {recomputed.sequences[:, PROMPT:].tolist()}")
+    unchecked = []  # searches whose cached run differs from recomputation under eager attention too
+    for search, kwargs in OTHER_SEARCHES.items():
+        if search == "static cache" and not isinstance(_returned_cache(cached), FastmaxCache):
+            continue  # a family that keeps its key/value cache refuses a static one (tests/test_static_decoding.py)
+        runs = _cached_and_recomputed(model, ids, mask, kwargs)
+        if not torch.equal(*runs):
+            # transformers' own cache for the family may not reproduce recomputation for this search
+            # (the eager model, softmax attention, same weights): then the search says nothing of fastmax
+            if search != "static cache" and not torch.equal(*_cached_and_recomputed(_build(config, "eager"), ids,
+                                                                                      mask, kwargs)):
+                unchecked.append(search)
+                continue
+            return Result(family, "generation differs", f"{search}: cached {runs[0][:, PROMPT:].tolist()} vs "
+                                                        f"recomputed {runs[1][:, PROMPT:].tolist()}")
     if None in sizes or len(sizes) != NEW_TOKENS:
         return Result(family, "cache not measured", f"cache bytes per step {sizes}")
     if not isinstance(cache, FastmaxCache):
@@ -279,7 +304,17 @@ def _run_fastmax(family: str, config) -> Result:
         return Result(family, "no attention layers", "the FastmaxCache holds only the family's own mamba/conv states")
     if any(layer.state is None for layer in states):
         return Result(family, "state not filled", "a fastmax layer of the cache holds no state after generate()")
-    return Result(family, "state")
+    detail = f"{', '.join(unchecked)}: cached differs from recomputed with eager attention too" if unchecked else ""
+    return Result(family, "state", detail)
+
+
+def _cached_and_recomputed(model, ids, mask, kwargs) -> list:
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            runs.append(_generate(model, ids, mask, use_cache, **kwargs).sequences)
+    return runs
 
 
 def probe(family: str) -> Result:
@@ -311,6 +346,7 @@ def probe(family: str) -> Result:
             return Result(family, "failed after fix", _short(error), refusal.fix, refusal.reason)
         if result.status != "state":
             return dataclasses.replace(result, fix=refusal.fix, reason=refusal.reason)
-        return Result(family, "state (fix)", str(refusal), refusal.fix, refusal.reason)
+        detail = str(refusal) + (f"; {result.detail}" if result.detail else "")
+        return Result(family, "state (fix)", detail, refusal.fix, refusal.reason)
     except Exception as error:  # noqa: BLE001
         return Result(family, "error", _short(error) + " | " + traceback.format_exc(limit=-3).replace("\n", " ")[-400:])

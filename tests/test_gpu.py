@@ -250,6 +250,76 @@ def _tiny_causal_lm(family: str, dtype):
     return model.to(device="cuda", dtype=dtype).eval()
 
 
+def _recomputed_logits(model, mask, sequences):
+    """Teacher-forced stateless logits of generated ``sequences`` (B, P + T) from a left-padded
+    prompt mask (B, P): logits[:, t] is the forward's prediction of token P + t, (B, T, V)."""
+    prompt = mask.shape[1]
+    full_mask = torch.cat([mask, torch.ones_like(sequences[:, prompt:])], 1)[:, :-1]
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    return model(sequences[:, :-1], attention_mask=full_mask, position_ids=positions,
+                 use_cache=False).logits[:, prompt - 1:].float()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_generation_equals_recomputation_bf16(family):
+    """Greedy search, seeded sampling and beam search of a left-padded batch in bf16, with the
+    default FastmaxCache and with cache_implementation="static" (every step after the first a
+    replayed CUDA graph): each step's logits are those of a stateless forward over the tokens
+    generated so far (bf16 tolerance); beams' scores are the recomputed sums of log-probabilities;
+    the graphs leave the random generator where the default cache leaves it."""
+    model = _tiny_causal_lm(family, torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, 512, (3, 50), generator=g).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    runner = model.get_compiled_call(None)
+    new = 12
+    gen = torch.cuda.default_generators[0]
+    searches = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, top_k=20),
+                "beams": dict(num_beams=3, do_sample=False, length_penalty=0.0, output_scores=True)}
+    for search, kwargs in searches.items():
+        offsets = []
+        for implementation in ("static", None):
+            before = runner.replays
+            torch.manual_seed(5)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                     pad_token_id=0, cache_implementation=implementation,
+                                     return_dict_in_generate=True, output_logits=True, **kwargs)
+                recomputed = _recomputed_logits(model, mask, out.sequences)
+            offsets.append(gen.get_offset())
+            where = f"{search}, cache_implementation={implementation}"
+            assert runner.replays - before == (new - 1 if implementation else 0), where
+            if search == "beams":
+                # length_penalty=0: a beam's score is the plain sum of its tokens' log-probabilities
+                chosen = out.sequences[:, 50:, None]
+                scores = recomputed.log_softmax(-1).gather(-1, chosen).sum((1, 2))
+                assert rel_err(out.sequences_scores.float(), scores) <= 2e-2, where
+            else:
+                assert rel_err(torch.stack(out.logits, 1).float(), recomputed) <= 2e-2, where
+        assert offsets[0] == offsets[1], search
+    assert runner.captures >= 1
+
+
+def _tiny_causal_lm(family: str, dtype):
+    import copy
+
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05)
+    configs = {
+        "llama": lambda: LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, **common),
+        "qwen2": lambda: Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=1, **common),
+        "gpt2": lambda: GPT2Config(n_embd=256, n_layer=3, n_head=4, **common),
+    }
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(configs[family]()), attn_implementation="fastmax")
+    return model.to(device="cuda", dtype=dtype).eval()
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_static_generation_replays_cuda_graphs(family):
     """generate(cache_implementation="static") on CUDA: every decoding step a replayed graph, the

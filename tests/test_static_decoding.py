@@ -158,6 +158,20 @@ def test_other_static_implementations_are_refused():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="offloaded_static")
 
 
+def test_a_key_value_cache_family_refuses_a_static_cache():
+    """A family that keeps transformers' key/value cache under fastmax (DiffLlama) would get a
+    preallocated StaticCache, whose empty slots fastmax's end-aligned causal mask cannot exclude."""
+    from transformers import DiffLlamaConfig
+
+    config = tiny(DiffLlamaConfig, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fastmax").eval()
+    ids, mask = batch()
+    with pytest.raises(ValueError, match="'diffllama' model's prompt would attend to the empty slots"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+
+
 def test_a_window_state_continues_out_of_place():
     """A hybrid-window layer keeps a ring of keys and values: its steps are not in place, and the
     runner does not replay it; generation is still exact."""

@@ -272,6 +272,12 @@ def _is_assisted(generation_config, generation_mode) -> bool:
     return mode == "assisted_generation" or bool(getattr(generation_config, "is_assistant", False))
 
 
+def _static_kv_implementations() -> tuple:
+    from transformers.generation import configuration_utils
+
+    return tuple(getattr(configuration_utils, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ("static", "offloaded_static")))
+
+
 def _prepare_cache_for_generation(
     self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
 ):
@@ -288,6 +294,13 @@ def _prepare_cache_for_generation(
         return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
 
     family = next((t for t in (self.config.model_type, text_config.model_type) if t in KV_CACHE_FAMILIES), None)
+    if family is not None and generation_config.cache_implementation in _static_kv_implementations():
+        raise ValueError(
+            f"cache_implementation={generation_config.cache_implementation!r} preallocates key/value slots, which "
+            f"fastmax attention cannot mask: its causal mask is aligned to the last key, so a {family!r} model's "
+            "prompt would attend to the empty slots' positions. Leave cache_implementation unset (a key/value "
+            "cache that grows with the sequence)."
+        )
     if family is not None:
         warn_once(
             f"kv-cache:{family}",
