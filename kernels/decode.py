@@ -79,7 +79,7 @@ def decode_step_kernel(
     stride_vb, stride_vh, stride_vd,
     stride_sb, stride_sh, stride_sf, stride_sv,
     stride_zb, stride_zh, stride_zf,
-    stride_ob, stride_oh, stride_ov,
+    stride_ob, stride_oh, stride_ov, stride_validb,
     Hk, D, Dv, F_ROWS, ROWS_PER_SPLIT, SPLITS, a0, c1, c2,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BT: tl.constexpr, N_TILES: tl.constexpr, ROWS: tl.constexpr, FINISH: tl.constexpr,
@@ -101,7 +101,7 @@ def decode_step_kernel(
     v = tl.load(V + b * stride_vb + hk * stride_vh + dv * stride_vd, mask=dv_ok, other=0.0).to(tl.float32)
     if HAS_VALID:
         # a padded token joins nothing: its features are zero (exactly: where, not a product)
-        valid = tl.load(VALID + b) != 0
+        valid = tl.load(VALID + b * stride_validb) != 0
     else:
         valid = True
     S_bh = S + b * stride_sb + hk * stride_sh

@@ -78,7 +78,8 @@ def triton_decode_step_(q, k, v, S, z, options, *, key_valid=None, splits=None):
         q: (B, Hq, 1, D); k, v: (B, Hk, 1, D), (B, Hk, 1, Dv), any strides.
         S, z: (B, Hk, F_ROWS, Dv), (B, Hk, F_ROWS) fp32 states in the linear kernels' layout.
         options: ``scale``, ``p``, ``a0``, ``a1``, ``a2``.
-        key_valid: (B,) bool, False = this step's token is padding (it attends, joins nothing).
+        key_valid: (B,) bool, False = this step's token is padding (it attends, joins nothing);
+            any stride (a column of a (B, N) attention mask).
         splits: programs per key/value head and value block along the state rows (None: chosen).
     """
     B, Hq, _, D = q.shape
@@ -104,7 +105,7 @@ def triton_decode_step_(q, k, v, S, z, options, *, key_valid=None, splits=None):
         v.stride(0), v.stride(1), v.stride(3),
         S.stride(0), S.stride(1), S.stride(2), S.stride(3),
         z.stride(0), z.stride(1), z.stride(2),
-        out.stride(0), out.stride(1), out.stride(3),
+        out.stride(0), out.stride(1), out.stride(3), valid.stride(0) if key_valid is not None else 0,
         Hk, D, Dv, plan["f_rows"], plan["rows_per_split"], splits, a0, c1, c2,
         GROUP=Hq // Hk, BLOCK_G=plan["block_g"], BLOCK_D=plan["block_d"], BLOCK_DV=plan["block_dv"],
         BT=PAIR_TILE, N_TILES=plan["n_tiles"], ROWS=plan["rows"], FINISH=plan["finish"],
