@@ -18,10 +18,23 @@ __all__ = ["HAS_TRITON", "triton_attention", "triton_step", "decode_step_", "win
            "choose_regime", "KernelSettings", "current_settings", "set_settings", "settings"]
 
 if __name__ != "fastmax_hf.kernels":
-    # Imported as a top-level ``kernels``: the repository root is on sys.path and transformers,
-    # probing for the Hugging Face ``kernels`` package, imports whatever answers to that name.
-    # Load nothing (a second copy would register the custom operators twice); without a version
-    # the probe concludes that the Hugging Face package is not installed.
+    # Imported as a top-level ``kernels``: the repository root is on sys.path, and transformers
+    # imports the Hugging Face package of that name (a dependency since transformers 5.25)
+    # whenever it is installed. Then that package takes the name, found on the rest of sys.path;
+    # otherwise load nothing (a second copy would register the custom operators twice), and
+    # without a version transformers' probe concludes that the package is not installed.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
+        _spec.loader.exec_module(_module)
     __all__ = []
     HAS_TRITON = False
 else:

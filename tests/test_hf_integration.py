@@ -17,7 +17,7 @@ from transformers import (
     AttentionInterface,
     AutoModelForCausalLM,
     DiffLlamaConfig,
-    FalconConfig,
+    BloomConfig,
     GPT2Config,
     LlamaConfig,
     LogitsProcessor,
@@ -424,13 +424,15 @@ def test_config_without_fastmax_options_keeps_transformers_default():
 
 
 def test_family_with_its_own_attention_dispatch_is_refused_by_name():
-    falcon = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
-    with pytest.raises(FastmaxUnsupportedError, match=r"model family 'falcon' \(FalconForCausalLM\)"):
-        AutoModelForCausalLM.from_config(copy.deepcopy(falcon), attn_implementation="fastmax")
-    set_fastmax_config(falcon)  # options in the config: refused too, rather than quietly loaded as sdpa
+    # Bloom computes attention itself in every transformers release here (Falcon did until 5.24;
+    # 5.25 moved it onto the attention interface)
+    bloom = BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+    with pytest.raises(FastmaxUnsupportedError, match=r"model family 'bloom' \(BloomForCausalLM\)"):
+        AutoModelForCausalLM.from_config(copy.deepcopy(bloom), attn_implementation="fastmax")
+    set_fastmax_config(bloom)  # options in the config: refused too, rather than quietly loaded as sdpa
     with pytest.raises(FastmaxUnsupportedError, match="own implementation"):
-        AutoModelForCausalLM.from_config(copy.deepcopy(falcon))
-    assert build(falcon, "sdpa").config._attn_implementation == "sdpa"
+        AutoModelForCausalLM.from_config(copy.deepcopy(bloom))
+    assert build(bloom, "eager").config._attn_implementation == "eager"  # its own attention, as named
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,19 @@ def _replayable_cache(cache) -> bool:
     return True
 
 
+def _padding_mask(mask):
+    """The (B, N) padding mask of a step's ``attention_mask``, None without one, False when the
+    step cannot be replayed. generate() may hand a dict of masks by layer type (Qwen2 under
+    transformers 5.17): fastmax's mask function gives every type the same 2-D padding mask."""
+    masks = list(mask.values()) if isinstance(mask, dict) else [mask]
+    tensors = [m for m in masks if m is not None]
+    if any(not isinstance(m, torch.Tensor) or m.dim() != 2 for m in tensors):
+        return False
+    if any(m.shape != tensors[0].shape for m in tensors[1:]):
+        return False
+    return tensors[0] if tensors else None
+
+
 def _state_addresses(cache) -> tuple:
     return tuple(t.data_ptr() for layer in cache.layers for t in layer.state.tensors())
 
@@ -146,8 +159,7 @@ class DecodeGraphRunner:
                 except TypeError:
                     return None
                 parts.append((name, value))
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+        if _padding_mask(kwargs.get("attention_mask")) is False:
             return None
         return tuple(parts)
 
@@ -183,7 +195,7 @@ class DecodeGraphRunner:
                 buffer.fill_(cache.get_seq_length() + position_shift)
             else:
                 buffer.copy_(value if position_shift == 0 or name != "position_ids" else value + position_shift)
-        mask = kwargs.get("attention_mask")
+        mask = _padding_mask(kwargs.get("attention_mask"))
         if mask is None:
             step.valid.fill_(True)
         else:
