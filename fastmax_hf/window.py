@@ -276,10 +276,10 @@ def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode
     q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv), key_padding_mask bool (B, Nk) or None;
     ``options.window`` is W, ``options.window_gain`` gamma (a tensor one gets the gradient of).
     ``mode`` picks the rest part's sweep ("auto", "linear", "quadratic"; see ``chunked``).
-    ``implementation``: "chunked" (the PyTorch parts below) or "triton" (the same two parts on
-    the Triton kernels, ``fastmax_hf.kernels.window_parts``); the combine is the same. The
-    kernels' window parts are not registered as custom operators yet, so under torch.compile
-    the PyTorch parts run (which the compiler traces)."""
+    ``implementation``: "chunked" (the PyTorch parts below, joined by ``_combine``) or "triton"
+    (``fastmax_hf.kernels.triton_window_attention``: the same function in one autograd Function
+    whose window kernel joins the parts itself). The kernels' window is not registered as a
+    custom operator yet, so under torch.compile the PyTorch parts run (which the compiler traces)."""
     window = options.window
     if window is None:
         raise ValueError("window_attention needs `window` set in the options")
@@ -289,12 +289,10 @@ def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode
     if implementation == "triton" and torch.compiler.is_compiling():
         implementation = "chunked"
     if implementation == "triton":
-        from .kernels import window_parts
+        from .kernels import triton_window_attention
 
-        parts = window_parts(q, k, v, options, key_padding_mask=key_padding_mask, window=window, regime=mode)
-        Nw, Dw, m, Nr, Dr = (x.reshape((B, Hk, G) + x.shape[2:]) for x in parts)  # query head h = hk * G + g
-        out, den = _combine(Nw, Dw, m, Nr, Dr, _gain(options, Hk, G, Nw.dtype))
-        return out.reshape(B, Hq, Nq, Dv).to(q.dtype), den.reshape(B, Hq, Nq)
+        return triton_window_attention(q, k, v, options, key_padding_mask=key_padding_mask, window=window,
+                                       regime=mode)
     if implementation != "chunked":
         raise ValueError(f"`implementation` must be 'chunked' or 'triton', got {implementation!r}")
     if mode == "auto":

@@ -9,12 +9,12 @@ with the attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` (``fastmax_hf.Fastm
   new state: prefill and token-by-token decoding.
 - ``decode_step_``: one new token per sequence folded into (S, z) in place, for decoding
   that a CUDA graph replays.
-- ``window_parts``: the two parts of the hybrid window (exp over the last W keys, Fastmax
-  over the earlier ones), which ``fastmax_hf.window`` combines.
+- ``triton_window_attention``: the hybrid window (exp over the last W keys, Fastmax over
+  the earlier ones, one normaliser; ``fastmax_hf.window`` defines it), forward and backward.
 - ``settings`` / ``current_settings``: launch parameters and scratch budgets.
 """
 
-__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "decode_step_", "window_parts", "empty_state", "feature_rows",
+__all__ = ["HAS_TRITON", "triton_attention", "triton_step", "decode_step_", "triton_window_attention", "empty_state", "feature_rows",
            "choose_regime", "KernelSettings", "current_settings", "set_settings", "settings"]
 
 if __name__ != "fastmax_hf.kernels":
@@ -50,4 +50,4 @@ else:
     if HAS_TRITON:
         from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step
         from .decode_ops import decode_step_
-        from .window_ops import window_parts
+        from .window_ops import triton_window_attention

@@ -1,16 +1,17 @@
-"""The hybrid window's two parts on the Triton kernels, as autograd Functions.
+"""The hybrid window on the Triton kernels, as one autograd Function.
 
-``window_parts(q, k, v, options, key_padding_mask, window)`` returns, in the (B, Hq, Nq, ...)
-layout, fp32:
+``triton_window_attention(q, k, v, options, key_padding_mask=..., window=W)`` returns
+(out (B, Hq, Nq, Dv) in q's dtype, den (B, Hq, Nq) fp32): exact softmax over the last W
+visible keys of every query and gamma f(s) over the earlier ones, under one normaliser
+(``fastmax_hf.window`` defines it; kernels/window.py gives the stable form computed here).
 
-    the window part  Nw (B, Hq, Nq, Dv), Dw, m (B, Hq, Nq)  (kernels/window.py), and
-    the rest         Nr = sum_{j <= t_i - W} f(s_ij) v_j, Dr = sum f(s_ij),
-
-the rest being plain causal Fastmax of the queries over the keys [0, Nk - W): with
-bottom-right alignment query i then sees exactly the keys j <= t_i - W. Its forward is the
-quadratic or linear kernels' (Nr = out * den), its backward theirs with the row terms of the
-cotangents: g = dL/dNr and c = -dL/dDr (``linear_backward_terms``). The caller combines the
-parts (``fastmax_hf.window``); nothing here knows of the gain gamma.
+Forward: the rest, plain causal Fastmax of the queries over the keys [0, Nk - W) (with
+bottom-right alignment query i then sees exactly the keys j <= t_i - W), on the quadratic or
+linear kernels; then one window kernel over each query block's band of keys, which also joins
+the rest's output and denominator and writes the final output. Backward: the window's dq
+kernel (it writes the row terms), its key-block kernel, and the rest's Fastmax backward with
+the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``). Nothing per pair and
+no fp32 partial output goes through memory.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .ops import (
     choose_regime,
     finite_keys,
     linear_backward_terms,
-    linear_forward,
+    linear_forward_keeping,
     quadratic_backward_terms,
     quadratic_forward,
 )
@@ -43,55 +44,9 @@ def _window_config(pb: _Problem) -> dict:
                 warps=4, stages=1)
 
 
-def _launch_flags(pb: _Problem, cfg: dict, mask) -> dict:
-    return dict(HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], **pb.flags(),
-                num_warps=cfg["warps"], num_stages=cfg["stages"])
-
-
-def window_forward(q, k, v, mask, scale: float, window: int):
-    """(Nw (B, Hq, Nq, Dv), Dw (B, Hq, Nq), m (B, Hq, Nq)), fp32 contiguous."""
-    pb = _Problem.of(q, k, v)
-    Nw = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=torch.float32, device=q.device)
-    Dw = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-    m = torch.empty_like(Dw)
-    if Nw.numel() == 0:
-        return Nw.zero_(), Dw.zero_(), m.zero_()
-    mk, smb, smn = _mask_args(mask, q)
-    cfg = _window_config(pb)
-    flags = _launch_flags(pb, cfg, mask)
-    compiled = window_fwd_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, v, mk, Nw, Dw, m, *q.stride(), *k.stride(), *v.stride(), smb, smn,
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
-    )
-    _record("window_fwd", compiled)
-    return Nw, Dw, m
-
-
-def window_backward(q, k, v, mask, m, gN, gD, scale: float, window: int):
-    """dq, dk, dv (the inputs' dtypes) of sum_i gN_i . Nw_i + gD_i Dw_i, m held constant."""
-    pb = _Problem.of(q, k, v, gN)
-    gN, gD, m = gN.float().contiguous(), gD.float().contiguous(), m.contiguous()
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
-    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
-    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    mk, smb, smn = _mask_args(mask, q)
-    cfg = _window_config(pb)
-    flags = dict(_launch_flags(pb, cfg, mask), OP_BF16=pb.op_bf16)
-    k_finite = finite_keys(k)
-    compiled = window_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, k_finite, v, mk, gN, gD, m, dq, *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn,
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
-    )
-    _record("window_bwd_dq", compiled)
-    del k_finite
-    compiled = window_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, mk, gN, gD, m, dk, dv, *q.stride(), *k.stride(), *v.stride(), smb, smn,
-        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
-    )
-    _record("window_bwd_dkdv", compiled)
-    return dq, dk, dv
+def _launch_flags(pb: _Problem, cfg: dict, mask, has_rest: bool) -> dict:
+    return dict(HAS_MASK=mask is not None, HAS_REST=has_rest, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
 def _rest_inputs(k, v, mask, window: int):
@@ -100,81 +55,132 @@ def _rest_inputs(k, v, mask, window: int):
     return k[:, :, :n], v[:, :, :n], None if mask is None else mask[:, :n]
 
 
-def rest_forward(q, k, v, mask, coefficients, window: int, regime: str):
-    """(Nr (B, Hq, Nq, Dv), Dr (B, Hq, Nq)) fp32; ``coefficients`` = (scale, p, a0, a1, a2)."""
-    kr, vr, mr = _rest_inputs(k, v, mask, window)
-    impl = quadratic_forward if regime == "quadratic" else linear_forward
-    out, den = impl(q, kr, vr, mr, True, *coefficients)
-    den = den.float()
-    return out.float() * den[..., None], den
+def window_forward(q, k, v, mask, out_r, den_r, gain, scale: float, window: int):
+    """(out (B, Hq, Nq, Dv) in q's dtype, den (B, Hq, Nq) fp32, M (B, Hq, Nq) fp32): the window over
+    each query block's band joined with the rest's (out_r, den_r) (None: no rest)."""
+    pb = _Problem.of(q, k, v)
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    M = torch.empty_like(den)
+    if out.numel() == 0 or den.numel() == 0:
+        return out.zero_(), den.zero_(), M.zero_()
+    has_rest = out_r is not None
+    if not has_rest:
+        out_r, den_r = out, den  # not read
+    mk, smb, smn = _mask_args(mask, q)
+    cfg = _window_config(pb)
+    compiled = window_fwd_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, v, mk, out_r, den_r.contiguous(), gain, out, den, M,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *out_r.stride(), *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **_launch_flags(pb, cfg, mask, has_rest),
+    )
+    _record("window_fwd", compiled)
+    return out, den, M
 
 
-def rest_backward(q, k, v, mask, gN, gD, coefficients, window: int, regime: str):
-    """dq, dk, dv of sum_i gN_i . Nr_i + gD_i Dr_i: the kernels' backward with g = gN (1/d = 1)
-    and c = -gD on the rows the loss reads (both 0 on the others, by selection)."""
-    kr, vr, mr = _rest_inputs(k, v, mask, window)
-    gN, gD = gN.float().contiguous(), gD.float().contiguous()
-    active = (gN != 0).any(-1) | (gD != 0)
-    inv_den = active.float().contiguous()
-    crow = torch.where(active, -gD, torch.zeros((), dtype=gD.dtype, device=gD.device)).contiguous()
-    impl = quadratic_backward_terms if regime == "quadratic" else linear_backward_terms
-    dq, dkr, dvr = impl(q, kr, vr, mr, gN, inv_den, crow, True, *coefficients)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    dk[:, :, : kr.shape[2]] = dkr
-    dv[:, :, : vr.shape[2]] = dvr
-    return dq, dk, dv
+def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, window: int, has_rest: bool):
+    """The window's dq, dk, dv (the inputs' dtypes, m held constant), and the row terms
+    (1/d, c, rho/d, rho c), fp32 (B, Hq, Nq); the last two are None without a rest."""
+    pb = _Problem.of(q, k, v, grad_out)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
+    inv_den, crow = torch.zeros_like(den), torch.zeros_like(den)
+    inv_r, crow_r = (torch.zeros_like(den), torch.zeros_like(den)) if has_rest else (inv_den, crow)
+    if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow, inv_r, crow_r
+    mk, smb, smn = _mask_args(mask, q)
+    cfg = _window_config(pb)
+    flags = dict(_launch_flags(pb, cfg, mask, has_rest), OP_BF16=pb.op_bf16)
+    k_finite = finite_keys(k)
+    compiled = window_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
+        *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
+    )
+    _record("window_bwd_dq", compiled)
+    del k_finite
+    flags.pop("HAS_REST")
+    compiled = window_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+        q, k, v, mk, grad_out, inv_den, crow, M, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
+    )
+    _record("window_bwd_dkdv", compiled)
+    return dq, dk, dv, inv_den, crow, (inv_r if has_rest else None), (crow_r if has_rest else None)
 
 
-class _WindowPart(torch.autograd.Function):
+def _gain_gradient(grad_out, out, den, M, out_r, den_r, inv_den, crow):
+    """dL/dgamma_h: sum over batch rows and queries of e^{-M} d^r (g . o^r - c), g = do / d, on
+    the rows the loss reads (the weight of the rest is gamma e^{-M} d^r o^r and gamma e^{-M} d^r)."""
+    zero = torch.zeros((), dtype=torch.float32, device=grad_out.device)
+    active = (inv_den != 0) | (crow != 0)  # (B, Hq, Nq)
+    read = (grad_out.float() * out_r.float()).sum(-1) * inv_den - crow
+    term = torch.where(active & (den_r != 0), torch.exp(-M) * den_r * read, zero)
+    return term.sum(dim=(0, 2))
+
+
+class _HybridWindow(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, window):
-        Nw, Dw, m = window_forward(q, k, v, mask, scale, window)
-        ctx.save_for_backward(q, k, v, mask, m)
-        ctx.settings = (scale, window)
-        ctx.mark_non_differentiable(m)
-        return Nw, Dw, m
+    def forward(ctx, q, k, v, mask, gain, coefficients, window, regime):
+        has_rest = k.shape[2] - window > 0  # some query has keys before its window
+        out_r = den_r = key_states = None
+        if has_rest:
+            kr, vr, mr = _rest_inputs(k, v, mask, window)
+            if regime == "quadratic":
+                out_r, den_r = quadratic_forward(q, kr, vr, mr, True, *coefficients)
+            else:
+                out_r, den_r, key_states = linear_forward_keeping(q, kr, vr, mr, True, *coefficients)
+        out, den, M = window_forward(q, k, v, mask, out_r, den_r, gain, coefficients[0], window)
+        keep_rest = has_rest and ctx.needs_input_grad[4]
+        ctx.save_for_backward(q, k, v, mask, out, den, M, gain,
+                              out_r if keep_rest else None, den_r if keep_rest else None)
+        ctx.settings = (coefficients, window, regime, has_rest, key_states)
+        ctx.mark_non_differentiable(den)
+        return out, den
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gN, gD, _gm):
-        q, k, v, mask, m = ctx.saved_tensors
-        dq, dk, dv = window_backward(q, k, v, mask, m, gN, gD, *ctx.settings)
-        return dq, dk, dv, None, None, None
+    def backward(ctx, grad_out, _grad_den):
+        q, k, v, mask, out, den, M, gain, out_r, den_r = ctx.saved_tensors
+        coefficients, window, regime, has_rest, key_states = ctx.settings
+        dq, dk, dv, inv_den, crow, inv_r, crow_r = window_backward(q, k, v, mask, out, den, M, gain, grad_out,
+                                                                   coefficients[0], window, has_rest)
+        dgain = None
+        if has_rest:
+            kr, vr, mr = _rest_inputs(k, v, mask, window)
+            if regime == "quadratic":
+                dq_r, dk_r, dv_r = quadratic_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients)
+            else:
+                dq_r, dk_r, dv_r = linear_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients,
+                                                         key_states=key_states)
+            dq += dq_r
+            dk[:, :, : kr.shape[2]] += dk_r
+            dv[:, :, : vr.shape[2]] += dv_r
+            if ctx.needs_input_grad[4]:
+                dgain = _gain_gradient(grad_out, out, den, M, out_r, den_r, inv_den, crow)
+        elif ctx.needs_input_grad[4]:
+            dgain = torch.zeros_like(gain)
+        return dq, dk, dv, None, dgain, None, None, None
 
 
-class _RestPart(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, coefficients, window, regime):
-        Nr, Dr = rest_forward(q, k, v, mask, coefficients, window, regime)
-        ctx.save_for_backward(q, k, v, mask)
-        ctx.settings = (coefficients, window, regime)
-        return Nr, Dr
+def triton_window_attention(q, k, v, options, *, key_padding_mask=None, window: int, regime: str = "auto"):
+    """(out (B, Hq, Nq, Dv) in q's dtype, den (B, Hq, Nq) fp32) of the causal hybrid window,
+    differentiable in q, k, v and a tensor ``options.window_gain`` (den is not).
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gN, gD):
-        q, k, v, mask = ctx.saved_tensors
-        coefficients, window, regime = ctx.settings
-        dq, dk, dv = rest_backward(q, k, v, mask, gN, gD, coefficients, window, regime)
-        return dq, dk, dv, None, None, None, None
-
-
-def window_parts(q, k, v, options, *, key_padding_mask=None, window: int, regime: str = "auto"):
-    """(Nw, Dw, m, Nr, Dr) of the hybrid window, fp32, in the (B, Hq, Nq, ...) layout (module
-    docstring), differentiable in q, k, v (m is not). ``options``: any object with ``scale``,
-    ``p``, ``a0``, ``a1``, ``a2``; ``regime`` that of the rest part ("auto": by Nk as for
-    ``triton_attention``, "quadratic", "linear")."""
+    ``options``: any object with ``scale``, ``p``, ``a0``, ``a1``, ``a2`` and ``window_gain``
+    (gamma: a positive number, or a tensor of shape () or (Hq,)); ``regime`` that of the rest
+    ("auto": by Nk as for ``triton_attention``, "quadratic", "linear")."""
     check_kernel_dtypes(q, k, v)
-    Nk, D = k.shape[2], q.shape[-1]
+    Hq, Nk, D = q.shape[1], k.shape[2], q.shape[-1]
     if regime == "auto":
         regime = choose_regime(Nk, D, options.p)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
-    mask = key_padding_mask
-    Nw, Dw, m = _WindowPart.apply(q, k, v, mask, float(options.scale), int(window))
-    if Nk - window > 0:  # some query has keys before its window
-        coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
-        Nr, Dr = _RestPart.apply(q, k, v, mask, coefficients, int(window), regime)
+    gain = getattr(options, "window_gain", 1.0)
+    if isinstance(gain, torch.Tensor):
+        gain = gain.to(device=q.device, dtype=torch.float32).expand(Hq).contiguous()  # (Hq,); the gradient flows back
     else:
-        Nr, Dr = torch.zeros_like(Nw), torch.zeros_like(Dw)
-    return Nw, Dw, m, Nr, Dr
+        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)
+    coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
+    return _HybridWindow.apply(q, k, v, key_padding_mask, gain, coefficients, int(window), regime)

@@ -435,6 +435,25 @@ def test_family_with_its_own_attention_dispatch_is_refused_by_name():
     assert build(bloom, "eager").config._attn_implementation == "eager"  # its own attention, as named
 
 
+def test_a_config_asking_for_a_score_bias_is_refused_with_the_change_that_converts_it():
+    """Falcon with ALiBi adds a bias to every score (through the attention mask, which fastmax does
+    not build): refused at from_config, naming the attribute and the value that converts the model
+    (before this check, an AttributeError deep inside Falcon's forward under transformers 5.25)."""
+    from transformers import FalconConfig
+
+    falcon = FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True)
+    if not fastmax_hf.integration.patches._dispatches_through_interface(
+            AutoModelForCausalLM._model_mapping[type(falcon)]):
+        pytest.skip("this transformers' Falcon computes attention itself (refused for that reason)")
+    with pytest.raises(FastmaxUnsupportedError, match=r"'falcon'.*`config.alibi = True`.*ALiBi.*`config.alibi = False`") as err:
+        AutoModelForCausalLM.from_config(copy.deepcopy(falcon), attn_implementation="fastmax")
+    assert err.value.fix == {"alibi": False}
+    falcon.alibi = False
+    model = build(falcon, "fastmax")
+    ids = prompts(9, 5)[0][None]
+    assert torch.equal(greedy(model, ids, 6), greedy(model, ids, 6, use_cache=False))
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation from the recurrent state
 # ---------------------------------------------------------------------------------------------

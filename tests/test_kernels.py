@@ -374,7 +374,7 @@ def test_inputs_of_another_dtype_are_refused_by_name():
     with pytest.raises(TypeError, match="share one dtype"):
         triton_attention(q.float(), k.float(), v.half(), options)
     with pytest.raises(TypeError, match="`k`"):
-        kernels.window_parts(q.float(), k, v.float(), FastmaxOptions(scale=0.3, window=2), window=2)
+        kernels.triton_window_attention(q.float(), k, v.float(), FastmaxOptions(scale=0.3, window=2), window=2)
 
 
 def test_settings_reject_bad_values():

@@ -17,7 +17,8 @@ Sections (each records what it measured; every ratio is of two timings of one ru
   new token (median of the steps) and prefill seconds, first and repeated call, for
   fastmax (default cache, eager steps), fastmax-static (CUDA graphs), sdpa (DynamicCache) and
   sdpa-static (transformers' StaticCache with its automatic torch.compile, mode
-  reduce-overhead) up to --sdpa_max_length.
+  reduce-overhead) up to --sdpa_max_length; past it, sdpa-static continues from a StaticCache
+  filled synthetically with random keys/values (said in the record), sdpa is skipped.
 - ``throughput``: decoded tokens per second (batch / step time) at --throughput_lengths, for
   batch sizes doubling from 1 until memory runs out. Caches filled synthetically, as said in
   the record: sdpa's DynamicCache holds random keys and values of the context's length in every
@@ -202,7 +203,14 @@ def section_latency(models, args, results: dict) -> dict:
         done = results.setdefault(name, {})
         for length in args.lengths:
             if implementation == "sdpa" and length > args.sdpa_max_length:
-                done[str(length)] = {"skipped": f"longer than --sdpa_max_length {args.sdpa_max_length}"}
+                if name == "sdpa-static" and args.sdpa_static_synthetic:
+                    done[str(length)] = _sdpa_static_synthetic(model, length, args.new_tokens)
+                    torch.cuda.empty_cache()
+                    print("latency", name, length, done[str(length)], flush=True)
+                    if args.write:
+                        args.write()
+                else:
+                    done[str(length)] = {"skipped": f"longer than --sdpa_max_length {args.sdpa_max_length}"}
                 continue
             ids = torch.randint(3, LLAMA_1B["vocab_size"], (1, length), generator=torch.Generator().manual_seed(length))
             ids = ids.cuda()
@@ -222,6 +230,51 @@ def section_latency(models, args, results: dict) -> dict:
             if args.write:
                 args.write()
     return results
+
+
+def _fill_static_cache(cache, config, length: int) -> None:
+    """Random keys and values for positions 0..length-1 of every layer, written through the cache's own
+    update (what a prefill would leave there, at the same size); refilling after reset() keeps the
+    addresses the compiled step was recorded with."""
+    Hk, D = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    cache.reset()
+    generator = torch.Generator(device="cuda").manual_seed(length)
+    chunk = 1 << 16
+    for layer in range(config.num_hidden_layers):
+        for start in range(0, length, chunk):
+            n = min(chunk, length - start)
+            keys = torch.randn(1, Hk, n, D, device="cuda", dtype=torch.bfloat16, generator=generator)
+            values = torch.randn(1, Hk, n, D, device="cuda", dtype=torch.bfloat16, generator=generator)
+            position = torch.arange(start, start + n, device="cuda")
+            cache.update(keys, values, layer, {"cache_position": position})
+    if int(cache.get_seq_length()) != length:
+        raise SystemExit(f"the synthetic static cache holds {int(cache.get_seq_length())} tokens, not {length}")
+
+
+def _sdpa_static_synthetic(model, length: int, new_tokens: int) -> dict:
+    """sdpa with transformers' StaticCache and its compiled step, the cache filled synthetically with
+    ``length`` tokens instead of by a prefill (minutes of quadratic attention at 512k-1M tokens): generate()
+    continues from it, so the first forward is one token and every later step is the compiled call, as
+    after a real prefill. First and repeated call, the cache refilled in place between them."""
+    from transformers.cache_utils import StaticCache
+
+    ids = torch.randint(3, LLAMA_1B["vocab_size"], (1, length + 1), generator=torch.Generator().manual_seed(length))
+    ids = ids.cuda()
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=length + new_tokens + 8)
+        result = {"fill": "synthetic: random keys/values at every position before the prompt's last token; "
+                          "prefill_s is that one token's forward"}
+        start = time.perf_counter()
+        for call in ("first", "repeat"):
+            _fill_static_cache(cache, model.config, length)
+            result[call] = timed_generate(model, ids, new_tokens, **{cache_name(model): cache})
+        result["seconds"] = time.perf_counter() - start
+        del cache
+        return result
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not is_oom(err):
+            raise
+        return {"out_of_memory": str(err).splitlines()[0][:200]}
 
 
 def _sdpa_step_ms(model, batch, length, steps):
@@ -321,7 +374,11 @@ def main(argv=None):
     p.add_argument("--lengths", default="4096,32768,131072,524288,1048576")
     p.add_argument("--variants", default="fastmax,fastmax-static,sdpa,sdpa-static",
                    help="latency: which of fastmax, fastmax-static, sdpa, sdpa-static")
-    p.add_argument("--sdpa_max_length", type=int, default=131072)
+    p.add_argument("--sdpa_max_length", type=int, default=131072,
+                   help="latency: longest context sdpa prefills for real (default 131072)")
+    p.add_argument("--sdpa_static_synthetic", action=argparse.BooleanOptionalAction, default=True,
+                   help="latency: past --sdpa_max_length, time sdpa-static from a synthetically filled "
+                        "StaticCache instead of skipping it (default on)")
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--throughput_lengths", default="32768,131072")
     p.add_argument("--max_batch", type=int, default=4096)

@@ -131,9 +131,13 @@ KV_CACHE_FAMILIES: dict[str, str] = {
     "minimax": "it builds its own MiniMaxCache, which holds its lightning-attention states beside keys and values",
 }
 
-# Config attributes whose non-None value asks for something fastmax's kernel cannot compute.
-REFUSED_CONFIG_OPTIONS: dict[str, str] = {
-    "attn_logit_softcapping": "logit soft-capping",
+# Config attribute -> (what it asks for, the value that asks for nothing): any other value asks for a
+# function of each score, which fastmax's factorised kernel never forms.
+REFUSED_CONFIG_OPTIONS: dict[str, tuple[str, object]] = {
+    "attn_logit_softcapping": ("logit soft-capping", None),
+    # Falcon (since it moved onto the attention interface, transformers 5.25) adds its ALiBi bias to
+    # the attention mask, which the fastmax mask function does not build
+    "alibi": ("ALiBi position biases (a bias added to every score)", False),
 }
 
 
@@ -171,16 +175,16 @@ def check_family(model_class: type, config) -> None:
             family,
             OWN_DISPATCH,
         )
-    for attribute, meaning in REFUSED_CONFIG_OPTIONS.items():
-        if getattr(config, attribute, None) is not None:
+    for attribute, (meaning, harmless) in REFUSED_CONFIG_OPTIONS.items():
+        if getattr(config, attribute, harmless) != harmless:
             raise FastmaxUnsupportedError(
                 f"attn_implementation='fastmax' cannot serve model family {name} as configured: "
                 f"`config.{attribute} = {getattr(config, attribute)!r}` asks for {meaning} (a function of each "
                 f"score), which the factorised kernel never forms. To convert the model, set "
-                f"`config.{attribute} = None` before building it.",
+                f"`config.{attribute} = {harmless!r}` before building it.",
                 family,
                 meaning,
-                fix={attribute: None},
+                fix={attribute: harmless},
             )
 
 
