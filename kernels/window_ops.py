@@ -5,13 +5,17 @@
 visible keys of every query and gamma f(s) over the earlier ones, under one normaliser
 (``fastmax_hf.window`` defines it; kernels/window.py gives the stable form computed here).
 
-Forward: the rest, plain causal Fastmax of the queries over the keys [0, Nk - W) (with
-bottom-right alignment query i then sees exactly the keys j <= t_i - W), on the quadratic or
-linear kernels; then one window kernel over each query block's band of keys, which also joins
-the rest's output and denominator and writes the final output. Backward: the window's dq
+Quadratic regime: both parts in the same tiles (kernels/window_quadratic.py), one forward
+launch and two backward launches, as for plain Fastmax.
+
+Linear regime: the rest, plain causal Fastmax of the queries over the keys [0, Nk - W) (with
+bottom-right alignment query i then sees exactly the keys j <= t_i - W), on the linear kernels;
+then one window kernel over each query block's band of keys, which also joins the rest's output
+and denominator and writes the final output (kernels/window.py). Backward: the window's dq
 kernel (it writes the row terms), its key-block kernel, and the rest's Fastmax backward with
-the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``). Nothing per pair and
-no fp32 partial output goes through memory.
+the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``).
+
+In neither regime does anything per pair or a partial fp32 output go through memory.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import triton
 from .ops import (
     _mask_args,
     _Problem,
+    _quad_config,
     _record,
     check_kernel_dtypes,
     choose_regime,
@@ -33,6 +38,11 @@ from .ops import (
 )
 from .settings import current_settings
 from .window import window_bwd_dkdv_kernel, window_bwd_dq_kernel, window_fwd_kernel
+from .window_quadratic import (
+    hybrid_quadratic_bwd_dkdv_kernel,
+    hybrid_quadratic_bwd_dq_kernel,
+    hybrid_quadratic_fwd_kernel,
+)
 
 
 def _window_config(pb: _Problem) -> dict:
@@ -110,7 +120,70 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     return dq, dk, dv, inv_den, crow, (inv_r if has_rest else None), (crow_r if has_rest else None)
 
 
-def _gain_gradient(grad_out, out, den, M, out_r, den_r, inv_den, crow):
+# ---------------------------------------------------------------------------------------------
+# quadratic regime: both parts in one set of tiles (kernels/window_quadratic.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fused_flags(pb: _Problem, cfg: dict, mask, p: int) -> dict:
+    return dict(P=p, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], **pb.flags(),
+                num_warps=cfg["warps"], num_stages=cfg["stages"])
+
+
+def fused_quadratic_forward(q, k, v, mask, gain, coefficients, window: int):
+    """(out, den, M) as ``window_forward``'s, in one launch: the rest inside the same tiles."""
+    scale, p, a0, a1, a2 = coefficients
+    pb = _Problem.of(q, k, v)
+    out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
+    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
+    M = torch.empty_like(den)
+    if out.numel() == 0 or den.numel() == 0:
+        return out.zero_(), den.zero_(), M.zero_()
+    mk, smb, smn = _mask_args(mask, q)
+    cfg = _quad_config(pb, "fwd")
+    compiled = hybrid_quadratic_fwd_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, v, mk, gain, out, den, M, *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, a1 * scale, a2 * scale * scale,
+        **_fused_flags(pb, cfg, mask, p),
+    )
+    _record("hybrid_quadratic_fwd", compiled)
+    return out, den, M
+
+
+def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coefficients, window: int):
+    """dq, dk, dv (the inputs' dtypes) and the row terms (1/d, c) in two launches."""
+    scale, p, a0, a1, a2 = coefficients
+    c1, c2 = a1 * scale, a2 * scale * scale
+    pb = _Problem.of(q, k, v, grad_out)
+    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
+    inv_den, crow, inv_r, crow_r = (torch.zeros_like(den) for _ in range(4))
+    if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow
+    mk, smb, smn = _mask_args(mask, q)
+    k_finite = finite_keys(k)
+    cfg = _quad_config(pb, "dq")
+    compiled = hybrid_quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
+        *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
+        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, c1, c2,
+        OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
+    )
+    _record("hybrid_quadratic_bwd_dq", compiled)
+    del k_finite
+    cfg = _quad_config(pb, "dkdv")
+    compiled = hybrid_quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+        q, k, v, mk, grad_out, inv_den, crow, inv_r, crow_r, M, gain, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
+        pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, c1, c2,
+        OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
+    )
+    _record("hybrid_quadratic_bwd_dkdv", compiled)
+    return dq, dk, dv, inv_den, crow
+
+
+def _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow):
     """dL/dgamma_h: sum over batch rows and queries of e^{-M} d^r (g . o^r - c), g = do / d, on
     the rows the loss reads (the weight of the rest is gamma e^{-M} d^r o^r and gamma e^{-M} d^r)."""
     zero = torch.zeros((), dtype=torch.float32, device=grad_out.device)
@@ -120,11 +193,27 @@ def _gain_gradient(grad_out, out, den, M, out_r, den_r, inv_den, crow):
     return term.sum(dim=(0, 2))
 
 
+def _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coefficients, window: int):
+    """``_gain_gradient`` for the fused quadratic kernels, which never form the rest's (o^r, d^r)
+    apart: they are computed here, once, only when gamma wants its gradient (a learned gain)."""
+    if k.shape[2] - window <= 0:
+        return torch.zeros(q.shape[1], dtype=torch.float32, device=q.device)
+    kr, vr, mr = _rest_inputs(k, v, mask, window)
+    out_r, den_r = quadratic_forward(q, kr, vr, mr, True, *coefficients)
+    return _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
+
+
 class _HybridWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, gain, coefficients, window, regime):
         has_rest = k.shape[2] - window > 0  # some query has keys before its window
         out_r = den_r = key_states = None
+        if regime == "quadratic":
+            out, den, M = fused_quadratic_forward(q, k, v, mask, gain, coefficients, window)
+            ctx.save_for_backward(q, k, v, mask, out, den, M, gain, None, None)
+            ctx.settings = (coefficients, window, regime, has_rest, None)
+            ctx.mark_non_differentiable(den)
+            return out, den
         if has_rest:
             kr, vr, mr = _rest_inputs(k, v, mask, window)
             if regime == "quadratic":
@@ -144,6 +233,13 @@ class _HybridWindow(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_den):
         q, k, v, mask, out, den, M, gain, out_r, den_r = ctx.saved_tensors
         coefficients, window, regime, has_rest, key_states = ctx.settings
+        if regime == "quadratic":
+            dq, dk, dv, inv_den, crow = fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out,
+                                                                 coefficients, window)
+            dgain = None
+            if ctx.needs_input_grad[4]:
+                dgain = _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coefficients, window)
+            return dq, dk, dv, None, dgain, None, None, None
         dq, dk, dv, inv_den, crow, inv_r, crow_r = window_backward(q, k, v, mask, out, den, M, gain, grad_out,
                                                                    coefficients[0], window, has_rest)
         dgain = None
@@ -158,7 +254,7 @@ class _HybridWindow(torch.autograd.Function):
             dk[:, :, : kr.shape[2]] += dk_r
             dv[:, :, : vr.shape[2]] += dv_r
             if ctx.needs_input_grad[4]:
-                dgain = _gain_gradient(grad_out, out, den, M, out_r, den_r, inv_den, crow)
+                dgain = _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
         elif ctx.needs_input_grad[4]:
             dgain = torch.zeros_like(gain)
         return dq, dk, dv, None, dgain, None, None, None

@@ -1,9 +1,9 @@
 """The hybrid window on the Triton kernels against the float64 reference (Triton's interpreter
 on the CPU, the GPU when there is one).
 
-The window part runs on kernels/window.py (the band of each query block), the rest on the
-quadratic or linear kernels over the keys before the window; ``fastmax_hf.window`` combines
-them. Tiles of 16 and chunks of 32 tokens (settings), so that a window spans several key
+In the quadratic regime both parts run in the same tiles (kernels/window_quadratic.py); in
+the linear regime the rest runs on the linear kernels over the keys before the window and the
+window kernel (kernels/window.py, the band of each query block) joins it. Tiles of 16 and chunks of 32 tokens (settings), so that a window spans several key
 tiles, starts inside one, and (linear regime) the rest crosses chunk boundaries.
 """
 
@@ -129,13 +129,14 @@ def test_a_later_nonfinite_token_leaves_earlier_rows_exact(gen, regime, kind):
 
 
 def test_the_public_function_takes_the_kernels_for_a_window(gen, monkeypatch):
-    """fastmax(..., window=W, backend="triton") runs the kernels' parts (counted), and gives
+    """fastmax(..., window=W, backend="triton") runs the window kernels (counted), and gives
     what the chunked form gives."""
     from fastmax_hf.kernels import window_ops
 
     calls = []
-    original = window_ops.window_forward
-    monkeypatch.setattr(window_ops, "window_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    for name in ("window_forward", "fused_quadratic_forward"):  # the linear and the quadratic regime's
+        original = getattr(window_ops, name)
+        monkeypatch.setattr(window_ops, name, lambda *a, _original=original, **kw: calls.append(1) or _original(*a, **kw))
     q, k, v = (randn(gen, 1, 2, 40, 16).float().to(DEVICE) for _ in range(3))
     with kernels.settings(**SMALL):
         out = fastmax(q, k, v, causal=True, window=6, backend="triton")
@@ -145,13 +146,14 @@ def test_the_public_function_takes_the_kernels_for_a_window(gen, monkeypatch):
 
 
 def test_under_torch_compile_the_pytorch_parts_run(gen, monkeypatch):
-    """The kernels' window parts are no custom operators yet: a compiled call traces the
-    PyTorch parts instead (no kernel launch), with the same result."""
+    """The kernels' window is no custom operator yet: a compiled call traces the PyTorch parts
+    instead (no kernel launch), with the same result."""
     from fastmax_hf.kernels import window_ops
 
     calls = []
-    original = window_ops.window_forward
-    monkeypatch.setattr(window_ops, "window_forward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    for name in ("window_forward", "fused_quadratic_forward"):  # the linear and the quadratic regime's
+        original = getattr(window_ops, name)
+        monkeypatch.setattr(window_ops, name, lambda *a, _original=original, **kw: calls.append(1) or _original(*a, **kw))
     q, k, v = (randn(gen, 1, 2, 40, 16).float().to(DEVICE) for _ in range(3))
     options = FastmaxOptions(scale=0.3, window=5)
 
@@ -164,19 +166,24 @@ def test_under_torch_compile_the_pytorch_parts_run(gen, monkeypatch):
     assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-7)
 
 
-def test_the_rest_part_with_the_fused_dq_backward(gen):
-    """The rest's backward through the key-block kernel that adds dq itself (the default at
-    D=128 in bf16 on a GPU) takes the given row terms as the split kernels do."""
-    B, Hq, Hk, N, D, W = 2, 4, 2, 67, 16, 10
-    q, k, v = (randn(gen, B, h, N, D).to(DEVICE) for h in (Hq, Hk, Hk))
-    mask = _mask(gen, B, N)
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+def test_tiles_of_unequal_sides_per_kernel(gen, regime):
+    """Query and key tiles of different sides in each kernel (the band's alignment to key tiles,
+    the key-block kernel's split into band rows and later rows), with padding, GQA and Nk > Nq,
+    and a window wider than a tile but not a multiple of one."""
+    B, Hq, Hk, Nq, Nk, D, W = 2, 4, 2, 75, 101, 16, 21
+    q, k, v = (randn(gen, *s).to(DEVICE) for s in ((B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, D)))
+    mask = _mask(gen, B, Nk)
     options = FastmaxOptions(scale=0.3, window=W)
     low = [x.float().requires_grad_() for x in (q, k, v)]
     exact = [x.double().requires_grad_() for x in (q, k, v)]
     expected = fastmax_reference(*exact, causal=True, key_padding_mask=mask, scale=0.3, window=W)
     do = randn(gen, *expected.shape).to(DEVICE)
-    with kernels.settings(**SMALL, quad_dq_fused=True):
-        out, _ = window_attention(*low, options, key_padding_mask=mask, mode="quadratic", implementation="triton")
+    tiles = dict(SMALL, window_block_m=32, window_block_n=16, quad_fwd_block_m=32, quad_fwd_block_n=16,
+                 quad_dq_block_m=16, quad_dq_block_n=32, quad_dkdv_block_m=32, quad_dkdv_block_n=16,
+                 linear_block_m=32)
+    with kernels.settings(**tiles):
+        out, _ = window_attention(*low, options, key_padding_mask=mask, mode=regime, implementation="triton")
         got = torch.autograd.grad(out, low, do.float())
     want = torch.autograd.grad(expected, exact, do)
     assert rel_err(out, expected) < 1e-4
