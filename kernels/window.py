@@ -60,6 +60,28 @@ def _in_window(keys, t, real, W):
 
 
 @triton.jit
+def hybrid_row_terms(O_h, DO_h, DEN_r, M_r, gain, INV_DEN_r, CROW_r, INV_R_r, CROW_R_r, rows, q_ok, cols_v, DV,
+                     stride_on, stride_od, stride_don, stride_dod, STORE_REST: tl.constexpr,
+                     EVEN_DV: tl.constexpr, I64: tl.constexpr):
+    """The backward's row terms of a query block (``rows``), from the forward's output, its
+    denominator and shift M: stores 1/d and c (exactly 0 on rows the loss does not read) and,
+    with STORE_REST, the rest's rho/d and rho c (rho = gain e^{-M}). Pointers ``*_r`` are at
+    row 0 of the (batch, head). Returns do (fp32), 1/d, c, M, rho."""
+    do = load_tile(DO_h, rows, q_ok, stride_don, cols_v, DV, stride_dod, True, EVEN_DV, I64).to(tl.float32)
+    o = load_tile(O_h, rows, q_ok, stride_on, cols_v, DV, stride_od, True, EVEN_DV, I64).to(tl.float32)
+    den = tl.load(DEN_r + rows, mask=q_ok, other=0.0)
+    shift = tl.load(M_r + rows, mask=q_ok, other=0.0)
+    inv_den, crow = row_terms(o, do, den)
+    tl.store(INV_DEN_r + rows, inv_den, mask=q_ok)
+    tl.store(CROW_r + rows, crow, mask=q_ok)
+    rho = gain * tl.exp(-shift)
+    if STORE_REST:
+        tl.store(INV_R_r + rows, tl.where(inv_den != 0.0, rho * inv_den, 0.0), mask=q_ok)
+        tl.store(CROW_R_r + rows, tl.where(crow != 0.0, rho * crow, 0.0), mask=q_ok)
+    return do, inv_den, crow, shift, rho
+
+
+@triton.jit
 def window_fwd_kernel(
     Q, K, V, MASK, OUT_R, DEN_R, GAIN, O, DEN, M,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -163,19 +185,10 @@ def window_bwd_dq_kernel(
     t = rows + offset
     row0 = pid_bh.to(tl.int64) * Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, q_ok, stride_don, cols_v, DV, stride_dod,
-                   True, EVEN_DV, I64).to(tl.float32)
-    o = load_tile(O + b * stride_ob + h * stride_oh, rows, q_ok, stride_on, cols_v, DV, stride_od,
-                  True, EVEN_DV, I64).to(tl.float32)
-    den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
-    m = tl.load(M + row0 + rows, mask=q_ok, other=0.0)
-    inv_den, crow = row_terms(o, do, den)  # exactly 0 on the rows the loss does not read
-    tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
-    tl.store(CROW + row0 + rows, crow, mask=q_ok)
-    if HAS_REST:
-        rho = tl.load(GAIN + h) * tl.exp(-m)
-        tl.store(INV_R + row0 + rows, tl.where(inv_den != 0.0, rho * inv_den, 0.0), mask=q_ok)
-        tl.store(CROW_R + row0 + rows, tl.where(crow != 0.0, rho * crow, 0.0), mask=q_ok)
+    do, inv_den, crow, m, _rho = hybrid_row_terms(
+        O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, DEN + row0, M + row0,
+        tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, q_ok, cols_v, DV,
+        stride_on, stride_od, stride_don, stride_dod, HAS_REST, EVEN_DV, I64)
     active = (inv_den != 0.0) | (crow != 0.0)  # rows the loss reads
     g_op = operand(do * inv_den[:, None], OP_BF16)
     K_h = K + b * stride_kb + hk * stride_kh

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .common import kernel_slope, kernel_value, key_valid, load_tile, nonfinite_marks, operand
-from .quadratic import attend_keys, dkdv_from_queries, dq_from_keys, output_rows, row_terms
-from .window import _band, _in_window
+from .quadratic import attend_keys, dkdv_from_queries, dq_from_keys, output_rows
+from .window import _band, _in_window, hybrid_row_terms
 
 
 @triton.jit
@@ -160,20 +160,12 @@ def hybrid_quadratic_bwd_dq_kernel(
     t = rows + offset
     row0 = pid_bh.to(tl.int64) * Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, rows, q_ok, stride_don, cols_v, DV, stride_dod,
-                   True, EVEN_DV, I64).to(tl.float32)
-    o = load_tile(O + b * stride_ob + h * stride_oh, rows, q_ok, stride_on, cols_v, DV, stride_od,
-                  True, EVEN_DV, I64).to(tl.float32)
-    den = tl.load(DEN + row0 + rows, mask=q_ok, other=0.0)
-    shift = tl.load(M + row0 + rows, mask=q_ok, other=0.0)
-    inv_den, crow = row_terms(o, do, den)
-    rho = tl.load(GAIN + h) * tl.exp(-shift)
+    do, inv_den, crow, shift, rho = hybrid_row_terms(
+        O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, DEN + row0, M + row0,
+        tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, q_ok, cols_v, DV,
+        stride_on, stride_od, stride_don, stride_dod, True, EVEN_DV, I64)
     inv_r = tl.where(inv_den != 0.0, rho * inv_den, 0.0)
     crow_r = tl.where(crow != 0.0, rho * crow, 0.0)
-    tl.store(INV_DEN + row0 + rows, inv_den, mask=q_ok)
-    tl.store(CROW + row0 + rows, crow, mask=q_ok)
-    tl.store(INV_R + row0 + rows, inv_r, mask=q_ok)
-    tl.store(CROW_R + row0 + rows, crow_r, mask=q_ok)
     active = (inv_den != 0.0) | (crow != 0.0)  # rows the loss reads
     K_h = K + b * stride_kb + hk * stride_kh
     KF_h = KF + b * stride_kfb + hk * stride_kfh
