@@ -40,6 +40,7 @@ class KernelSettings:
     # the hybrid window's band kernels (kernels/window.py): query rows and key rows per tile
     window_block_m: int | None = None
     window_block_n: int | None = None
+    window_warps: int | None = None
     # linear (chunked state) kernels: tokens per chunk; the per-chunk state kernel's rows per
     # step, value columns per program, warps and stages; the readouts' query rows and key rows
     # per tile, warps and stages (the forward readout's; the dq and dk/dv readouts' own

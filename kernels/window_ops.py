@@ -51,7 +51,7 @@ def _window_config(pb: _Problem) -> dict:
     wide = pb.dtype != torch.bfloat16
     s = current_settings()
     return dict(block_m=s.window_block_m or (32 if wide else 64), block_n=s.window_block_n or (32 if wide else 64),
-                warps=4, stages=1)
+                warps=s.window_warps or 4, stages=1)
 
 
 def _launch_flags(pb: _Problem, cfg: dict, mask, has_rest: bool) -> dict:

@@ -213,6 +213,14 @@ def test_check_decode_continues_a_prefill_token_by_token():
 # --------------------------------------------------------------------------- trace_memory
 
 
+def test_window_sweep_candidates_are_valid_settings():
+    from fastmax_hf.kernels import KernelSettings
+
+    sweep = load_script(TOOLS / "window_sweep.py", "window_sweep_tool")
+    for block_m, block_n, warps in sweep.CANDIDATES:
+        KernelSettings(window_block_m=block_m, window_block_n=block_n, window_warps=warps)
+
+
 def test_trace_memory_arguments_and_its_default_budgets_are_valid_settings():
     args = trace.parse_args(["--n", "65536", "--heads", "4", "--dims", "64"])
     assert (args.n, args.heads, args.dim_list) == (65536, 4, [64])
