@@ -19,6 +19,7 @@ size: F x Dv + W x (D + Dv) per key/value head.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from .chunked import chunked_decode_step_, chunked_step, feature_count
 from .options import FastmaxOptions
 from .stages import norm_scale
 from .validation import check_window_gain_tensor
-from .window import window_step
+from .window import pad_tail, window_decode_step_, window_step
 
 
 @dataclass
@@ -42,7 +43,8 @@ class FastmaxState:
     # "torch": features [1, k, sym(k k^T)] of fastmax_hf.chunked; "triton": the tiled rows of
     # fastmax_hf.kernels (see kernels/linear.py). A state is continued by the path that made it.
     layout: str = "torch"
-    # hybrid window only (``window`` = W): the last L = min(W, seen) positions, oldest first
+    # hybrid window only (``window`` = W): the last L = min(W, seen) positions, oldest first (all W,
+    # the missing oldest marked False, once ``with_full_tail`` has run: in-place decoding)
     window: int | None = None
     tail_k: torch.Tensor | None = None  # (B, Hk, L, D) in the keys' dtype (normalised keys with normalize)
     tail_v: torch.Tensor | None = None  # (B, Hk, L, Dv)
@@ -74,6 +76,14 @@ class FastmaxState:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def with_full_tail(self) -> "FastmaxState":
+        """A hybrid-window state whose tail has all W positions (``window.pad_tail``: the missing
+        oldest ones marked False), the form ``decode_step_`` updates in place. Same sums."""
+        if self.window is None or self.tail_k.shape[2] == self.window:
+            return self
+        tail_k, tail_v, tail_valid = pad_tail(self.tail_k, self.tail_v, self.tail_valid, self.window)
+        return dataclasses.replace(self, tail_k=tail_k, tail_v=tail_v, tail_valid=tail_valid)
 
     def index_select(self, batch_index: torch.Tensor) -> "FastmaxState":
         pick = lambda t: None if t is None else t.index_select(0, batch_index.to(t.device))  # noqa: E731
@@ -183,11 +193,15 @@ def decode_step_(q, k, v, state: FastmaxState, options: FastmaxOptions, *, key_v
     Unlike ``fastmax_step`` the state's tensors are updated where they lie and keep their
     addresses, and nothing is read back to the host: what a captured CUDA graph replays
     (``FastmaxCache(static=True)``). ``key_valid`` (B,) bool: False = this token is padding
-    (it attends and joins nothing). A hybrid-window state is continued by ``fastmax_step``."""
+    (it attends and joins nothing). A hybrid-window state needs its tail at full length W
+    (``FastmaxState.with_full_tail``)."""
     if q.shape[2] != 1 or k.shape[2] != 1 or v.shape[2] != 1:
         raise ValueError(f"decode_step_ takes one new token per sequence, got `q` {tuple(q.shape)}")
-    if state.window is not None:
-        raise ValueError("a hybrid-window state keeps a ring of keys and values: continue it with fastmax_step")
+    if state.window is not None and state.tail_k.shape[2] != state.window:
+        raise ValueError(f"a hybrid-window state decoded in place needs a tail of {state.window} positions, this one "
+                         f"has {state.tail_k.shape[2]}: call `state.with_full_tail()` first")
+    if state.window != options.window:
+        raise ValueError(f"`window`={options.window} but the state was built with window={state.window}")
     if options.normalize:
         if state.q_peak is None:
             raise ValueError("`state` was built without normalize=True but `normalize` is set")
@@ -196,6 +210,9 @@ def decode_step_(q, k, v, state: FastmaxState, options: FastmaxOptions, *, key_v
         k, k_peak = _running_normalize(k, state.k_peak, options.lim, valid)
         state.q_peak.copy_(q_peak)
         state.k_peak.copy_(k_peak)
+    if state.window is not None:
+        return window_decode_step_(q, k, v, state.S, state.z, state.tail_k, state.tail_v, state.tail_valid, options,
+                                   key_valid=key_valid)
     if state.layout == "triton":
         from .kernels import decode_step_ as triton_decode_step_
 

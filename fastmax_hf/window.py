@@ -50,6 +50,7 @@ from .chunked import (
     _backward_quadratic,
     _forward_linear,
     _forward_quadratic,
+    _key_features,
     _Problem,
     choose_mode,
     chunked_state,
@@ -367,3 +368,85 @@ def window_step(q, k, v, S, z, tail_k, tail_v, tail_valid, options: FastmaxOptio
         S, z = S + dS.to(S.dtype), z + dz.to(z.dtype)
     return (out, S, z, keys[:, :, leaving:].contiguous(), values[:, :, leaving:].contiguous(),
             valid[:, leaving:].contiguous())
+
+
+@torch.no_grad()
+def window_decode_step_(q, k, v, S, z, tail_k, tail_v, tail_valid, options: FastmaxOptions, *, key_valid=None):
+    """One new token per sequence, every tensor of the state updated where it lies: the hybrid
+    window's twin of ``chunked.chunked_decode_step_`` (what a captured CUDA graph replays).
+
+    The tail has its full length W here (``pad_tail`` makes it so): the last W positions, oldest
+    first, with positions before the first token marked False like padding. Each step the oldest
+    position, now W behind the new token, is folded into (S, z) (when real), the tail moves up
+    by one and takes the new token, and the token attends to the tail by exact softmax and to
+    (S, z) by fastmax: the same sums as ``window_step``, with no shape that depends on the
+    data and nothing read back to the host.
+
+    Args:
+        q (B, Hq, 1, D); k, v (B, Hk, 1, D), (B, Hk, 1, Dv): the new token.
+        S (B, Hk, F, Dv), z (B, Hk, F): the PyTorch-layout state, fp32 (float64 for float64).
+        tail_k (B, Hk, W, D), tail_v (B, Hk, W, Dv), tail_valid (B, W) bool.
+        key_valid: (B,) bool or None: False = the new token is padding (it attends, and stays in
+            the tail as a position marked False).
+
+    Returns:
+        out (B, Hq, 1, Dv) in q's dtype.
+    """
+    B, Hq, n, D = q.shape
+    Hk, W, Dv = tail_k.shape[1], tail_k.shape[2], tail_v.shape[-1]
+    if n != 1 or k.shape[2] != 1 or v.shape[2] != 1:
+        raise ValueError(f"window_decode_step_ takes one new token per sequence, got `q` {tuple(q.shape)}")
+    if W != options.window:
+        raise ValueError(f"the tail holds {W} positions but `window`={options.window}: pad it with `pad_tail` first")
+    G = Hq // Hk
+    cd = S.dtype
+    zero = torch.zeros((), dtype=cd, device=S.device)
+
+    # 1. the oldest position leaves the window for the polynomial state (by selection when padded)
+    leaving = tail_valid[:, 0][:, None, None, None]  # (B, 1, 1, 1)
+    old_k = torch.where(leaving, tail_k[:, :, :1].to(cd), zero)  # (B, Hk, 1, D)
+    old_v = torch.where(leaving, tail_v[:, :, :1].to(cd), zero)
+    fk = torch.where(leaving, _key_features(old_k, options.p), zero)  # (B, Hk, 1, F)
+    S.add_(fk.transpose(-1, -2) @ old_v)
+    z.add_(fk[:, :, 0])
+
+    # 2. the tail moves up by one position and takes the new token
+    new_valid = key_valid if key_valid is not None else torch.ones(B, dtype=torch.bool, device=q.device)
+    tail_k[:, :, :-1] = tail_k[:, :, 1:].clone()
+    tail_v[:, :, :-1] = tail_v[:, :, 1:].clone()
+    tail_valid[:, :-1] = tail_valid[:, 1:].clone()
+    tail_k[:, :, -1:] = k.to(tail_k.dtype)
+    tail_v[:, :, -1:] = v.to(tail_v.dtype)
+    tail_valid[:, -1] = new_valid
+
+    # 3. the window: exact softmax over the tail (positions marked False removed by selection)
+    keep = tail_valid[:, None, None, None, :]  # (B, 1, 1, 1, W)
+    keys = torch.where(tail_valid[:, None, :, None], tail_k.to(cd), zero)[:, :, None]  # (B, Hk, 1, W, D)
+    values = torch.where(tail_valid[:, None, :, None], tail_v.to(cd), zero)[:, :, None]  # (B, Hk, 1, W, Dv)
+    qg = q.to(cd).reshape(B, Hk, G, 1, D)
+    scores = (qg @ keys.transpose(-1, -2)) * options.scale  # (B, Hk, G, 1, W)
+    minus_inf = torch.full((), float("-inf"), dtype=cd, device=S.device)
+    m = torch.where(keep, scores, minus_inf).amax(-1)  # (B, Hk, G, 1)
+    m = torch.where(keep.any(-1), m, zero)
+    w = torch.exp(torch.where(keep, scores - m[..., None], minus_inf))
+    Nw, Dw = w @ values, w.sum(-1)  # (B, Hk, G, 1, Dv), (B, Hk, G, 1)
+
+    # 4. the rest: every position before the tail, from the polynomial state
+    num, den = state_readout(q, S, z, options)  # (B, Hq, 1, Dv), (B, Hq, 1)
+    out, _ = _combine(Nw, Dw, m, num.reshape(B, Hk, G, 1, Dv), den.reshape(B, Hk, G, 1), _gain(options, Hk, G, cd))
+    return out.reshape(B, Hq, 1, Dv).to(q.dtype)
+
+
+def pad_tail(tail_k, tail_v, tail_valid, window: int):
+    """A tail of L < W positions lengthened to W at its front with positions marked False (as if
+    the sequence had been left-padded): the same sums for every later query, since a position
+    marked False is never attended to and joins (S, z) as nothing. New tensors."""
+    B, Hk, L, D = tail_k.shape
+    missing = window - L
+    if missing <= 0:
+        return tail_k, tail_v, tail_valid
+    front = dict(dtype=tail_k.dtype, device=tail_k.device)
+    tail_k = torch.cat([torch.zeros(B, Hk, missing, D, **front), tail_k], dim=2)
+    tail_v = torch.cat([torch.zeros(B, Hk, missing, tail_v.shape[-1], **front), tail_v], dim=2)
+    tail_valid = torch.cat([torch.zeros(B, missing, dtype=torch.bool, device=tail_valid.device), tail_valid], dim=1)
+    return tail_k, tail_v, tail_valid

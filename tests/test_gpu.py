@@ -245,8 +245,14 @@ def _tiny_causal_lm(family: str, dtype):
                                      num_attention_heads=4, num_key_value_heads=1, **common),
         "gpt2": lambda: GPT2Config(n_embd=256, n_layer=3, n_head=4, **common),
     }
+    name, _, window = family.partition("_window")  # "llama_window16": the hybrid window W = 16
+    config = copy.deepcopy(configs[name]())
+    if window:
+        from fastmax_hf import set_fastmax_config
+
+        set_fastmax_config(config, window=int(window))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(configs[family]()), attn_implementation="fastmax")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="fastmax")
     return model.to(device="cuda", dtype=dtype).eval()
 
 
@@ -260,14 +266,16 @@ def _recomputed_logits(model, mask, sequences):
                  use_cache=False).logits[:, prompt - 1:].float()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "llama_window16", "qwen2_window64"])
 def test_generation_equals_recomputation_bf16(family):
     """Greedy search, seeded sampling and beam search of a left-padded batch in bf16, with the
     default FastmaxCache and with cache_implementation="static" (every step after the first a
     replayed CUDA graph): each step's logits are those of a stateless forward over the tokens
     generated so far (bf16 tolerance); beams' scores are the recomputed sums of log-probabilities
     (beam search steps eagerly: transformers' beam search does not take the compiled call);
-    the graphs leave the random generator where the default cache leaves it."""
+    the graphs leave the random generator where the default cache leaves it. With a hybrid
+    window (W = 16, shorter than the prompt; W = 64, longer than prompt and generation) the static
+    steps move the tail in place and are replayed too."""
     model = _tiny_causal_lm(family, torch.bfloat16)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, 512, (3, 50), generator=g).cuda()

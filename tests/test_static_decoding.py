@@ -37,6 +37,18 @@ CONFIGS = {
     "gpt2": lambda: tiny(GPT2Config, n_embd=32, n_layer=2, n_head=4, attn_pdrop=0.0, resid_pdrop=0.0,
                          embd_pdrop=0.0),
 }
+# hybrid windows: one shorter than the prompt, one that the prompt and the first steps do not fill
+WINDOWS = {"llama": 3, "gpt2": 10}
+
+
+def windowed(name):
+    config = CONFIGS[name]()
+    set_fastmax_config(config, **OPTIONS, window=WINDOWS[name])
+    return config
+
+
+for _name in WINDOWS:
+    CONFIGS[f"{_name}_window"] = lambda _name=_name: windowed(_name)
 
 
 def build(name, implementation="fastmax"):
@@ -91,7 +103,10 @@ def test_static_generation_equals_the_default_cache_and_recomputation(name, mode
     static = run(cache_implementation="static")
     steps = len(in_place_steps)
     dynamic = run()
-    assert len(in_place_steps) == 2 * steps  # the default cache steps in place too
+    if model.config.fastmax["window"] is None:
+        assert len(in_place_steps) == 2 * steps  # the default cache steps in place too
+    else:
+        assert len(in_place_steps) == steps  # the default cache grows a window's tail by new tensors
     recomputed = run(use_cache=False)
     cache = getattr(static, "cache", None) or static.past_key_values
     assert isinstance(cache, FastmaxCache) and cache.static and cache.is_compileable
@@ -172,19 +187,45 @@ def test_a_key_value_cache_family_refuses_a_static_cache():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
 
 
-def test_a_window_state_continues_out_of_place():
-    """A hybrid-window layer keeps a ring of keys and values: its steps are not in place, and the
-    runner does not replay it; generation is still exact."""
-    config = CONFIGS["llama"]()
-    set_fastmax_config(config, **OPTIONS, window=3)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fastmax").double().eval()
+def test_a_static_window_state_keeps_its_full_tail_from_the_prompt_on():
+    """A static cache's hybrid-window layers hold all W positions after the prompt (the missing
+    ones marked as padding): the form that decodes in place and that the runner may replay."""
+    model = build("gpt2_window")
     ids, mask = batch()
-    static = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                            cache_implementation="static", return_dict_in_generate=True)
-    recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
-                                use_cache=False)
-    assert torch.equal(static.sequences, recomputed)
+    cache = FastmaxCache(config=model.config, static=True)
+    model(ids, attention_mask=mask, use_cache=True, **{_cache_kwarg(model): cache})
+    for layer in cache.layers:
+        assert layer.state.tail_k.shape[2] == WINDOWS["gpt2"] > ids.shape[1]
+        assert not layer.state.tail_valid[:, : WINDOWS["gpt2"] - ids.shape[1]].any()
+    state = cache.layers[0].state
+    dynamic = FastmaxCache(config=model.config)
+    model(ids, attention_mask=mask, use_cache=True, **{_cache_kwarg(model): dynamic})
+    assert dynamic.layers[0].state.tail_k.shape[2] == ids.shape[1]  # the default cache's tail as long as seen
+    assert not _replayable_cache(cache)  # a CPU state, but not for its window: see test_gpu.py
+    assert state.S.device.type == "cpu"
+
+
+def test_the_runners_padded_steps_put_a_window_state_back():
+    """The runner's warm-up and check run steps with padded tokens. A padded token joins nothing,
+    but in a hybrid window it is a position: it moves the tail. The runner copies windowed
+    layers' states before such a step and puts them back (here on the CPU, the same code)."""
+    model = build("llama_window")
+    ids, mask = batch()
+    cache = FastmaxCache(config=model.config, static=True)
+    out = model(ids, attention_mask=mask, use_cache=True, **{_cache_kwarg(model): cache})
+    runner = model.get_compiled_call(None)
+    valid = torch.zeros(ids.shape[0], dtype=torch.bool)
+    runner._set_valid(cache, valid)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    call = dict(input_ids=nxt, position_ids=torch.full_like(nxt, ids.shape[1]), use_cache=True,
+                **{_cache_kwarg(model): cache})
+    before = [t.clone() for layer in cache.layers for t in layer.state.tensors()]
+    runner._eager_padded(call, cache, valid)
+    after = [t for layer in cache.layers for t in layer.state.tensors()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    model(**call)  # the same padded step, without the runner: the tails move
+    moved = [t for layer in cache.layers for t in layer.state.tensors()]
+    assert not all(torch.equal(a, b) for a, b in zip(before, moved))
 
 
 def test_importing_keeps_the_patch_installed():

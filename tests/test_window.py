@@ -295,6 +295,47 @@ def test_prefill_then_decoding_equals_the_full_call(gen, W):
         assert len(set(sizes)) == 1 or W > 13  # constant once the window is full
 
 
+@pytest.mark.parametrize("W, prompt, p", [(1, 9, 2), (7, 9, 2), (20, 9, 2), (7, 4, 1)])
+def test_in_place_decoding_equals_the_full_call_and_keeps_its_addresses(gen, W, prompt, p):
+    """decode_step_ on a hybrid-window state (its tail padded to W at the front), token by token
+    with padded tokens in the middle of a row, equals the full call; no tensor of the state moves."""
+    from fastmax_hf.recurrent import decode_step_
+
+    B, Hq, Hk, N, D = 2, 4, 2, 31, 8
+    q, k, v = (x.detach() for x in inputs(gen, B, Hq, Hk, N, N, D, 6))
+    mask = left_padding(B, N, [N, 24])
+    mask[0, 15:17] = False  # padding inside a row: a position that attends and joins nothing
+    gain = gain_of("heads", Hq, gen).detach()
+    for normalize in (False, True):
+        kwargs = dict(window=W, window_gain=gain, normalize=normalize, p=p)
+        options = FastmaxOptions.resolve(D, a1=1.0, a2=0.5, **kwargs)
+        full = fastmax(q, k, v, causal=True, key_padding_mask=mask, backend="reference", **kwargs)
+        out, state = fastmax_step(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], None,
+                                  key_padding_mask=mask[:, :prompt], **kwargs)
+        state = state.with_full_tail()
+        assert state.tail_k.shape[2] == W
+        addresses = [t.data_ptr() for t in state.tensors()]
+        outs = [out]
+        for t in range(prompt, N):
+            outs.append(decode_step_(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], state, options,
+                                     key_valid=mask[:, t]))
+        torch.testing.assert_close(torch.cat(outs, 2)[mask[:, None, :, None].expand(full.shape)],
+                                   full[mask[:, None, :, None].expand(full.shape)], rtol=1e-10, atol=1e-10)
+        assert [t.data_ptr() for t in state.tensors()] == addresses
+
+
+def test_in_place_decoding_needs_a_full_tail(gen):
+    from fastmax_hf.recurrent import decode_step_
+
+    q, k, v = (x.detach() for x in inputs(gen, 1, 1, 1, 2, 2, 4, 4))
+    _, state = fastmax_step(q, k, v, None, window=5)
+    options = FastmaxOptions.resolve(4, window=5)
+    with pytest.raises(ValueError, match="with_full_tail"):
+        decode_step_(q[:, :, :1], k[:, :, :1], v[:, :, :1], state, options)
+    with pytest.raises(ValueError, match="`window`=None"):
+        decode_step_(q[:, :, :1], k[:, :, :1], v[:, :, :1], state.with_full_tail(), FastmaxOptions.resolve(4))
+
+
 def test_a_state_continues_with_its_own_window(gen):
     q, k, v = (x.detach() for x in inputs(gen, 1, 1, 1, 4, 4, 4, 4))
     _, state = fastmax_step(q, k, v, None, window=3)

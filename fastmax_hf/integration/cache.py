@@ -15,7 +15,9 @@ After the prompt every one-token step is folded into the state in place by one f
 to the host. ``static=True`` (what ``generate(..., cache_implementation="static")`` builds for a
 fastmax model) makes the cache compileable, so that generate() takes its static-shape path and
 a decoding step is captured once as a CUDA graph and replayed (``integration.graphs``); its beam
-reorders are in place too. There are no per-token slots to preallocate: the state has its final
+reorders are in place too. With a hybrid window a static cache keeps the tail at all W
+positions (the missing oldest marked as padding) and moves it up in place, so windowed models
+replay too. There are no per-token slots to preallocate: the state has its final
 size from the first token.
 
 One mechanism for every family. Every attention class that goes through
@@ -172,15 +174,21 @@ class FastmaxCacheLayer(CacheLayerMixin):
                 f"the FastmaxCache holds a batch of {self.state.S.shape[0]} sequences but this call has "
                 f"{query.shape[0]}; use a new cache for a new batch"
             )
-        if self.state is not None and query.shape[2] == 1 and self.state.window is None:
+        in_place = self.state is not None and query.shape[2] == 1 and (self.state.window is None or self.static)
+        if in_place:
             # one fused step, in place: the cache owns its state (a beam reorder or batch selection
-            # gives it new tensors), and the state keeps its addresses for CUDA graphs
+            # gives it new tensors), and the state keeps its addresses for CUDA graphs. A hybrid
+            # window's tail is moved up in place too, in static caches (whose tails have all W
+            # positions from the prefill on); the default cache's tail grows to W by new tensors.
+            self.state = self.state.with_full_tail()
             key_valid = key_padding_mask[:, -1] if key_padding_mask is not None else self.decode_valid
             out = decode_step_(query, key, value, self.state, options, key_valid=key_valid)
         else:
             out, self.state = step_with_options(
                 query, key, value, self.state, options, key_padding_mask=key_padding_mask, backend=backend
             )
+            if self.static:
+                self.state = self.state.with_full_tail()  # its addresses fixed from here on
         self.seen_tokens += query.shape[2]
         return out
 

@@ -14,7 +14,8 @@ backend and mode are not used).
 
 A call is replayed when it is a one-token step (``input_ids`` (B, 1), no ``inputs_embeds``,
 no gradient) on a static ``FastmaxCache`` whose every layer is a ``FastmaxCacheLayer`` holding
-a CUDA state without a hybrid window (the prompt folded in); any other call runs the model
+a CUDA state (the prompt folded in; a hybrid window's tail at its full W positions); any other
+call runs the model
 as it is. For the first such call on a cache:
 
 1. The step's tensor inputs get static buffers. ``position_ids`` are always among them (filled
@@ -23,7 +24,9 @@ as it is. For the first such call on a cache:
    a step needs only its last column (is each row's new token real), which goes to the
    layers' ``decode_valid`` buffer.
 2. Warm-up: the step runs once eagerly with every new token marked padding, so every kernel
-   is compiled and the state is untouched (a padded token joins nothing, by selection).
+   is compiled and the state is untouched (a padded token joins nothing, by selection; but it
+   is a position, so the states of hybrid-window layers, whose tails it moves, are copied
+   before and put back).
 3. Capture, then a check: at the next position, again with padded tokens, the replay must give
    the eager step's logits. A model whose graph froze something that changes from step to step
    fails it; it then decodes eagerly, with a warning.
@@ -53,11 +56,14 @@ def _cache_of(kwargs: dict):
 
 
 def _replayable_cache(cache) -> bool:
-    """A static FastmaxCache whose layers are all fastmax layers with a CUDA state and no window."""
+    """A static FastmaxCache whose layers are all fastmax layers with a CUDA state (a hybrid
+    window's tail at its full length W, as static layers keep it)."""
     if not isinstance(cache, FastmaxCache) or not cache.static or not cache.layers:
         return False
     for layer in cache.layers:
-        if type(layer) is not FastmaxCacheLayer or layer.state is None or layer.state.window is not None:
+        if type(layer) is not FastmaxCacheLayer or layer.state is None:
+            return False
+        if layer.state.window is not None and layer.state.tail_k.shape[2] != layer.state.window:
             return False
         if layer.state.S.device.type != "cuda":
             return False
@@ -79,6 +85,20 @@ def _padding_mask(mask):
 
 def _state_addresses(cache) -> tuple:
     return tuple(t.data_ptr() for layer in cache.layers for t in layer.state.tensors())
+
+
+def _window_snapshot(cache) -> list:
+    """Copies of the states of the hybrid-window layers: a padded token joins nothing, but it is a
+    position, so a padded step moves a window's tail (and folds its oldest position into the
+    state). The warm-up and the check run padded steps; they put these copies back."""
+    return [(layer, [t.clone() for t in layer.state.tensors()]) for layer in cache.layers
+            if layer.state.window is not None]
+
+
+def _restore(snapshot: list) -> None:
+    for layer, saved in snapshot:
+        for held, copy in zip(layer.state.tensors(), saved):
+            held.copy_(copy)
 
 
 def _copy_out(value):
@@ -208,10 +228,12 @@ class DecodeGraphRunner:
     def _eager_padded(self, call: dict, cache, valid) -> object:
         """The step run eagerly with every new token padded: the state is left as it was."""
         seen = [layer.seen_tokens for layer in cache.layers]
+        snapshot = _window_snapshot(cache)
         valid.fill_(False)
         try:
             return self.model(**call)
         finally:
+            _restore(snapshot)
             for layer, n in zip(cache.layers, seen):
                 layer.seen_tokens = n
 
@@ -255,15 +277,17 @@ class DecodeGraphRunner:
         return step
 
     def _replays_eager(self, step: _CapturedStep, kwargs: dict, call: dict, cache) -> bool:
-        """At the next position, with padded tokens (the state untouched), the replay must give
-        the eager step's logits."""
+        """At the next position, with padded tokens (the state untouched; windowed layers' states
+        put back after each of the two steps), the replay must give the eager step's logits."""
         self._fill(step, kwargs, cache, position_shift=1)
         for layer in cache.layers:
             layer.seen_tokens += 1
+        snapshot = _window_snapshot(cache)
         try:
             step.valid.fill_(False)
             step.graph.replay()
             replayed = step.outputs["logits"].float().clone()
+            _restore(snapshot)
             eager = self._eager_padded(call, cache, step.valid)["logits"].float()
         finally:
             for layer in cache.layers:
