@@ -46,8 +46,9 @@ from .window_quadratic import (
 
 
 def _window_config(pb: _Problem) -> dict:
-    """Tiles of the window kernels: the settings where given, else 64 x 64 (32 x 32 with fp32
-    operands). Not tuned on a GPU yet."""
+    """Tiles of the window kernels: the settings where given, else 64 x 64 with 4 warps (32 x 32
+    with fp32 operands): the fastest of five tile/warp candidates on an H100 at 64k and 128k
+    tokens, D=64 (benchmarks/h100/window/window_sweep.jsonl)."""
     wide = pb.dtype != torch.bfloat16
     s = current_settings()
     return dict(block_m=s.window_block_m or (32 if wide else 64), block_n=s.window_block_n or (32 if wide else 64),
