@@ -228,5 +228,26 @@ def test_the_runners_padded_steps_put_a_window_state_back():
     assert not all(torch.equal(a, b) for a, b in zip(before, moved))
 
 
+@pytest.mark.parametrize("family", ["qwen3", "phi3", "gemma", "gpt_neox"])
+def test_windowed_static_generation_of_other_families(family, in_place_steps):
+    """Beyond llama/gpt2: a hybrid window (shorter than the prompt) decoded in place by a static
+    cache generates what recomputation generates, greedy and with beams (float32)."""
+    from families import tiny_config
+
+    config = tiny_config(family)
+    if getattr(config, "sliding_window", None) is not None:
+        config.sliding_window = None
+    set_fastmax_config(config, window=4, window_gain=0.7)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="fastmax").float().eval()
+    ids, mask = batch()
+    ids = ids.remainder(config.vocab_size)
+    for search in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, pad_token_id=0, **search,
+                               **kwargs) for kwargs in (dict(cache_implementation="static"), dict(use_cache=False))]
+        assert torch.equal(runs[0], runs[1]), search
+    assert in_place_steps  # the static runs stepped in place
+
+
 def test_importing_keeps_the_patch_installed():
     assert fastmax_hf.integration.patches._ORIGINAL_COMPILED_CALL is not patches._MISSING
