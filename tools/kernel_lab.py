@@ -299,8 +299,9 @@ def section_hostprof(args):
 
 def section_hoststub(args):
     """Host time of triton_attention forward+backward (quadratic, causal, 64 tokens, CPU tensors)
-    with the kernels replaced by no-op stubs: the launchers, autograd and allocations only."""
-    from fastmax_hf.kernels import ops
+    with the kernels replaced by no-op stubs: the launchers, autograd and allocations only; with
+    --hoststub_window W also the hybrid window's fused quadratic call (W < 64: with a rest)."""
+    from fastmax_hf.kernels import ops, window_ops
 
     class _NoLaunch:
         n_regs, n_spills = 0, 0
@@ -308,25 +309,34 @@ def section_hoststub(args):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: self
 
-    names = ["quadratic_fwd_kernel", "quadratic_bwd_dq_kernel", "quadratic_bwd_dkdv_kernel", "backward_rows_kernel"]
-    saved = {name: getattr(ops, name) for name in names}
+    stubbed = [(ops, name) for name in ("quadratic_fwd_kernel", "quadratic_bwd_dq_kernel",
+                                        "quadratic_bwd_dkdv_kernel", "backward_rows_kernel")]
+    stubbed += [(window_ops, name) for name in ("hybrid_quadratic_fwd_kernel", "hybrid_quadratic_bwd_dq_kernel",
+                                                "hybrid_quadratic_bwd_dkdv_kernel")]
+    saved = {(module, name): getattr(module, name) for module, name in stubbed}
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the launchers' device checks
     try:
-        for name in names:
-            setattr(ops, name, _NoLaunch())
+        for module, name in stubbed:
+            setattr(module, name, _NoLaunch())
         q, k, v = (torch.randn(1, 16, 64, 64, requires_grad=True) for _ in range(3))
         do = torch.randn(1, 16, 64, 64)
-        run = _fwd_bwd(lambda: run_fastmax(q, k, v, True, "quadratic"), (q, k, v), do)
-        for _ in range(20):
-            run()
-        t0 = time.perf_counter()
-        for _ in range(200):
-            run()
-        emit({"section": "hoststub", "host_ms_per_call": (time.perf_counter() - t0) / 200 * 1e3,
-              "threads": torch.get_num_threads()})
+        calls = {"fastmax": lambda: run_fastmax(q, k, v, True, "quadratic")}
+        if args.hoststub_window:  # both through the public function, for a like-for-like pair
+            calls["fastmax_hf.fastmax"] = lambda: fastmax(q, k, v, causal=True, backend="triton")
+            calls[f"fastmax_hf.fastmax window={args.hoststub_window}"] = lambda: fastmax(
+                q, k, v, causal=True, backend="triton", window=args.hoststub_window)
+        for label, call in calls.items():
+            run = _fwd_bwd(call, (q, k, v), do)
+            for _ in range(20):
+                run()
+            t0 = time.perf_counter()
+            for _ in range(200):
+                run()
+            emit({"section": "hoststub", "call": label, "host_ms_per_call": (time.perf_counter() - t0) / 200 * 1e3,
+                  "threads": torch.get_num_threads()})
     finally:
-        for name, kernel in saved.items():
-            setattr(ops, name, kernel)
+        for (module, name), kernel in saved.items():
+            setattr(module, name, kernel)
 
 
 def section_quadsweep(args):
@@ -380,6 +390,8 @@ def main():
     parser.add_argument("--lin_p", type=int, default=2, choices=(1, 2), help="order p of the linkernels section")
     parser.add_argument("--check_dtypes", default="bfloat16,float16,float32", help="dtypes of the check section")
     parser.add_argument("--check_regimes", default="quadratic,linear", help="regimes of the check section")
+    parser.add_argument("--hoststub_window", type=int, default=0,
+                        help="hoststub: also time the hybrid window with this W (0: plain fastmax only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args_global = args
