@@ -12,8 +12,8 @@ import functools
 from types import SimpleNamespace
 
 import torch
-import triton
 
+from .common import cdiv, next_power_of_2
 from .decode import decode_finish_kernel, decode_step_kernel
 from .ops import PAIR_TILE, _pair_tiles, check_kernel_dtypes, linear_layout
 
@@ -35,18 +35,18 @@ def decode_plan(batch: int, heads_kv: int, group: int, dim: int, dim_v: int, p: 
     """Block sizes, split count and rows per split of a step (``splits`` forces the split count;
     ``sm_count``, the device's SMs, is read from ``device`` when not given)."""
     block_d, n_tiles, f_rows = linear_layout(dim, p)
-    block_g = triton.next_power_of_2(group)
-    block_dv = min(128, max(16, triton.next_power_of_2(dim_v)))
+    block_g = next_power_of_2(group)
+    block_dv = min(128, max(16, next_power_of_2(dim_v)))
     # the (BLOCK_G, ROWS, BLOCK_DV) product of a loop iteration stays within 16k fp32 values
     budget = max(1, 16384 // (block_g * block_dv))
     rows = max(16, min(64, 1 << (budget.bit_length() - 1)))
-    value_blocks = triton.cdiv(dim_v, block_dv)
-    row_blocks = triton.cdiv(f_rows, rows)
+    value_blocks = cdiv(dim_v, block_dv)
+    row_blocks = cdiv(f_rows, rows)
     if splits is None:
         wanted = _PROGRAMS_PER_SM * (sm_count or _sm_count(str(torch.device(device))))
-        splits = triton.cdiv(wanted, batch * heads_kv * value_blocks)
-    rows_per_split = triton.cdiv(row_blocks, max(1, min(int(splits), row_blocks))) * rows
-    splits = triton.cdiv(f_rows, rows_per_split)
+        splits = cdiv(wanted, batch * heads_kv * value_blocks)
+    rows_per_split = cdiv(row_blocks, max(1, min(int(splits), row_blocks))) * rows
+    splits = cdiv(f_rows, rows_per_split)
     # one program per key/value head writes the output itself; more sum partials in a second kernel
     finish = splits > 1 or value_blocks > 1
     return dict(block_d=block_d, n_tiles=n_tiles, f_rows=f_rows, block_g=block_g, block_dv=block_dv, rows=rows,

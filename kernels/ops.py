@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
 
+from .common import cdiv, next_power_of_2
 from .linear import (
     chunk_states_kernel,
     linear_bwd_dkdv_kernel,
@@ -37,7 +36,7 @@ _KERNEL_STATS: dict[str, tuple[int, int]] = {}
 
 
 def _pow2_at_least_16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def linear_layout(dim: int, p: int):
@@ -272,7 +271,7 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
     m, smb, smn = _mask_args(mask, q)
     cfg = _quad_config(pb, "fwd")
-    grid = (triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)
+    grid = (cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)
     compiled = quadratic_fwd_kernel[grid](
         q, k, v, m, out, den,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
@@ -289,7 +288,7 @@ def _backward_rows(out, den, grad_out, pb: _Problem):
     inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=out.device)
     crow = torch.empty_like(inv_den)
     block_m = 64 if pb.block_dv <= 128 else 16
-    compiled = backward_rows_kernel[(triton.cdiv(pb.Nq, block_m), pb.B * pb.Hq)](
+    compiled = backward_rows_kernel[(cdiv(pb.Nq, block_m), pb.B * pb.Hq)](
         out, grad_out, den.contiguous(), inv_den, crow, *out.stride(), *grad_out.stride(), pb.Hq, pb.Nq, pb.Dv,
         BLOCK_M=block_m, BLOCK_DV=pb.block_dv, EVEN_DV=pb.Dv == pb.block_dv, I64=pb.i64, num_warps=4,
     )
@@ -387,7 +386,7 @@ def _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, *
             crow = torch.empty_like(inv_den)
         dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
         cfg = _quad_config(pb, "dq")
-        compiled = quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+        compiled = quadratic_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
             q, k, k_finite, v, m, grad_out, out, den.contiguous(), inv_den, crow, dq, *strides[:8], *k_finite.stride(),
             *strides[8:], *out.stride(),
             pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, c1, c2, **launch_options(cfg), ROWS_GIVEN=terms is not None,
@@ -395,7 +394,7 @@ def _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, *
         _record("quadratic_bwd_dq", compiled)
         cfg = _quad_config(pb, "dkdv")
         dq_acc, dq_arg, dq_mode = None, inv_den, 0
-    compiled = quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+    compiled = quadratic_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, k_finite, v, m, grad_out, inv_den, crow, dk, dv, dq_arg, *strides[:8], *k_finite.stride(), *strides[8:],
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, a0, c1, c2, **launch_options(cfg), DQ_MODE=dq_mode,
     )
@@ -412,7 +411,7 @@ def _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, *
 
 def _state_bytes_per_head(pb: _Problem, n_rows: int, p: int, chunk: int) -> int:
     f_rows = feature_rows(pb.D, p)
-    n_chunks = triton.cdiv(max(n_rows, 1), chunk)
+    n_chunks = cdiv(max(n_rows, 1), chunk)
     return n_chunks * f_rows * (pb.Dv * pb.state_dtype.itemsize + 4)
 
 
@@ -454,7 +453,7 @@ def _chunk_states(x, val, mask, inv_den, crow, pb: _Problem, cfg, p, a0, c1, c2,
     tile_m, tile_n = _pair_tiles(block_d, str(x.device))
     m, smb, smn = _mask_args(mask, x)
     block_dv = cfg["state_block_dv"]
-    n_dv = triton.cdiv(pb.Dv, block_dv)
+    n_dv = cdiv(pb.Dv, block_dv)
     dummy = Z
     compiled = chunk_states_kernel[(n_tiles + 2, n_chunks * n_dv, pb.B * pb.Hk)](
         x, val, m, inv_den if is_query else dummy, crow if is_query else dummy, H, Z, tile_m, tile_n,
@@ -475,13 +474,13 @@ def _scan(H, Z, mode: int, state_in=None, state_out=None):
     # 1024 elements over 4 warps, 8 chunks at a time: each thread holds its columns of all 8
     # chunks, so the scan across them stays in registers (no shared memory round trip)
     block_e = 1024
-    n_s_blocks = triton.cdiv(f_rows * dv, block_e)
+    n_s_blocks = cdiv(f_rows * dv, block_e)
     S_in, z_in = state_in if state_in is not None else (Z, Z)
     S_out, z_out = state_out if state_out is not None else (Z, Z)
-    compiled = state_scan_kernel[(n_s_blocks + triton.cdiv(f_rows, block_e), BH)](
+    compiled = state_scan_kernel[(n_s_blocks + cdiv(f_rows, block_e), BH)](
         H, Z, S_in, z_in, S_out, z_out, n_chunks, f_rows, dv, n_s_blocks,
         MODE=mode, LOAD_STATE=state_in is not None, STORE_STATE=state_out is not None, BLOCK_E=block_e,
-        BLOCK_C=min(8, max(2, triton.next_power_of_2(n_chunks))), num_warps=4,
+        BLOCK_C=min(8, max(2, next_power_of_2(n_chunks))), num_warps=4,
     )
     _record("state_scan", compiled)
 
@@ -529,7 +528,7 @@ def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, st
     cfg = _linear_config(pb, p)
     block_d, n_tiles, f_rows = linear_layout(pb.D, p)
     c1, c2 = a1 * scale, a2 * scale * scale
-    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
+    n_chunks = cdiv(max(pb.Nk, 1), chunk)
     H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
                          n_chunks=n_chunks, row_shift=0)
     _scan(H, Z, 0 if causal else 2, state_in, state_out)
@@ -540,8 +539,8 @@ def _linear_forward_heads(q, k, v, mask, causal, scale, p, a0, a1, a2, chunk, st
     tile_m, tile_n = _pair_tiles(block_d, str(q.device))
     block_m, block_dv = cfg["block_m"], cfg["readout_block_dv"]
     pos0 = (pb.Nk - pb.Nq) // block_m * block_m  # the block of query 0 on the key timeline (floor)
-    n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
-    compiled = linear_fwd_kernel[(n_blocks, triton.cdiv(pb.Dv, block_dv), pb.B * pb.Hq)](
+    n_blocks = cdiv(pb.Nk - pos0, block_m) if causal else cdiv(pb.Nq, block_m)
+    compiled = linear_fwd_kernel[(n_blocks, cdiv(pb.Dv, block_dv), pb.B * pb.Hq)](
         q, k, v, m, H, Z, out, den, tile_m, tile_n,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, a0, c1, c2,
@@ -578,7 +577,7 @@ def _keep_chunk(pb: _Problem, p: int, causal: bool, chunk: int, heads: int) -> i
 def _key_states_shapes(pb: _Problem, p: int, causal: bool, chunk: int):
     """Shapes of the kept H and Z (``KeyStates``)."""
     f_rows = feature_rows(pb.D, p)
-    n_chunks = triton.cdiv(max(pb.Nk, 1), chunk) if causal else 1
+    n_chunks = cdiv(max(pb.Nk, 1), chunk) if causal else 1
     return (pb.B * pb.Hk, n_chunks, f_rows, pb.Dv), (pb.B * pb.Hk, n_chunks, f_rows)
 
 
@@ -624,7 +623,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     if key_states is not None:
         H, Z = key_states.H, key_states.Z
     else:
-        n_chunks = triton.cdiv(max(pb.Nk, 1), chunk)
+        n_chunks = cdiv(max(pb.Nk, 1), chunk)
         H, Z = _chunk_states(k, v, mask, None, None, pb, cfg, p, a0, c1, c2, is_query=False, chunk=chunk,
                              n_chunks=n_chunks, row_shift=0)
         _scan(H, Z, 0 if causal else 2)
@@ -635,7 +634,7 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     dq, dk, dv = grads
     block_m = cfg["block_m"]
     pos0 = (pb.Nk - pb.Nq) // block_m * block_m
-    n_blocks = triton.cdiv(pb.Nk - pos0, block_m) if causal else triton.cdiv(pb.Nq, block_m)
+    n_blocks = cdiv(pb.Nk - pos0, block_m) if causal else cdiv(pb.Nq, block_m)
     k_finite = finite_keys(k) if causal else k
     compiled = linear_bwd_dq_kernel[(n_blocks, pb.B * pb.Hq)](
         q, k, k_finite, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides[:8], *k_finite.stride(),
@@ -649,13 +648,13 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     # dk, dv from the query-side states: the chunks after each key (all of them without a causal mask)
     offset = pb.Nk - pb.Nq
     if causal:
-        n_chunks, row_shift = triton.cdiv(max(pb.Nk, 1), chunk), offset
+        n_chunks, row_shift = cdiv(max(pb.Nk, 1), chunk), offset
     else:
-        n_chunks, row_shift = triton.cdiv(max(pb.Nq, 1), chunk), 0
+        n_chunks, row_shift = cdiv(max(pb.Nq, 1), chunk), 0
     H, Z = _chunk_states(q, grad_out, None, inv_den, crow, pb, cfg, p, a0, c1, c2, is_query=True, chunk=chunk,
                          n_chunks=n_chunks, row_shift=row_shift)
     _scan(H, Z, 1 if causal else 2)
-    compiled = linear_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+    compiled = linear_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides,
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, a0, c1, c2,
         **{**common, "BLOCK_M": cfg["dkdv_block_m"]},

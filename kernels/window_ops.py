@@ -21,8 +21,8 @@ In neither regime does anything per pair or a partial fp32 output go through mem
 from __future__ import annotations
 
 import torch
-import triton
 
+from .common import cdiv
 from .ops import (
     _mask_args,
     _Problem,
@@ -80,7 +80,7 @@ def window_forward(q, k, v, mask, out_r, den_r, gain, scale: float, window: int)
         out_r, den_r = out, den  # not read
     mk, smb, smn = _mask_args(mask, q)
     cfg = _window_config(pb)
-    compiled = window_fwd_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+    compiled = window_fwd_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, v, mk, out_r, den_r.contiguous(), gain, out, den, M,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *out_r.stride(), *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **_launch_flags(pb, cfg, mask, has_rest),
@@ -104,7 +104,7 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     cfg = _window_config(pb)
     flags = dict(_launch_flags(pb, cfg, mask, has_rest), OP_BF16=pb.op_bf16)
     k_finite = finite_keys(k)
-    compiled = window_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+    compiled = window_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
         *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
@@ -112,7 +112,7 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     _record("window_bwd_dq", compiled)
     del k_finite
     flags.pop("HAS_REST")
-    compiled = window_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+    compiled = window_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, mk, grad_out, inv_den, crow, M, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
@@ -142,7 +142,7 @@ def fused_quadratic_forward(q, k, v, mask, gain, coefficients, window: int):
         return out.zero_(), den.zero_(), M.zero_()
     mk, smb, smn = _mask_args(mask, q)
     cfg = _quad_config(pb, "fwd")
-    compiled = hybrid_quadratic_fwd_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+    compiled = hybrid_quadratic_fwd_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, v, mk, gain, out, den, M, *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, a1 * scale, a2 * scale * scale,
         **_fused_flags(pb, cfg, mask, p),
@@ -165,7 +165,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     mk, smb, smn = _mask_args(mask, q)
     k_finite = finite_keys(k)
     cfg = _quad_config(pb, "dq")
-    compiled = hybrid_quadratic_bwd_dq_kernel[(triton.cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+    compiled = hybrid_quadratic_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
         *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, c1, c2,
@@ -174,7 +174,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     _record("hybrid_quadratic_bwd_dq", compiled)
     del k_finite
     cfg = _quad_config(pb, "dkdv")
-    compiled = hybrid_quadratic_bwd_dkdv_kernel[(triton.cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
+    compiled = hybrid_quadratic_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, mk, grad_out, inv_den, crow, inv_r, crow_r, M, gain, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, c1, c2,
