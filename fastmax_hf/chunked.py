@@ -436,6 +436,22 @@ def state_readout(q, S, z, options: FastmaxOptions):
     return num.reshape(B, Hq, n, S.shape[-1]), den.reshape(B, Hq, n)
 
 
+def fold_token_(S, z, k, v, valid, p: int) -> None:
+    """S += phi_k(k) v^T, z += phi_k(k) in place for one token per sequence (k, v (B, Hk, 1, D / Dv));
+    ``valid`` (B,) bool or None: rows marked False join nothing (their k and v removed by selection)."""
+    cd = S.dtype
+    kc, vc = k.to(cd), v.to(cd)
+    if valid is not None:
+        keep = valid[:, None, None, None]
+        zero = torch.zeros((), dtype=cd, device=S.device)
+        kc, vc = torch.where(keep, kc, zero), torch.where(keep, vc, zero)
+    fk = _key_features(kc, p)  # (B, Hk, 1, F)
+    if valid is not None:
+        fk = torch.where(keep, fk, zero)
+    S.add_(fk.transpose(-1, -2) @ vc)
+    z.add_(fk[:, :, 0])
+
+
 @torch.no_grad()
 def chunked_decode_step_(q, k, v, S, z, options: FastmaxOptions, *, key_valid=None):
     """One new token per sequence (q (B, Hq, 1, D), k, v (B, Hk, 1, D / Dv)) attends to the
@@ -443,12 +459,6 @@ def chunked_decode_step_(q, k, v, S, z, options: FastmaxOptions, *, key_valid=No
 
     ``key_valid`` (B,) bool: False = a padded token, which attends but joins nothing (its
     features are zero by selection). The PyTorch twin of the Triton decoding step."""
-    cd = S.dtype
-    kc, vc = k.to(cd), v.to(cd)
-    fk = _key_features(kc, options.p)  # (B, Hk, 1, F)
-    if key_valid is not None:
-        fk = torch.where(key_valid[:, None, None, None], fk, torch.zeros((), dtype=cd, device=fk.device))
-    S.add_(fk.transpose(-1, -2) @ vc)
-    z.add_(fk[:, :, 0])
+    fold_token_(S, z, k, v, key_valid, options.p)
     num, den = state_readout(q, S, z, options)
     return _normalise(num, den).to(q.dtype)

@@ -50,10 +50,10 @@ from .chunked import (
     _backward_quadratic,
     _forward_linear,
     _forward_quadratic,
-    _key_features,
     _Problem,
     choose_mode,
     chunked_state,
+    fold_token_,
     state_readout,
 )
 from .options import FastmaxOptions
@@ -403,12 +403,7 @@ def window_decode_step_(q, k, v, S, z, tail_k, tail_v, tail_valid, options: Fast
     zero = torch.zeros((), dtype=cd, device=S.device)
 
     # 1. the oldest position leaves the window for the polynomial state (by selection when padded)
-    leaving = tail_valid[:, 0][:, None, None, None]  # (B, 1, 1, 1)
-    old_k = torch.where(leaving, tail_k[:, :, :1].to(cd), zero)  # (B, Hk, 1, D)
-    old_v = torch.where(leaving, tail_v[:, :, :1].to(cd), zero)
-    fk = torch.where(leaving, _key_features(old_k, options.p), zero)  # (B, Hk, 1, F)
-    S.add_(fk.transpose(-1, -2) @ old_v)
-    z.add_(fk[:, :, 0])
+    fold_token_(S, z, tail_k[:, :, :1], tail_v[:, :, :1], tail_valid[:, 0], options.p)
 
     # 2. the tail moves up by one position and takes the new token
     new_valid = key_valid if key_valid is not None else torch.ones(B, dtype=torch.bool, device=q.device)

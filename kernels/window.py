@@ -66,7 +66,7 @@ def hybrid_row_terms(O_h, DO_h, DEN_r, M_r, gain, INV_DEN_r, CROW_r, INV_R_r, CR
     """The backward's row terms of a query block (``rows``), from the forward's output, its
     denominator and shift M: stores 1/d and c (exactly 0 on rows the loss does not read) and,
     with STORE_REST, the rest's rho/d and rho c (rho = gain e^{-M}). Pointers ``*_r`` are at
-    row 0 of the (batch, head). Returns do (fp32), 1/d, c, M, rho."""
+    row 0 of the (batch, head). Returns do (fp32), 1/d, c, M, rho, rho/d, rho c."""
     do = load_tile(DO_h, rows, q_ok, stride_don, cols_v, DV, stride_dod, True, EVEN_DV, I64).to(tl.float32)
     o = load_tile(O_h, rows, q_ok, stride_on, cols_v, DV, stride_od, True, EVEN_DV, I64).to(tl.float32)
     den = tl.load(DEN_r + rows, mask=q_ok, other=0.0)
@@ -75,10 +75,12 @@ def hybrid_row_terms(O_h, DO_h, DEN_r, M_r, gain, INV_DEN_r, CROW_r, INV_R_r, CR
     tl.store(INV_DEN_r + rows, inv_den, mask=q_ok)
     tl.store(CROW_r + rows, crow, mask=q_ok)
     rho = gain * tl.exp(-shift)
+    inv_r = tl.where(inv_den != 0.0, rho * inv_den, 0.0)
+    crow_r = tl.where(crow != 0.0, rho * crow, 0.0)
     if STORE_REST:
-        tl.store(INV_R_r + rows, tl.where(inv_den != 0.0, rho * inv_den, 0.0), mask=q_ok)
-        tl.store(CROW_R_r + rows, tl.where(crow != 0.0, rho * crow, 0.0), mask=q_ok)
-    return do, inv_den, crow, shift, rho
+        tl.store(INV_R_r + rows, inv_r, mask=q_ok)
+        tl.store(CROW_R_r + rows, crow_r, mask=q_ok)
+    return do, inv_den, crow, shift, rho, inv_r, crow_r
 
 
 @triton.jit
@@ -185,7 +187,7 @@ def window_bwd_dq_kernel(
     t = rows + offset
     row0 = pid_bh.to(tl.int64) * Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
-    do, inv_den, crow, m, _rho = hybrid_row_terms(
+    do, inv_den, crow, m, _rho, _inv_r, _crow_r = hybrid_row_terms(
         O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, DEN + row0, M + row0,
         tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, q_ok, cols_v, DV,
         stride_on, stride_od, stride_don, stride_dod, HAS_REST, EVEN_DV, I64)

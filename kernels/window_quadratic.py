@@ -160,12 +160,10 @@ def hybrid_quadratic_bwd_dq_kernel(
     t = rows + offset
     row0 = pid_bh.to(tl.int64) * Nq
     q = load_tile(Q + b * stride_qb + h * stride_qh, rows, q_ok, stride_qn, cols_d, D, stride_qd, True, EVEN_D, I64)
-    do, inv_den, crow, shift, rho = hybrid_row_terms(
+    do, inv_den, crow, shift, rho, inv_r, crow_r = hybrid_row_terms(
         O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, DEN + row0, M + row0,
         tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, q_ok, cols_v, DV,
         stride_on, stride_od, stride_don, stride_dod, True, EVEN_DV, I64)
-    inv_r = tl.where(inv_den != 0.0, rho * inv_den, 0.0)
-    crow_r = tl.where(crow != 0.0, rho * crow, 0.0)
     active = (inv_den != 0.0) | (crow != 0.0)  # rows the loss reads
     K_h = K + b * stride_kb + hk * stride_kh
     KF_h = KF + b * stride_kfb + hk * stride_kfh

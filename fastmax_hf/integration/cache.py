@@ -180,7 +180,6 @@ class FastmaxCacheLayer(CacheLayerMixin):
             # gives it new tensors), and the state keeps its addresses for CUDA graphs. A hybrid
             # window's tail is moved up in place too, in static caches (whose tails have all W
             # positions from the prefill on); the default cache's tail grows to W by new tensors.
-            self.state = self.state.with_full_tail()
             key_valid = key_padding_mask[:, -1] if key_padding_mask is not None else self.decode_valid
             out = decode_step_(query, key, value, self.state, options, key_valid=key_valid)
         else:

@@ -225,10 +225,11 @@ class DecodeGraphRunner:
         for layer in cache.layers:
             layer.decode_valid = valid
 
-    def _eager_padded(self, call: dict, cache, valid) -> object:
-        """The step run eagerly with every new token padded: the state is left as it was."""
+    def _eager_padded(self, call: dict, cache, valid, snapshot: list | None = None) -> object:
+        """The step run eagerly with every new token padded: the state is left as it was (windowed
+        layers' states put back from ``snapshot``, taken here unless the caller holds one)."""
         seen = [layer.seen_tokens for layer in cache.layers]
-        snapshot = _window_snapshot(cache)
+        snapshot = _window_snapshot(cache) if snapshot is None else snapshot
         valid.fill_(False)
         try:
             return self.model(**call)
@@ -288,7 +289,7 @@ class DecodeGraphRunner:
             step.graph.replay()
             replayed = step.outputs["logits"].float().clone()
             _restore(snapshot)
-            eager = self._eager_padded(call, cache, step.valid)["logits"].float()
+            eager = self._eager_padded(call, cache, step.valid, snapshot)["logits"].float()
         finally:
             for layer in cache.layers:
                 layer.seen_tokens -= 1
