@@ -436,15 +436,17 @@ def linear_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     Hq, GROUPS, Nq, Nk, D, DV, N_CHUNKS, F_ROWS, N_TILES, POS0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """Grid (query blocks, B * Hq): dQ ((B, Hq, Nq, D) contiguous, the inputs' dtype) from the
-    chunk's own tile and the prefix states H, Z. BLOCK_DV covers all of Dv. KF: the keys with
-    non-finite entries set to 0, for the diagonal tile (``dq_from_keys``)."""
+    """Grid (query blocks, B * Hq): dQ ((B, Hq, Nq, D) at strides stride_dq*, the inputs' dtype)
+    from the chunk's own tile and the prefix states H, Z; ACCUMULATE adds it to what DQ holds
+    (the hybrid window's own dq), so that no separate pass sums the two. BLOCK_DV covers all of
+    Dv. KF: the keys with non-finite entries set to 0, for the diagonal tile (``dq_from_keys``)."""
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -504,8 +506,11 @@ def linear_bwd_dq_kernel(
                 qn = load_tile(Q_h, rows, q_ok, stride_qn, n_cols, D, stride_qd, True, EVEN_D, I64)
                 dq3 = _pair_grads(dq3, X, qm, qn, mb, nb, c2 * weight, BLOCK_M, BT, NBLK)
             dq += tl.reshape(dq3, (BLOCK_M, BLOCK_D))
-    tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=q_ok[:, None] & (cols_d[None, :] < D))
+    dq_offs = b * stride_dqb + h * stride_dqh + rows[:, None].to(tl.int64) * stride_dqn + cols_d[None, :] * stride_dqd
+    dq_ok = q_ok[:, None] & (cols_d[None, :] < D)
+    if ACCUMULATE:
+        dq += tl.load(DQ + dq_offs, mask=dq_ok, other=0.0).to(tl.float32)
+    tl.store(DQ + dq_offs, dq.to(DQ.dtype.element_ty), mask=dq_ok)
 
 
 @triton.jit
@@ -516,15 +521,18 @@ def linear_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hq, Hk, GROUPS, Nq, Nk, D, DV, N_CHUNKS, F_ROWS, N_TILES, a0, c1, c2,
     P: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BT: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) contiguous, the inputs' dtype)
-    from the chunk's own tile (every query head of the group) and the query-side states H, Z
-    (suffix over later chunks, or the total without a causal mask). BLOCK_DV covers all of Dv."""
+    """Grid (cdiv(Nk, BLOCK_N), B * Hk): dK, dV ((B, Hk, Nk, D | Dv) at strides stride_dk*, stride_dv*,
+    the inputs' dtype) from the chunk's own tile (every query head of the group) and the
+    query-side states H, Z (suffix over later chunks, or the total without a causal mask);
+    ACCUMULATE adds them to what DK, DV_OUT hold. BLOCK_DV covers all of Dv."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
@@ -582,8 +590,15 @@ def linear_bwd_dkdv_kernel(
         dk += tl.reshape(dk3, (BLOCK_N, BLOCK_D))
 
     real = key_valid(MASK + b * stride_mb, stride_mn, keys, Nk, HAS_MASK)  # padding gets no gradient
-    key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
-    tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),
-             mask=k_in[:, None] & (cols_d[None, :] < D))
-    tl.store(DV_OUT + key_rows * DV + cols_v[None, :], tl.where(real[:, None], dv, 0.0).to(DV_OUT.dtype.element_ty),
-             mask=k_in[:, None] & v_ok[None, :])
+    dk = tl.where(real[:, None], dk, 0.0)
+    dv = tl.where(real[:, None], dv, 0.0)
+    key_rows = keys[:, None].to(tl.int64)
+    dk_offs = b * stride_dkb + hk * stride_dkh + key_rows * stride_dkn + cols_d[None, :] * stride_dkd
+    dv_offs = b * stride_dvb + hk * stride_dvh + key_rows * stride_dvn + cols_v[None, :] * stride_dvd
+    dk_ok = k_in[:, None] & (cols_d[None, :] < D)
+    dv_ok = k_in[:, None] & v_ok[None, :]
+    if ACCUMULATE:
+        dk += tl.load(DK + dk_offs, mask=dk_ok, other=0.0).to(tl.float32)
+        dv += tl.load(DV_OUT + dv_offs, mask=dv_ok, other=0.0).to(tl.float32)
+    tl.store(DK + dk_offs, dk.to(DK.dtype.element_ty), mask=dk_ok)
+    tl.store(DV_OUT + dv_offs, dv.to(DV_OUT.dtype.element_ty), mask=dv_ok)

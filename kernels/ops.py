@@ -605,10 +605,11 @@ def linear_forward_keeping(q, k, v, mask, causal, scale, p, a0, a1, a2, keep=Tru
 
 
 def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk, grads=None,
-                           key_states: KeyStates | None = None):
-    """dq, dk, dv of one group of heads, contiguous in the inputs' dtype; written into ``grads``
-    (contiguous views of the whole gradients) when given, so that no group is copied.
-    ``key_states``: the forward's (``KeyStates``), read instead of recomputed."""
+                           key_states: KeyStates | None = None, accumulate: bool = False, k_finite=None):
+    """dq, dk, dv of one group of heads in the inputs' dtype; written into ``grads`` (views of
+    the whole gradients, any strides) when given, so that no group is copied, and added to what
+    they hold with ``accumulate``. ``key_states``: the forward's (``KeyStates``), read instead of
+    recomputed; ``k_finite``: ``finite_keys(k)`` where the caller has it already."""
     pb = _Problem.of(q, k, v, grad_out)
     cfg = _linear_config(pb, p)
     block_d, n_tiles, f_rows = linear_layout(pb.D, p)
@@ -635,12 +636,13 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
     block_m = cfg["block_m"]
     pos0 = (pb.Nk - pb.Nq) // block_m * block_m
     n_blocks = cdiv(pb.Nk - pos0, block_m) if causal else cdiv(pb.Nq, block_m)
-    k_finite = finite_keys(k) if causal else k
+    if k_finite is None:
+        k_finite = finite_keys(k) if causal else k
     compiled = linear_bwd_dq_kernel[(n_blocks, pb.B * pb.Hq)](
         q, k, k_finite, v, m, grad_out, inv_den, crow, H, Z, dq, tile_m, tile_n, *strides[:8], *k_finite.stride(),
-        *strides[8:],
+        *strides[8:], *dq.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, pos0, c1, c2, **common,
-        num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"],
+        ACCUMULATE=accumulate, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"],
     )
     _record("linear_bwd_dq", compiled)
     del H, Z, k_finite  # before the query-side states are allocated
@@ -655,9 +657,9 @@ def _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale
                          n_chunks=n_chunks, row_shift=row_shift)
     _scan(H, Z, 1 if causal else 2)
     compiled = linear_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides,
+        q, k, v, m, grad_out, inv_den, crow, H, Z, dk, dv, tile_m, tile_n, *strides, *dk.stride(), *dv.stride(),
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, H.shape[1], f_rows, n_tiles, a0, c1, c2,
-        **{**common, "BLOCK_M": cfg["dkdv_block_m"]},
+        **{**common, "BLOCK_M": cfg["dkdv_block_m"]}, ACCUMULATE=accumulate,
         num_warps=cfg["dkdv_warps"], num_stages=cfg["dkdv_stages"],
     )
     _record("linear_bwd_dkdv", compiled)
@@ -671,30 +673,36 @@ def linear_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1,
                                  key_states=key_states)
 
 
-def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, key_states=None):
+def linear_backward_terms(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, key_states=None,
+                          grads=None, accumulate: bool = False, k_finite=None):
     """dq, dk, dv of the surrogate sum_ij f(s_ij) (g_i . v_j - c_i) with g = grad_out * inv_den
     and c = crow (fp32 (B, Hq, Nq) contiguous): the backward of Fastmax for the row terms of
     ``_backward_rows``, or of any function of (sum_j f v_j, sum_j f) given those terms.
-    ``key_states``: what ``linear_forward_keeping`` kept (its chunk length is used)."""
+    ``key_states``: what ``linear_forward_keeping`` kept (its chunk length is used).
+    ``grads``: (dq, dk, dv) tensors of those shapes (any strides: views of larger gradients) to
+    write into, or with ``accumulate`` to add to, instead of new ones; ``k_finite``:
+    ``finite_keys(k)`` where the caller has it."""
+    pb = _Problem.of(q, k, v, grad_out)
+    if grads is None:
+        if accumulate:
+            raise ValueError("`accumulate` needs `grads`: the tensors to add the gradients to")
+        grads = (torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device),
+                 torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device),
+                 torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device))
     if key_states is not None:
         return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2,
-                                      key_states.chunk, key_states=key_states)
-    pb = _Problem.of(q, k, v, grad_out)
+                                      key_states.chunk, grads=grads, key_states=key_states, accumulate=accumulate,
+                                      k_finite=k_finite)
     chunk, heads = linear_plan(pb, p, causal)
     if heads == pb.Hk:
-        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk)
-    dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
-    dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
-    dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
+        return _linear_backward_heads(q, k, v, mask, grad_out, inv_den, crow, causal, scale, p, a0, a1, a2, chunk,
+                                      grads=grads, accumulate=accumulate, k_finite=k_finite)
+    dq, dk, dv = grads
     for qs, ks in _head_groups(pb, heads):
-        views = (dq[:, qs], dk[:, ks], dv[:, ks])
-        direct = all(view.is_contiguous() for view in views)  # B = 1: head slices are contiguous
-        grads = _linear_backward_heads(
+        _linear_backward_heads(
             q[:, qs], k[:, ks], v[:, ks], mask, grad_out[:, qs], inv_den[:, qs].contiguous(),
-            crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2, chunk, grads=views if direct else None)
-        if not direct:
-            for view, part in zip(views, grads):
-                view.copy_(part)
+            crow[:, qs].contiguous(), causal, scale, p, a0, a1, a2, chunk, grads=(dq[:, qs], dk[:, ks], dv[:, ks]),
+            accumulate=accumulate, k_finite=None if k_finite is None else k_finite[:, ks])
     return dq, dk, dv
 
 

@@ -6,14 +6,16 @@ visible keys of every query and gamma f(s) over the earlier ones, under one norm
 (``fastmax_hf.window`` defines it; kernels/window.py gives the stable form computed here).
 
 Quadratic regime: both parts in the same tiles (kernels/window_quadratic.py), one forward
-launch and two backward launches, as for plain Fastmax.
+launch and two backward launches, as for plain Fastmax (where plain Fastmax adds dq inside its
+key-block kernel, the row terms' kernel and that one kernel).
 
 Linear regime: the rest, plain causal Fastmax of the queries over the keys [0, Nk - W) (with
 bottom-right alignment query i then sees exactly the keys j <= t_i - W), on the linear kernels;
 then one window kernel over each query block's band of keys, which also joins the rest's output
 and denominator and writes the final output (kernels/window.py). Backward: the window's dq
 kernel (it writes the row terms), its key-block kernel, and the rest's Fastmax backward with
-the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``).
+the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``), whose kernels add their
+gradients to the window's in place and read the window's copy of the finite keys.
 
 In neither regime does anything per pair or a partial fp32 output go through memory.
 """
@@ -25,6 +27,8 @@ import torch
 from .common import cdiv
 from .ops import (
     _mask_args,
+    _dq_accumulator,
+    _dq_fused,
     _Problem,
     _quad_config,
     _record,
@@ -33,7 +37,6 @@ from .ops import (
     finite_keys,
     linear_backward_terms,
     linear_forward_keeping,
-    quadratic_backward_terms,
     quadratic_forward,
 )
 from .settings import current_settings
@@ -42,6 +45,7 @@ from .window_quadratic import (
     hybrid_quadratic_bwd_dkdv_kernel,
     hybrid_quadratic_bwd_dq_kernel,
     hybrid_quadratic_fwd_kernel,
+    hybrid_rows_kernel,
 )
 
 
@@ -90,8 +94,9 @@ def window_forward(q, k, v, mask, out_r, den_r, gain, scale: float, window: int)
 
 
 def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, window: int, has_rest: bool):
-    """The window's dq, dk, dv (the inputs' dtypes, m held constant), and the row terms
-    (1/d, c, rho/d, rho c), fp32 (B, Hq, Nq); the last two are None without a rest."""
+    """The window's dq, dk, dv (the inputs' dtypes, m held constant), the row terms
+    (1/d, c, rho/d, rho c), fp32 (B, Hq, Nq), the last two None without a rest, and
+    ``finite_keys(k)``, which the rest's backward reads too."""
     pb = _Problem.of(q, k, v, grad_out)
     dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
@@ -99,7 +104,7 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     inv_den, crow = torch.zeros_like(den), torch.zeros_like(den)
     inv_r, crow_r = (torch.zeros_like(den), torch.zeros_like(den)) if has_rest else (inv_den, crow)
     if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow, inv_r, crow_r
+        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow, inv_r, crow_r, k
     mk, smb, smn = _mask_args(mask, q)
     cfg = _window_config(pb)
     flags = dict(_launch_flags(pb, cfg, mask, has_rest), OP_BF16=pb.op_bf16)
@@ -110,7 +115,6 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
     )
     _record("window_bwd_dq", compiled)
-    del k_finite
     flags.pop("HAS_REST")
     compiled = window_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, v, mk, grad_out, inv_den, crow, M, dk, dv,
@@ -118,7 +122,7 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, **flags,
     )
     _record("window_bwd_dkdv", compiled)
-    return dq, dk, dv, inv_den, crow, (inv_r if has_rest else None), (crow_r if has_rest else None)
+    return dq, dk, dv, inv_den, crow, (inv_r if has_rest else None), (crow_r if has_rest else None), k_finite
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,23 +168,36 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
         return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow
     mk, smb, smn = _mask_args(mask, q)
     k_finite = finite_keys(k)
-    cfg = _quad_config(pb, "dq")
-    compiled = hybrid_quadratic_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
-        q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
-        *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
-        pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, c1, c2,
-        OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
-    )
-    _record("hybrid_quadratic_bwd_dq", compiled)
-    del k_finite
-    cfg = _quad_config(pb, "dkdv")
+    if _dq_fused(pb, q.device):  # as plain Fastmax's backward decides: the row terms, then one key-block kernel
+        cfg = _quad_config(pb, "fused")
+        rows_m = 64 if pb.block_dv <= 128 else 16  # as ops._backward_rows
+        compiled = hybrid_rows_kernel[(cdiv(pb.Nq, rows_m), pb.B * pb.Hq)](
+            out, grad_out, den, M, gain, inv_den, crow, inv_r, crow_r, *out.stride(), *grad_out.stride(),
+            pb.Hq, pb.Nq, pb.Dv, BLOCK_M=rows_m, BLOCK_DV=pb.block_dv, EVEN_DV=pb.Dv == pb.block_dv, I64=pb.i64,
+            num_warps=4,
+        )
+        _record("hybrid_rows", compiled)
+        dq_acc, dq_arg, dq_mode = _dq_accumulator(pb, cfg["block_m"], q.device)
+    else:
+        cfg = _quad_config(pb, "dq")
+        compiled = hybrid_quadratic_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
+            q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
+            *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
+            pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, c1, c2,
+            OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
+        )
+        _record("hybrid_quadratic_bwd_dq", compiled)
+        cfg = _quad_config(pb, "dkdv")
+        dq_acc, dq_arg, dq_mode = None, inv_den, 0
     compiled = hybrid_quadratic_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
-        q, k, v, mk, grad_out, inv_den, crow, inv_r, crow_r, M, gain, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), smb, smn, *grad_out.stride(),
+        q, k, k_finite, v, mk, grad_out, inv_den, crow, inv_r, crow_r, M, gain, dk, dv, dq_arg,
+        *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(),
         pb.Hq, pb.Hk, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, c1, c2,
-        OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
+        OP_BF16=pb.op_bf16, DQ_MODE=dq_mode, **_fused_flags(pb, cfg, mask, p),
     )
-    _record("hybrid_quadratic_bwd_dkdv", compiled)
+    _record("hybrid_quadratic_bwd_dkdv" if dq_mode == 0 else "hybrid_quadratic_bwd_fused", compiled)
+    if dq_acc is not None:
+        dq = dq_acc[..., :pb.D].to(q.dtype).view(pb.B, pb.Hq, pb.Nq, pb.D)
     return dq, dk, dv, inv_den, crow
 
 
@@ -215,12 +232,9 @@ class _HybridWindow(torch.autograd.Function):
             ctx.settings = (coefficients, window, regime, has_rest, None)
             ctx.mark_non_differentiable(den)
             return out, den
-        if has_rest:
+        if has_rest:  # the linear regime: the rest on the linear kernels, then the band kernel
             kr, vr, mr = _rest_inputs(k, v, mask, window)
-            if regime == "quadratic":
-                out_r, den_r = quadratic_forward(q, kr, vr, mr, True, *coefficients)
-            else:
-                out_r, den_r, key_states = linear_forward_keeping(q, kr, vr, mr, True, *coefficients)
+            out_r, den_r, key_states = linear_forward_keeping(q, kr, vr, mr, True, *coefficients)
         out, den, M = window_forward(q, k, v, mask, out_r, den_r, gain, coefficients[0], window)
         keep_rest = has_rest and ctx.needs_input_grad[4]
         ctx.save_for_backward(q, k, v, mask, out, den, M, gain,
@@ -241,19 +255,15 @@ class _HybridWindow(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 dgain = _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coefficients, window)
             return dq, dk, dv, None, dgain, None, None, None
-        dq, dk, dv, inv_den, crow, inv_r, crow_r = window_backward(q, k, v, mask, out, den, M, gain, grad_out,
-                                                                   coefficients[0], window, has_rest)
+        dq, dk, dv, inv_den, crow, inv_r, crow_r, k_finite = window_backward(
+            q, k, v, mask, out, den, M, gain, grad_out, coefficients[0], window, has_rest)
         dgain = None
         if has_rest:
             kr, vr, mr = _rest_inputs(k, v, mask, window)
-            if regime == "quadratic":
-                dq_r, dk_r, dv_r = quadratic_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients)
-            else:
-                dq_r, dk_r, dv_r = linear_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients,
-                                                         key_states=key_states)
-            dq += dq_r
-            dk[:, :, : kr.shape[2]] += dk_r
-            dv[:, :, : vr.shape[2]] += dv_r
+            n = kr.shape[2]
+            # the rest's kernels add their gradients to the window's in place: no pass of their own
+            linear_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients, key_states=key_states,
+                                  grads=(dq, dk[:, :, :n], dv[:, :, :n]), accumulate=True, k_finite=k_finite[:, :, :n])
             if ctx.needs_input_grad[4]:
                 dgain = _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
         elif ctx.needs_input_grad[4]:

@@ -14,7 +14,10 @@ a query block's key range splits into
                           pair or invisible (``_hybrid_tile``).
 
 One forward launch and two backward launches, as for plain Fastmax; the rest's partial sums
-never leave the registers. Raw scores r = q . k; s = scale r; the polynomial's coefficients
+never leave the registers. Where plain Fastmax fuses dq into its key-block kernel (bf16, D=128,
+TMA reductions: ``ops._dq_fused``), so does the hybrid: a small kernel writes the row terms
+(``hybrid_rows_kernel``), and the key-block kernel adds every tile's dq, band tiles and rest
+tiles, to an fp32 accumulator (DQ_MODE, as in ``dkdv_from_queries``). Raw scores r = q . k; s = scale r; the polynomial's coefficients
 have the scale folded in (c1 = a1 scale, c2 = a2 scale^2, kernels/common.py).
 
 Forward, per query block: the window maximum over the band (pass 1), the rest tiles, then
@@ -198,21 +201,48 @@ def hybrid_quadratic_bwd_dq_kernel(
 
 
 @triton.jit
+def hybrid_rows_kernel(
+    O, DO, DEN, M, GAIN, INV_DEN, CROW, INV_R, CROW_R,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    Hq, Nq, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, I64: tl.constexpr,
+):
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): the row terms 1/d, c, rho / d, rho c (fp32 (B * Hq, Nq))
+    of ``hybrid_row_terms``, for the key-block kernel that also computes dq (DQ_MODE > 0)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = (pid_bh % Hq).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_v = tl.arange(0, BLOCK_DV)
+    ok = rows < Nq
+    row0 = pid_bh.to(tl.int64) * Nq
+    hybrid_row_terms(O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, DEN + row0, M + row0,
+                     tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, ok, cols_v,
+                     DV, stride_on, stride_od, stride_don, stride_dod, True, EVEN_DV, I64)
+
+
+@triton.jit
 def hybrid_quadratic_bwd_dkdv_kernel(
-    Q, K, V, MASK, DO, INV_DEN, CROW, INV_R, CROW_R, M, GAIN, DK, DV_OUT,
+    Q, K, KF, V, MASK, DO, INV_DEN, CROW, INV_R, CROW_R, M, GAIN, DK, DV_OUT, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_kfb, stride_kfh, stride_kfn, stride_kfd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_don, stride_dod,
     Hq, Hk, GROUPS, Nq, Nk, D, DV, W, scale, a0, c1, c2,
     P: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr,
+    OP_BF16: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr, DQ_MODE: tl.constexpr,
 ):
     """Grid (cdiv(Nk, BLOCK_N), B * Hk): dk, dv of one key block, summed over the GROUPS query heads
     that read it: the band rows (n0 <= t_i < n0 + BLOCK_N - 1 + W) pair by pair, the later rows
-    through the plain loop with the rho-scaled row terms. Tiles transposed, (key, query)."""
+    through the plain loop with the rho-scaled row terms. Tiles transposed, (key, query).
+    DQ_MODE > 0: every tile's dq also goes into the fp32 (B * Hq, Nq, BLOCK_D) DQ_ACC (1 pointer
+    atomics, 2 a TMA reduction; ``dkdv_from_queries``), from KF, the keys with non-finite
+    entries set to 0."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hk).to(tl.int64)
@@ -228,6 +258,11 @@ def hybrid_quadratic_bwd_dkdv_kernel(
     v = load_tile(V + b * stride_vb + hk * stride_vh, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
     k_op = operand(k, OP_BF16)
     v_op = operand(v, OP_BF16)
+    if DQ_MODE > 0:
+        kf = operand(load_tile(KF + b * stride_kfb + hk * stride_kfh, keys, real, stride_kfn, cols_d, D, stride_kfd,
+                               True, EVEN_D, I64), OP_BF16)
+    else:
+        kf = k_op
     n_rows = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
     lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
     band_hi = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + W - offset, 0), BLOCK_M) * BLOCK_M, n_rows)
@@ -239,6 +274,7 @@ def hybrid_quadratic_bwd_dkdv_kernel(
         Q_h = Q + b * stride_qb + h * stride_qh
         DO_h = DO + b * stride_dob + h * stride_doh
         row0 = (b * Hq + h) * Nq
+        dq_head = (b * Hq + h).to(tl.int32)
         gain = tl.load(GAIN + h)
         for i0 in range(lo, band_hi, BLOCK_M):
             rows = i0 + tl.arange(0, BLOCK_M)
@@ -261,13 +297,21 @@ def hybrid_quadratic_bwd_dkdv_kernel(
             dAT = tl.dot(v_op, tl.trans(do), input_precision=PRECISION) * inv_den[None, :] - crow[None, :]
             slopeT = tl.where(winT, scale * eT, rho[None, :] * kernel_slope(rT, c1, c2, P))
             dsT = tl.where(useT, slopeT * dAT, 0.0)
+            ds_op = operand(dsT, OP_BF16)
             dv = tl.dot(operand(wT * inv_den[None, :], OP_BF16), do, dv, input_precision=PRECISION)
-            dk = tl.dot(operand(dsT, OP_BF16), q, dk, input_precision=PRECISION)
+            dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
+            if DQ_MODE == 1:
+                dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+                dq_offs = (dq_head.to(tl.int64) * Nq + rows)[:, None] * BLOCK_D + cols_d[None, :]
+                tl.atomic_add(DQ_ACC + dq_offs, dq, mask=ok[:, None], sem="relaxed")
+            elif DQ_MODE == 2:
+                dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)
+                DQ_ACC.atomic_add([dq_head, i0, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
         # the later rows: every key of the block a rest pair, seen in full
-        dk, dv = dkdv_from_queries(dk, dv, k, v, k_op, keys, Q_h, DO_h, INV_R + row0, CROW_R + row0, INV_R, 0,
+        dk, dv = dkdv_from_queries(dk, dv, k, v, kf, keys, Q_h, DO_h, INV_R + row0, CROW_R + row0, DQ_ACC, dq_head,
                                    stride_qn, stride_qd, stride_don, stride_dod, band_hi, n_rows, offset, Nq,
                                    D, DV, a0, c1, c2, P, False, BLOCK_M, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV,
-                                   OP_BF16, PRECISION, I64, 0)
+                                   OP_BF16, PRECISION, I64, DQ_MODE)
 
     key_rows = (pid_bh.to(tl.int64) * Nk + keys)[:, None]
     tl.store(DK + key_rows * D + cols_d[None, :], tl.where(real[:, None], dk, 0.0).to(DK.dtype.element_ty),

@@ -74,6 +74,31 @@ def test_window_kernels_match_the_reference(gen, case, dtype):
         assert rel_err(a, b) < TOL[dtype], "d" + name
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] == "quadratic"],
+                         ids=lambda c: "B{}-H{}/{}-N{}x{}-D{}-Dv{}-W{}-pad{}".format(*c[:-1]))
+def test_the_key_block_kernel_that_also_adds_dq(gen, case):
+    """quad_dq_fused (what bf16 at D=128 runs on a Hopper GPU): the row-terms kernel, then one
+    key-block kernel that adds every band and rest tile's dq to an fp32 accumulator (pointer
+    atomics here, a TMA reduction there), with a learned per-head gain and its gradient."""
+    B, Hq, Hk, Nq, Nk, D, Dv, W, pad, _ = case
+    q, k, v = (randn(gen, *s).to(DEVICE) for s in ((B, Hq, Nq, D), (B, Hk, Nk, D), (B, Hk, Nk, Dv)))
+    mask = _mask(gen, B, Nk) if pad else None
+    gain = (0.5 + torch.rand(Hq, generator=gen)).to(DEVICE).requires_grad_()
+    gain64 = gain.detach().double().requires_grad_()
+    low = [x.float().requires_grad_() for x in (q, k, v)]
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    options = FastmaxOptions(scale=0.3, window=W, window_gain=gain)
+    expected = fastmax_reference(*exact, causal=True, key_padding_mask=mask, scale=0.3, window=W, window_gain=gain64)
+    do = randn(gen, *expected.shape).to(DEVICE)
+    with kernels.settings(**SMALL, quad_dq_fused=True):
+        out, _ = window_attention(*low, options, key_padding_mask=mask, mode="quadratic", implementation="triton")
+        got = torch.autograd.grad(out, (*low, gain), do.float())
+    want = torch.autograd.grad(expected, (*exact, gain64), do)
+    assert rel_err(out, expected) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dgain"), got, want):
+        assert rel_err(a, b) < 1e-4, name
+
+
 @pytest.mark.parametrize("regime", ["quadratic", "linear"])
 def test_first_order_kernel_and_a_learned_gain(gen, regime):
     """p = 1 with other coefficients, and a per-head gain gamma that gets its gradient."""
@@ -96,12 +121,15 @@ def test_first_order_kernel_and_a_learned_gain(gen, regime):
         assert rel_err(a, b) < 1e-4, name
 
 
-@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+@pytest.mark.parametrize("regime", ["quadratic", "quadratic-fused-dq", "linear"])
 @pytest.mark.parametrize("kind", ["nan_value", "inf_key"])
 def test_a_later_nonfinite_token_leaves_earlier_rows_exact(gen, regime, kind):
     """A NaN value or inf key at position j (inside a window tile and, for the rest, inside a
     chunk) leaves the outputs of the queries before j, and the gradients of the positions
-    before j under a loss that reads only those queries, exactly as with j made finite."""
+    before j under a loss that reads only those queries, exactly as with j made finite
+    (quadratic-fused-dq: dq added by the key-block kernel, ``quad_dq_fused``)."""
+    fused = regime == "quadratic-fused-dq"
+    regime = "quadratic" if fused else regime
     B, H, N, D, W, j = 1, 2, 90, 16, 12, 50
     q, k, v = (randn(gen, B, H, N, D).float().to(DEVICE) for _ in range(3))
     options = FastmaxOptions(scale=0.4, window=W)
@@ -115,7 +143,7 @@ def test_a_later_nonfinite_token_leaves_earlier_rows_exact(gen, regime, kind):
     def run(k, v):
         qs, ks, vs = (x.clone().requires_grad_() for x in (q, k, v))
         out, _ = _triton_window(qs, ks, vs, options, None, regime)
-        with kernels.settings(**SMALL):
+        with kernels.settings(**SMALL, quad_dq_fused=fused):
             grads = torch.autograd.grad((out[:, :, :j] * do).sum(), (qs, ks, vs))
         return (out.detach(), *grads)
 
@@ -184,6 +212,30 @@ def test_tiles_of_unequal_sides_per_kernel(gen, regime):
                  linear_block_m=32)
     with kernels.settings(**tiles):
         out, _ = window_attention(*low, options, key_padding_mask=mask, mode=regime, implementation="triton")
+        got = torch.autograd.grad(out, low, do.float())
+    want = torch.autograd.grad(expected, exact, do)
+    assert rel_err(out, expected) < 1e-4
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < 1e-4, "d" + name
+
+
+def test_linear_rest_in_head_groups_adds_into_the_window_gradients(gen):
+    """The rest's backward over groups of key/value heads (the scratch budget) with B = 2, so
+    that each group's gradients are strided views, written by adding to the window's own
+    gradients in place (dk and dv over the rest's keys only)."""
+    from fastmax_hf.kernels import ops
+
+    B, Hq, Hk, N, D, W = 2, 6, 3, 70, 16, 11
+    q, k, v = (randn(gen, B, h, N, D).to(DEVICE) for h in (Hq, Hk, Hk))
+    mask = _mask(gen, B, N)
+    options = FastmaxOptions(scale=0.3, window=W)
+    low = [x.float().requires_grad_() for x in (q, k, v)]
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    expected = fastmax_reference(*exact, causal=True, key_padding_mask=mask, scale=0.3, window=W)
+    do = randn(gen, *expected.shape).to(DEVICE)
+    with kernels.settings(**SMALL, scratch_min_bytes=1, scratch_fraction=0.0):  # one key/value head per launch
+        assert ops.heads_per_launch(q, k, v) == 1
+        out, _ = window_attention(*low, options, key_padding_mask=mask, mode="linear", implementation="triton")
         got = torch.autograd.grad(out, low, do.float())
     want = torch.autograd.grad(expected, exact, do)
     assert rel_err(out, expected) < 1e-4
