@@ -101,9 +101,12 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    inv_den, crow = torch.zeros_like(den), torch.zeros_like(den)
-    inv_r, crow_r = (torch.zeros_like(den), torch.zeros_like(den)) if has_rest else (inv_den, crow)
+    # every row's terms are written by the dq kernel: no fill
+    inv_den, crow = torch.empty_like(den), torch.empty_like(den)
+    inv_r, crow_r = (torch.empty_like(den), torch.empty_like(den)) if has_rest else (inv_den, crow)
     if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
+        for terms in (inv_den, crow, inv_r, crow_r):
+            terms.zero_()
         return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow, inv_r, crow_r, k
     mk, smb, smn = _mask_args(mask, q)
     cfg = _window_config(pb)
@@ -163,9 +166,9 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    inv_den, crow, inv_r, crow_r = (torch.zeros_like(den) for _ in range(4))
+    inv_den, crow, inv_r, crow_r = (torch.empty_like(den) for _ in range(4))  # every row written by a kernel
     if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den, crow
+        return dq.zero_(), dk.zero_(), dv.zero_(), inv_den.zero_(), crow.zero_()
     mk, smb, smn = _mask_args(mask, q)
     k_finite = finite_keys(k)
     if _dq_fused(pb, q.device):  # as plain Fastmax's backward decides: the row terms, then one key-block kernel
