@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from .common import cdiv, next_power_of_2
 from .linear import (

@@ -424,3 +424,18 @@ def test_a_top_level_kernels_import_loads_nothing():
     result = subprocess.run([sys.executable, "-c", code, str(root / "kernels")], cwd=root, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_the_tma_reduction_probe_runs_without_a_gpu(monkeypatch):
+    """The probe that picks the fused-dq backward on Hopper (``ops._tma_reduce_on``) only runs
+    on a GPU; here it runs with the device's capability faked, so that a name it lacks (as once
+    happened: ``tl`` not imported) fails on the CPU too, not first on the GPU."""
+    from fastmax_hf.kernels import ops
+
+    probe = ops._tma_reduce_on.__wrapped__
+    for major, expected in ((9, True), (8, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, major=major: (major, 0))
+        import triton.language as tl
+
+        has_atomics = hasattr(getattr(tl, "tensor_descriptor", None), "atomic_add")
+        assert probe(0) is (expected and has_atomics)
