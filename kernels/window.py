@@ -97,8 +97,8 @@ def window_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     PRECISION: tl.constexpr, I64: tl.constexpr,
 ):
-    """Grid (cdiv(Nq, BLOCK_M), B * Hq): o, d and M of one query block (one pass over the band
-    with a running maximum; then the rest's o^r, d^r join with the weight rho)."""
+    """Grid (cdiv(Nq, BLOCK_M), B * Hq): o, d and M of one query block (two passes over the band:
+    the maximum, then the weights; then the rest's o^r, d^r join with the weight rho)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -116,9 +116,15 @@ def window_fwd_kernel(
     MASK_b = MASK + b * stride_mb
     lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
 
-    # one pass over the band with a running shift M = max(0, window scores so far) (online
-    # softmax: a larger M rescales what was summed by e^{M_old - M}); the rest joins at the end
-    shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        m = tl.maximum(m, tl.max(tl.where(_in_window(keys, t, real, W), s, float("-inf")), 1))
+    shift = tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)  # M = max(m, 0)
+
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
@@ -128,11 +134,6 @@ def window_fwd_kernel(
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         keep = _in_window(keys, t, real, W)
-        new_shift = tl.maximum(shift, tl.max(tl.where(keep, s, float("-inf")), 1))
-        alpha = tl.exp(shift - new_shift)
-        acc = acc * alpha[:, None]
-        den = den * alpha
-        shift = new_shift
         v_nan = nonfinite_marks(v)  # 0, or NaN where the key's value is not finite
         v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
         w = tl.where(keep, tl.exp(s - shift[:, None]) + v_nan[None, :], 0.0)

@@ -20,8 +20,8 @@ TMA reductions: ``ops._dq_fused``), so does the hybrid: a small kernel writes th
 tiles, to an fp32 accumulator (DQ_MODE, as in ``dkdv_from_queries``). Raw scores r = q . k; s = scale r; the polynomial's coefficients
 have the scale folded in (c1 = a1 scale, c2 = a2 scale^2, kernels/common.py).
 
-Forward, per query block: the rest tiles (with M = 0), then the band tiles with a running
-shift M that rescales everything summed before it (online softmax: one pass over the band). Backward: the dq kernel writes the row terms 1/d, c and rho / d, rho c; the
+Forward, per query block: the window maximum over the band (pass 1), the rest tiles, then
+the band tiles. Backward: the dq kernel writes the row terms 1/d, c and rho / d, rho c; the
 key-block kernel reads them: the query rows whose windows or causal diagonal reach the key
 block take the mixed band tiles, the later rows (every key of the block at least W behind
 them) the plain loop with the rho-scaled terms.
@@ -47,6 +47,22 @@ def _hybrid_tile(r, keys, t, real, shift, rho, W, scale, a0, c1, c2, P: tl.const
     weight = tl.where(win, tl.exp(r * scale - shift[:, None]),
                       tl.where(rest, rho[:, None] * kernel_value(r, a0, c1, c2, P), 0.0))
     return win, rest, weight
+
+
+@triton.jit
+def _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale,
+                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr):
+    """M = max(0, max_win s_ij) per query row, over the band keys [lo, hi)."""
+    cols_d = tl.arange(0, BLOCK_D)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        m = tl.maximum(m, tl.max(tl.where(_in_window(keys, t, real, W), s, float("-inf")), 1))
+    return tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)
 
 
 @triton.jit
@@ -81,36 +97,27 @@ def hybrid_quadratic_fwd_kernel(
     MASK_b = MASK + b * stride_mb
     lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
 
-    gain = tl.load(GAIN + h)
+    shift = _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale, HAS_MASK,
+                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, I64)
+    rho = tl.load(GAIN + h) * tl.exp(-shift)
 
-    # rest tiles: every pair visible and a rest pair; summed unscaled, then scaled by gain
-    # (rho at M = 0, where every row's running shift starts)
+    # rest tiles: every pair visible and a rest pair; summed unscaled, then scaled by rho
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, den = attend_keys(acc, den, q, t, K_h, V_h, MASK_b, stride_kn, stride_kd, stride_vn, stride_vd,
                            stride_mn, 0, lo, Nk, D, DV, a0, c1, c2, P, HAS_MASK, False, HAS_MASK,
                            BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, PRECISION, I64)
-    acc = acc * gain
-    den = den * gain
+    acc = acc * rho[:, None]
+    den = den * rho
 
-    # band tiles: window, rest or invisible, pair by pair, with a running shift M (online
-    # softmax): everything summed so far carries the factor e^{-M} (the window pairs' e^{s - M},
-    # the rest's gamma e^{-M}), so a larger M rescales the whole sum by e^{M_old - M}; no
-    # separate pass for the window's maximum
-    shift = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # band tiles: window, rest or invisible, pair by pair
     for j0 in range(lo, hi, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
         real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
         k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        in_win = _in_window(keys, t, real, W)
-        new_shift = tl.maximum(shift, tl.max(tl.where(in_win, r * scale, float("-inf")), 1))
-        alpha = tl.exp(shift - new_shift)
-        acc = acc * alpha[:, None]
-        den = den * alpha
-        shift = new_shift
-        win, rest, w = _hybrid_tile(r, keys, t, real, shift, gain * tl.exp(-shift), W, scale, a0, c1, c2, P)
+        win, rest, w = _hybrid_tile(r, keys, t, real, shift, rho, W, scale, a0, c1, c2, P)
         v_nan = nonfinite_marks(v)  # 0, or NaN where the key's value is not finite
         v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
         w = tl.where(win | rest, w + v_nan[None, :], 0.0)
