@@ -9,6 +9,10 @@ registers when Triton's version is the same, and show which change raises regist
 before any device time is spent; they are not timings.
 
     python tools/kernel_registers.py --dims 64,128 --out benchmarks/h200/quadratic/registers.json
+
+``--hybrid`` also reports the hybrid window's quadratic kernels (kernels/window_quadratic.py) at
+the same tiles, with dq in its own kernel (DQ_MODE 0, what every case but bf16 D=128 on Hopper
+runs).
 """
 
 from __future__ import annotations
@@ -29,14 +33,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmax_hf.kernels import ops, quadratic  # noqa: E402
+from fastmax_hf.kernels import ops, quadratic, window_quadratic  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "KF": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*bf16", "DQ": "*bf16",
-            "DK": "*bf16", "DV_OUT": "*bf16", "MASK": "*u8", "DEN": "*fp32", "INV_DEN": "*fp32", "CROW": "*fp32"}
+            "DK": "*bf16", "DV_OUT": "*bf16", "MASK": "*u8", "DEN": "*fp32", "INV_DEN": "*fp32", "CROW": "*fp32",
+            "M": "*fp32", "GAIN": "*fp32", "INV_R": "*fp32", "CROW_R": "*fp32", "DQ_ACC": "*fp32"}
 FLOATS = {"a0", "c1", "c2"}
 UNIT = {"stride_qd", "stride_kd", "stride_kfd", "stride_vd", "stride_dod", "stride_od", "stride_mn", "GROUPS"}
 KERNELS = {"fwd": quadratic.quadratic_fwd_kernel, "dq": quadratic.quadratic_bwd_dq_kernel,
            "dkdv": quadratic.quadratic_bwd_dkdv_kernel}
+HYBRID_KERNELS = {"hybrid_fwd": window_quadratic.hybrid_quadratic_fwd_kernel,
+                  "hybrid_dq": window_quadratic.hybrid_quadratic_bwd_dq_kernel,
+                  "hybrid_dkdv": window_quadratic.hybrid_quadratic_bwd_dkdv_kernel}
 
 
 def compile_report(fn, constexprs: dict, warps: int, stages: int, arch: int = 90) -> dict:
@@ -68,15 +76,22 @@ def compile_report(fn, constexprs: dict, warps: int, stages: int, arch: int = 90
     return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)), "shared_bytes": compiled.metadata.shared}
 
 
-def default_report(D: int, causal: bool = True) -> dict:
-    """Every quadratic kernel at the launchers' default tiles for bf16, head dim D."""
+def default_report(D: int, causal: bool = True, hybrid: bool = False) -> dict:
+    """Every quadratic kernel (and with ``hybrid`` the window's) at the launchers' default tiles
+    for bf16, head dim D."""
     problem = ops._Problem(1, 16, 16, 16384, 16384, D, D, torch.bfloat16, False)
     rows = {}
-    for name, fn in KERNELS.items():
-        cfg = ops._quad_config(problem, name)
-        constexprs = dict(P=2, CAUSAL=causal, HAS_MASK=False, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                          **problem.flags())
-        if name != "fwd":
+    kernels = {**KERNELS, **(HYBRID_KERNELS if hybrid else {})}
+    for name, fn in kernels.items():
+        kind = name.removeprefix("hybrid_")
+        cfg = ops._quad_config(problem, kind)
+        constexprs = dict(P=2, HAS_MASK=False, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], **problem.flags())
+        parameters = inspect.signature(fn.fn).parameters
+        if "CAUSAL" in parameters:  # the hybrid is causal by construction
+            constexprs["CAUSAL"] = causal
+        if "DQ_MODE" in parameters:
+            constexprs["DQ_MODE"] = 0
+        if kind != "fwd":
             constexprs["OP_BF16"] = True
         rows[name] = {"tiles": cfg, **compile_report(fn, constexprs, cfg["warps"], cfg["stages"])}
     return rows
@@ -85,6 +100,7 @@ def default_report(D: int, causal: bool = True) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="64,128", help="head dims (default: %(default)s)")
+    parser.add_argument("--hybrid", action="store_true", help="also the hybrid window's quadratic kernels")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
     args = parser.parse_args(argv)
     try:
@@ -92,7 +108,7 @@ def main(argv=None):
     except ValueError:
         parser.error(f"--dims must be comma-separated integers, got {args.dims!r}")
     results = {"meta": {"triton": triton.__version__, "target": "sm_90", "dtype": "bfloat16", "causal": True},
-               "kernels": {str(D): default_report(D) for D in dims}}
+               "kernels": {str(D): default_report(D, hybrid=args.hybrid) for D in dims}}
     text = json.dumps(results, indent=1)
     print(text)
     if args.out:
