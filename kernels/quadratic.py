@@ -172,14 +172,25 @@ def dkdv_from_queries(
         ds_op = operand(dsT, OP_BF16)
         dv = tl.dot(operand(wT, OP_BF16), do, dv, input_precision=PRECISION)
         dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
-        if DQ_MODE == 1:
-            dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
-            dq_offs = (dq_head.to(tl.int64) * row_limit + rows)[:, None] * BLOCK_D + cols_d[None, :]
-            tl.atomic_add(DQ_ACC + dq_offs, dq, mask=ok[:, None], sem="relaxed")
-        elif DQ_MODE == 2:
-            dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)
-            DQ_ACC.atomic_add([dq_head, i0, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
+        add_tile_dq(ds_op, kf, DQ_ACC, dq_head, i0, rows, ok, row_limit, BLOCK_M, BLOCK_D, PRECISION, DQ_MODE)
     return dk, dv
+
+
+@triton.jit
+def add_tile_dq(ds_op, kf, DQ_ACC, dq_head, i0, rows, ok, row_limit, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr, DQ_MODE: tl.constexpr):
+    """One tile's dq_i = sum_j ds_ij kf_j (ds_op: the transposed (key, query) tile) added to the
+    fp32 (B * Hq, row_limit, BLOCK_D) accumulator at head ``dq_head``: DQ_MODE 1 through pointer
+    atomics (rows ``ok`` only), 2 through a TMA reduction of the whole tile (DQ_ACC a tensor
+    descriptor with block (1, BLOCK_M, BLOCK_D), which drops the rows past its end); 0 nothing."""
+    if DQ_MODE == 1:
+        cols_d = tl.arange(0, BLOCK_D)
+        dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+        dq_offs = (dq_head.to(tl.int64) * row_limit + rows)[:, None] * BLOCK_D + cols_d[None, :]
+        tl.atomic_add(DQ_ACC + dq_offs, dq, mask=ok[:, None], sem="relaxed")
+    elif DQ_MODE == 2:
+        dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)
+        DQ_ACC.atomic_add([dq_head, i0, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
 
 
 @triton.jit

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .common import kernel_slope, kernel_value, key_valid, load_tile, nonfinite_marks, operand
-from .quadratic import attend_keys, dkdv_from_queries, dq_from_keys, output_rows
+from .quadratic import add_tile_dq, attend_keys, dkdv_from_queries, dq_from_keys, output_rows
 from .window import _band, _in_window, hybrid_row_terms
 
 
@@ -300,13 +300,7 @@ def hybrid_quadratic_bwd_dkdv_kernel(
             ds_op = operand(dsT, OP_BF16)
             dv = tl.dot(operand(wT * inv_den[None, :], OP_BF16), do, dv, input_precision=PRECISION)
             dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
-            if DQ_MODE == 1:
-                dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
-                dq_offs = (dq_head.to(tl.int64) * Nq + rows)[:, None] * BLOCK_D + cols_d[None, :]
-                tl.atomic_add(DQ_ACC + dq_offs, dq, mask=ok[:, None], sem="relaxed")
-            elif DQ_MODE == 2:
-                dq = tl.dot(tl.trans(ds_op), kf, input_precision=PRECISION)
-                DQ_ACC.atomic_add([dq_head, i0, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
+            add_tile_dq(ds_op, kf, DQ_ACC, dq_head, i0, rows, ok, Nq, BLOCK_M, BLOCK_D, PRECISION, DQ_MODE)
         # the later rows: every key of the block a rest pair, seen in full
         dk, dv = dkdv_from_queries(dk, dv, k, v, kf, keys, Q_h, DO_h, INV_R + row0, CROW_R + row0, DQ_ACC, dq_head,
                                    stride_qn, stride_qd, stride_don, stride_dod, band_hi, n_rows, offset, Nq,
