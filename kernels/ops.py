@@ -284,11 +284,16 @@ def quadratic_forward(q, k, v, mask, causal, scale, p, a0, a1, a2):
     return out, den
 
 
+def rows_block(pb: _Problem) -> int:
+    """Query rows per program of the row-term kernels (a (rows, BLOCK_DV) tile of o and do)."""
+    return 64 if pb.block_dv <= 128 else 16
+
+
 def _backward_rows(out, den, grad_out, pb: _Problem):
     """1/d and c = (do . o)/d per query row: fp32 (B, Hq, Nq) contiguous, 0 where d = 0."""
     inv_den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=out.device)
     crow = torch.empty_like(inv_den)
-    block_m = 64 if pb.block_dv <= 128 else 16
+    block_m = rows_block(pb)
     compiled = backward_rows_kernel[(cdiv(pb.Nq, block_m), pb.B * pb.Hq)](
         out, grad_out, den.contiguous(), inv_den, crow, *out.stride(), *grad_out.stride(), pb.Hq, pb.Nq, pb.Dv,
         BLOCK_M=block_m, BLOCK_DV=pb.block_dv, EVEN_DV=pb.Dv == pb.block_dv, I64=pb.i64, num_warps=4,
@@ -349,6 +354,11 @@ def _dq_accumulator(pb: _Problem, block_m: int, device: torch.device):
     return acc, acc, 1
 
 
+def dq_from_accumulator(acc: torch.Tensor, pb: _Problem, dtype: torch.dtype) -> torch.Tensor:
+    """dq (B, Hq, Nq, D) in ``dtype`` from the fused kernels' fp32 (B * Hq, Nq, BLOCK_D) accumulator."""
+    return acc[..., :pb.D].to(dtype).view(pb.B, pb.Hq, pb.Nq, pb.D)
+
+
 def quadratic_backward(q, k, v, mask, out, den, grad_out, causal, scale, p, a0, a1, a2):
     """dq, dk, dv. Split: the dq kernel first (it also writes the row terms 1/d and c), then
     the key-block kernel, which reads them. Fused: the row terms, then the key-block kernel,
@@ -401,7 +411,7 @@ def _quadratic_backward(q, k, v, mask, grad_out, causal, scale, p, a0, a1, a2, *
     )
     _record("quadratic_bwd_dkdv" if dq_mode == 0 else "quadratic_bwd_fused", compiled)
     if dq_acc is not None:
-        dq = dq_acc[..., :pb.D].to(q.dtype).view(pb.B, pb.Hq, pb.Nq, pb.D)
+        dq = dq_from_accumulator(dq_acc, pb, q.dtype)
     return dq, dk, dv
 
 

@@ -34,10 +34,12 @@ from .ops import (
     _record,
     check_kernel_dtypes,
     choose_regime,
+    dq_from_accumulator,
     finite_keys,
     linear_backward_terms,
     linear_forward_keeping,
     quadratic_forward,
+    rows_block,
 )
 from .settings import current_settings
 from .window import window_bwd_dkdv_kernel, window_bwd_dq_kernel, window_fwd_kernel
@@ -173,7 +175,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     k_finite = finite_keys(k)
     if _dq_fused(pb, q.device):  # as plain Fastmax's backward decides: the row terms, then one key-block kernel
         cfg = _quad_config(pb, "fused")
-        rows_m = 64 if pb.block_dv <= 128 else 16  # as ops._backward_rows
+        rows_m = rows_block(pb)
         compiled = hybrid_rows_kernel[(cdiv(pb.Nq, rows_m), pb.B * pb.Hq)](
             out, grad_out, den, M, gain, inv_den, crow, inv_r, crow_r, *out.stride(), *grad_out.stride(),
             pb.Hq, pb.Nq, pb.Dv, BLOCK_M=rows_m, BLOCK_DV=pb.block_dv, EVEN_DV=pb.Dv == pb.block_dv, I64=pb.i64,
@@ -200,7 +202,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     )
     _record("hybrid_quadratic_bwd_dkdv" if dq_mode == 0 else "hybrid_quadratic_bwd_fused", compiled)
     if dq_acc is not None:
-        dq = dq_acc[..., :pb.D].to(q.dtype).view(pb.B, pb.Hq, pb.Nq, pb.D)
+        dq = dq_from_accumulator(dq_acc, pb, q.dtype)
     return dq, dk, dv, inv_den, crow
 
 
