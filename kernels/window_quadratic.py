@@ -168,21 +168,26 @@ def hybrid_quadratic_bwd_dq_kernel(
         tl.load(GAIN + h), INV_DEN + row0, CROW + row0, INV_R + row0, CROW_R + row0, rows, q_ok, cols_v, DV,
         stride_on, stride_od, stride_don, stride_dod, True, EVEN_DV, I64)
     active = (inv_den != 0.0) | (crow != 0.0)  # rows the loss reads
+    # one operand g = do / d for both loops, and do dead from here: the rest's row terms are
+    # rho / d and rho c, so its dq is rho times the plain loop's with 1/d and c (rho per row).
+    # Holding do (fp32) or a second operand across the rest loop cost ~45 registers at D=64,
+    # a third of the SM's resident blocks (tools/kernel_registers.py --hybrid).
+    g_op = operand(do * inv_den[:, None], OP_BF16)
     K_h = K + b * stride_kb + hk * stride_kh
     KF_h = KF + b * stride_kfb + hk * stride_kfh
     V_h = V + b * stride_vb + hk * stride_vh
     MASK_b = MASK + b * stride_mb
     lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
 
-    # rest tiles: the Fastmax dq with the rho-scaled row terms
+    # rest tiles: the Fastmax dq, then scaled by rho
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = dq_from_keys(dq, q, operand(do * inv_r[:, None], OP_BF16), crow_r, t, K_h, KF_h, V_h, MASK_b,
+    dq = dq_from_keys(dq, q, g_op, crow, t, K_h, KF_h, V_h, MASK_b,
                       stride_kn, stride_kd, stride_kfn, stride_kfd, stride_vn, stride_vd, stride_mn, 0, lo, Nk, D, DV,
                       c1, c2, P, HAS_MASK, False, HAS_MASK, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_D, EVEN_DV, OP_BF16,
                       PRECISION, I64)
+    dq = dq * rho[:, None]
 
     # band tiles: ds = dA dw/dr, dw/dr = scale w on window pairs, rho f'(r) on rest pairs
-    g_op = operand(do * inv_den[:, None], OP_BF16)
     for j0 in range(lo, hi, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
         real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
