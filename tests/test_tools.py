@@ -221,6 +221,29 @@ def test_window_sweep_candidates_are_valid_settings():
         KernelSettings(window_block_m=block_m, window_block_n=block_n, window_warps=warps)
 
 
+def test_window_ab_tiles_are_valid_settings_and_its_check_reads_the_last_rows():
+    from fastmax_hf import fastmax
+    from fastmax_hf.kernels import KernelSettings
+
+    ab = load_script(TOOLS / "window_ab.py", "window_ab_tool")
+    for fwd, dq, dkdv in ab.TILES:
+        KernelSettings(quad_fwd_block_m=fwd[0], quad_fwd_block_n=fwd[1], quad_fwd_warps=fwd[2], quad_fwd_stages=fwd[3],
+                       quad_dq_block_m=dq[0], quad_dq_block_n=dq[1], quad_dq_warps=dq[2], quad_dq_stages=dq[3],
+                       quad_dkdv_block_m=dkdv[0], quad_dkdv_block_n=dkdv[1], quad_dkdv_warps=dkdv[2],
+                       quad_dkdv_stages=dkdv[3])
+    with pytest.raises(SystemExit):
+        ab.main(["--sections", "kernels,nope"])
+    # the float64 check against the PyTorch forms (the tool's own forwards need a GPU)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    forwards = {"fastmax": lambda: fastmax(q, k, v, causal=True, backend="chunked"),
+                "window": lambda: fastmax(q, k, v, causal=True, backend="chunked", window=ab.WINDOW)}
+    errors = ab.check_last_rows(q, k, v, forwards, rows=50)
+    assert set(errors) == {"fastmax", "window"} and max(errors.values()) < 1e-5
+    wrong = {"window": lambda: fastmax(q, k, v, causal=True, backend="chunked")}  # no window: must not pass
+    assert ab.check_last_rows(q, k, v, wrong, rows=50)["window"] > 1e-3
+
+
 def test_trace_memory_arguments_and_its_default_budgets_are_valid_settings():
     args = trace.parse_args(["--n", "65536", "--heads", "4", "--dims", "64"])
     assert (args.n, args.heads, args.dim_list) == (65536, 4, [64])
