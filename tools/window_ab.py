@@ -72,8 +72,8 @@ def check_last_rows(q, k, v, forwards, rows: int = 128) -> dict:
     return errors
 
 
-def wall_ms(fn, reps: int = 200) -> float:
-    for _ in range(10):
+def wall_ms(fn, reps: int = 200, warmup: int = 10) -> float:
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def section_rounds(args):
         times = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
-                times[name].append(wall_ms(step, reps=20))
+                times[name].append(wall_ms(step, reps=20, warmup=0))
         ratios = sorted(w / f for w, f in zip(times["window"], times["fastmax"]))
         median = lambda xs: sorted(xs)[len(xs) // 2]
         emit({"section": "rounds", "tag": args.tag, "N": args.N, "D": D, "rel_err_last_rows": errors,
