@@ -22,6 +22,8 @@ In neither regime does anything per pair or a partial fp32 output go through mem
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .common import cdiv
@@ -276,6 +278,15 @@ class _HybridWindow(torch.autograd.Function):
         return dq, dk, dv, None, dgain, None, None, None
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_gain(value: float, heads: int, device_str: str) -> torch.Tensor:
+    """A number gamma as the (heads,) fp32 tensor the kernels read, made once: torch.full on the
+    GPU took 0.06 ms of host time per call under cProfile, 6% of a 4k forward+backward's
+    (benchmarks/h100/window/shipped/window_ab_rounds.jsonl). Never written to."""
+    with torch.inference_mode(False):  # cached: never an inference tensor
+        return torch.full((heads,), value, dtype=torch.float32, device=device_str)
+
+
 def triton_window_attention(q, k, v, options, *, key_padding_mask=None, window: int, regime: str = "auto"):
     """(out (B, Hq, Nq, Dv) in q's dtype, den (B, Hq, Nq) fp32) of the causal hybrid window,
     differentiable in q, k, v and a tensor ``options.window_gain`` (den is not).
@@ -292,7 +303,9 @@ def triton_window_attention(q, k, v, options, *, key_padding_mask=None, window: 
     gain = getattr(options, "window_gain", 1.0)
     if isinstance(gain, torch.Tensor):
         gain = gain.to(device=q.device, dtype=torch.float32).expand(Hq).contiguous()  # (Hq,); the gradient flows back
+    elif q.is_cuda and torch.cuda.is_current_stream_capturing():
+        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)  # not cached from a graph's pool
     else:
-        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)
+        gain = _constant_gain(float(gain), Hq, str(q.device))
     coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
     return _HybridWindow.apply(q, k, v, key_padding_mask, gain, coefficients, int(window), regime)
