@@ -173,6 +173,33 @@ def test_the_public_function_takes_the_kernels_for_a_window(gen, monkeypatch):
     assert rel_err(out, chunked.double()) < 1e-5
 
 
+def test_a_number_gain_is_made_once_and_survives_inference_mode(gen):
+    """A number gamma becomes its (Hq,) tensor once per value, head count and device (host time
+    of short calls), made outside inference mode: a first call under torch.inference_mode must
+    not leave an inference tensor that a later call with gradients would save for backward."""
+    from fastmax_hf.kernels import window_ops
+
+    window_ops._constant_gain.cache_clear()
+    q, k, v = (randn(gen, 1, 3, 37, 16).float().to(DEVICE) for _ in range(3))
+    options = FastmaxOptions(scale=0.3, window=5, window_gain=0.75)
+    with torch.inference_mode(), kernels.settings(**SMALL):
+        first = kernels.triton_window_attention(q, k, v, options, window=5, regime="quadratic")[0]
+    gain = window_ops._constant_gain(0.75, 3, str(q.device))
+    assert not gain.is_inference() and gain.tolist() == [0.75] * 3
+    assert window_ops._constant_gain.cache_info().hits >= 1  # the call above made it; this read it
+    xs = [x.clone().requires_grad_() for x in (q, k, v)]
+    with kernels.settings(**SMALL):
+        out = kernels.triton_window_attention(*xs, options, window=5, regime="quadratic")[0]
+        grads = torch.autograd.grad(out.sum(), xs)
+    assert torch.equal(out.detach(), first)
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    expected = fastmax_reference(*exact, causal=True, scale=0.3, window=5, window_gain=0.75)
+    assert rel_err(out, expected) < 1e-4
+    for a, b in zip(grads, torch.autograd.grad(expected.sum(), exact)):
+        assert rel_err(a, b) < 1e-4
+    assert gain.tolist() == [0.75] * 3  # never written
+
+
 def test_under_torch_compile_the_pytorch_parts_run(gen, monkeypatch):
     """The kernels' window is no custom operator yet: a compiled call traces the PyTorch parts
     instead (no kernel launch), with the same result."""
