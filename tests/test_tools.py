@@ -221,6 +221,14 @@ def test_window_sweep_candidates_are_valid_settings():
         KernelSettings(window_block_m=block_m, window_block_n=block_n, window_warps=warps)
 
 
+def test_host_profile_lists_the_profiled_function():
+    def busy_little_function():
+        return sum(i * i for i in range(200))
+
+    text = gpu_common.host_profile(busy_little_function, calls=7, top=5)
+    assert "busy_little_function" in text and "7 " in text and "Ordered by: internal time" in text
+
+
 def test_window_ab_tiles_are_valid_settings_and_its_check_reads_the_last_rows():
     from fastmax_hf import fastmax
     from fastmax_hf.kernels import KernelSettings

@@ -177,6 +177,25 @@ def fastmax_options(scale: float, p: int = 2, a0: float = 1.0, a1: float = 1.0, 
     return FastmaxOptions(scale=scale, p=p, a0=a0, a1=a1, a2=a2)
 
 
+def host_profile(fn, calls: int = 50, top: int = 22) -> str:
+    """cProfile of ``calls`` calls of ``fn()`` (already warm), the GPU awaited after the last:
+    the ``top`` functions by own time, as pstats prints them."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def require_cuda(tool: str) -> None:
     if not torch.cuda.is_available():
         raise SystemExit(f"{tool} measures the Triton kernels on a CUDA GPU; none is visible here")

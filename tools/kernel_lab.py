@@ -276,9 +276,7 @@ def section_overhead(args):
 
 def section_hostprof(args):
     """Where the host time of one quadratic forward+backward call goes (cProfile, 1k tokens)."""
-    import cProfile
-    import io
-    import pstats
+    from gpu_common import host_profile
 
     q, k, v = _inputs(1024, 64, grad=True)
     do = torch.randn(1, 16, 1024, 64, device="cuda", dtype=torch.bfloat16)
@@ -286,15 +284,7 @@ def section_hostprof(args):
     for _ in range(5):
         run()
     torch.cuda.synchronize()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        run()
-    prof.disable()
-    torch.cuda.synchronize()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-    emit({"section": "hostprof", "profile": text.getvalue()[-6000:]})
+    emit({"section": "hostprof", "profile": host_profile(run, calls=50, top=30)[-6000:]})
 
 
 def section_hoststub(args):

@@ -24,15 +24,12 @@ Every configuration is first checked against float64 on its last 128 query rows.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
-import pstats
 import time
 
 import torch
 
-from gpu_common import rel_err, require_cuda
+from gpu_common import host_profile, rel_err, require_cuda
 
 WINDOW = 64
 
@@ -187,15 +184,8 @@ def section_cprofile(args):
     _, steps = public_calls(q, k, v, do)
     for name, step in steps.items():
         wall_ms(step, reps=10)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(50):
-            step()
-        profiler.disable()
-        torch.cuda.synchronize()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
-        emit({"section": "cprofile", "tag": args.tag, "N": args.N, "impl": name, "profile": text.getvalue()[-5000:]})
+        profile = host_profile(step, calls=50, top=22)
+        emit({"section": "cprofile", "tag": args.tag, "N": args.N, "impl": name, "profile": profile[-5000:]})
 
 
 SECTIONS = {"kernels": section_kernels, "rounds": section_rounds, "tiles": section_tiles, "cprofile": section_cprofile}
