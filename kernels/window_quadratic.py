@@ -11,7 +11,7 @@ a query block's key range splits into
                           a causal mask, their sums scaled by rho (forward) or their row
                           terms replaced by rho / d and rho c (backward);
     band tiles  [lo, hi)  the band of kernels/window.py: each pair is a window pair, a rest
-                          pair or invisible (``_hybrid_tile``).
+                          pair or invisible (``_pair_kinds``).
 
 One forward launch and two backward launches, as for plain Fastmax; the rest's partial sums
 never leave the registers. Where plain Fastmax fuses dq into its key-block kernel (bf16, D=128,
@@ -35,18 +35,27 @@ import triton.language as tl
 
 from .common import kernel_slope, kernel_value, key_valid, load_tile, nonfinite_marks, operand
 from .quadratic import add_tile_dq, attend_keys, dkdv_from_queries, dq_from_keys, output_rows
-from .window import _band, _in_window, hybrid_row_terms
+from .window import _band, hybrid_row_terms
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e): the exponentials as one FMA and ex2
 
 
 @triton.jit
-def _hybrid_tile(r, keys, t, real, shift, rho, W, scale, a0, c1, c2, P: tl.constexpr):
-    """Of a (len(t), len(keys)) tile of raw scores: the window pairs, the rest pairs (visible, at
-    least W behind the query), and the hybrid's weight of each pair (0 on the others)."""
-    win = _in_window(keys, t, real, W)
-    rest = (keys[None, :] <= t[:, None] - W) & real[None, :]
-    weight = tl.where(win, tl.exp(r * scale - shift[:, None]),
-                      tl.where(rest, rho[:, None] * kernel_value(r, a0, c1, c2, P), 0.0))
-    return win, rest, weight
+def _pair_kinds(j, t, real, W, HAS_MASK: tl.constexpr):
+    """Of a tile of pairs, from the key positions ``j`` and the query positions ``t`` broadcast
+    to it (one a row, the other a column, in either layout) and the key mask ``real`` broadcast
+    alike: the visible pairs (j <= t, and not padding), the rest pairs (j <= t - W: visible and
+    at least W behind) and the window pairs (the visible ones that are not rest). A key past Nk
+    is after every query row that exists (t <= Nk - 1), so only a padding mask needs ``real``; a
+    row whose t was moved far below 0 sees nothing. Two comparisons and one xor a pair (t - W is
+    a row's): in the band the element-wise work, not the products, is what a tile costs."""
+    vis = j <= t
+    rest = j <= t - W
+    if HAS_MASK:
+        vis = vis & real
+        rest = rest & real
+    return vis, vis ^ rest, rest
 
 
 @triton.jit
@@ -61,7 +70,8 @@ def _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, 
         real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
         k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        m = tl.maximum(m, tl.max(tl.where(_in_window(keys, t, real, W), s, float("-inf")), 1))
+        _, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
+        m = tl.maximum(m, tl.max(tl.where(win, s, float("-inf")), 1))
     return tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)
 
 
@@ -100,6 +110,8 @@ def hybrid_quadratic_fwd_kernel(
     shift = _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale, HAS_MASK,
                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, I64)
     rho = tl.load(GAIN + h) * tl.exp(-shift)
+    scale2 = scale * LOG2E
+    shift2 = shift * LOG2E
 
     # rest tiles: every pair visible and a rest pair; summed unscaled, then scaled by rho
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -117,10 +129,11 @@ def hybrid_quadratic_fwd_kernel(
         k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        win, rest, w = _hybrid_tile(r, keys, t, real, shift, rho, W, scale, a0, c1, c2, P)
+        vis, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
+        w = tl.where(win, tl.exp2(r * scale2 - shift2[:, None]), rho[:, None] * kernel_value(r, a0, c1, c2, P))
         v_nan = nonfinite_marks(v)  # 0, or NaN where the key's value is not finite
         v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
-        w = tl.where(win | rest, w + v_nan[None, :], 0.0)
+        w = tl.where(vis, w + v_nan[None, :], 0.0)
         acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PRECISION)
         den += tl.sum(w, 1)
 
@@ -187,18 +200,21 @@ def hybrid_quadratic_bwd_dq_kernel(
                       PRECISION, I64)
     dq = dq * rho[:, None]
 
-    # band tiles: ds = dA dw/dr, dw/dr = scale w on window pairs, rho f'(r) on rest pairs
+    # band tiles: ds = dA dw/dr, dw/dr = scale w on window pairs, rho f'(r) on rest pairs; rows
+    # the loss does not read are moved out of every pair (a row, not a pair, operation)
+    t_read = tl.where(active, t, -(1 << 30))
+    scale2 = scale * LOG2E
+    shift2 = shift * LOG2E
     for j0 in range(lo, hi, BLOCK_N):
         keys = j0 + tl.arange(0, BLOCK_N)
         real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
         k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        win = _in_window(keys, t, real, W)
-        rest = (keys[None, :] <= t[:, None] - W) & real[None, :]
+        vis, win, _ = _pair_kinds(keys[None, :], t_read[:, None], real[None, :], W, HAS_MASK)
         dA = tl.dot(g_op, tl.trans(operand(v, OP_BF16)), input_precision=PRECISION) - crow[:, None]
-        slope = tl.where(win, scale * tl.exp(r * scale - shift[:, None]), rho[:, None] * kernel_slope(r, c1, c2, P))
-        ds = tl.where((win | rest) & active[:, None], slope * dA, 0.0)
+        slope = tl.where(win, scale * tl.exp2(r * scale2 - shift2[:, None]), rho[:, None] * kernel_slope(r, c1, c2, P))
+        ds = tl.where(vis, slope * dA, 0.0)
         kf = load_tile(KF_h, keys, real, stride_kfn, cols_d, D, stride_kfd, True, EVEN_D, I64)
         dq = tl.dot(operand(ds, OP_BF16), operand(kf, OP_BF16), dq, input_precision=PRECISION)
     tl.store(DQ + (row0 + rows[:, None]) * D + cols_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -272,6 +288,7 @@ def hybrid_quadratic_bwd_dkdv_kernel(
     lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
     band_hi = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 + W - offset, 0), BLOCK_M) * BLOCK_M, n_rows)
 
+    scale2 = scale * LOG2E
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     for g in range(0, GROUPS):
@@ -291,19 +308,15 @@ def hybrid_quadratic_bwd_dkdv_kernel(
             shift = tl.load(M + row0 + rows, mask=ok, other=0.0)
             rho = gain * tl.exp(-shift)
             active = (inv_den != 0.0) | (crow != 0.0)
-            t = rows + offset
             rT = tl.dot(k_op, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-            winT = (keys[:, None] <= t[None, :]) & (keys[:, None] > t[None, :] - W) & real[:, None]
-            restT = (keys[:, None] <= t[None, :] - W) & real[:, None]
-            useT = (winT | restT) & active[None, :]
-            fT = kernel_value(rT, a0, c1, c2, P)
-            eT = tl.exp(rT * scale - shift[None, :])
-            wT = tl.where(useT, tl.where(winT, eT, rho[None, :] * fT), 0.0)
+            visT, winT, _ = _pair_kinds(keys[:, None], (rows + offset)[None, :], real[:, None], W, HAS_MASK)
+            visT = visT & active[None, :]  # rows the loss does not read take nothing (fewer registers than moving t)
+            eT = tl.exp2(rT * scale2 - (shift * LOG2E)[None, :])
+            wT = tl.where(visT, tl.where(winT, eT, rho[None, :] * kernel_value(rT, a0, c1, c2, P)), 0.0)
+            dv = tl.dot(operand(wT * inv_den[None, :], OP_BF16), do, dv, input_precision=PRECISION)  # wT dead here
             dAT = tl.dot(v_op, tl.trans(do), input_precision=PRECISION) * inv_den[None, :] - crow[None, :]
             slopeT = tl.where(winT, scale * eT, rho[None, :] * kernel_slope(rT, c1, c2, P))
-            dsT = tl.where(useT, slopeT * dAT, 0.0)
-            ds_op = operand(dsT, OP_BF16)
-            dv = tl.dot(operand(wT * inv_den[None, :], OP_BF16), do, dv, input_precision=PRECISION)
+            ds_op = operand(tl.where(visT, slopeT * dAT, 0.0), OP_BF16)
             dk = tl.dot(ds_op, q, dk, input_precision=PRECISION)
             add_tile_dq(ds_op, kf, DQ_ACC, dq_head, i0, rows, ok, Nq, BLOCK_M, BLOCK_D, PRECISION, DQ_MODE)
         # the later rows: every key of the block a rest pair, seen in full

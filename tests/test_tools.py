@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -219,6 +220,22 @@ def test_window_sweep_candidates_are_valid_settings():
     sweep = load_script(TOOLS / "window_sweep.py", "window_sweep_tool")
     for block_m, block_n, warps in sweep.CANDIDATES:
         KernelSettings(window_block_m=block_m, window_block_n=block_n, window_warps=warps)
+
+
+def test_kernel_registers_counts_sass_opcodes_with_and_without_predicates(monkeypatch):
+    # the tool drops TRITON_INTERPRET when imported (it compiles): restored after this test
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
+    registers = load_script(TOOLS / "kernel_registers.py", "kernel_registers_tool")
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 FFMA R2, R3, R4, R5 ;
+        /*0020*/                   MUFU.EX2 R6, R7 ;
+        /*0030*/               @P1 ISETP.GE.AND P0, PT, R8, R9, PT ;
+        /*0040*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0050*/                   EXIT ;
+    """
+    counts = registers.sass_counts(sass)
+    assert counts == {"sass_instructions": 6, "sass_elementwise": 3, "sass_mufu": 1, "sass_hgmma": 1}
 
 
 def test_host_profile_lists_the_profiled_function():

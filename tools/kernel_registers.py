@@ -1,4 +1,4 @@
-"""Registers, stack (spills) and shared memory of the quadratic kernels compiled for Hopper, without a GPU.
+"""Registers, stack (spills), shared memory and SASS instruction counts of the quadratic kernels compiled for Hopper, without a GPU.
 
 Triton compiles for a named target (sm_90) on any Linux machine; its bundled cuobjdump reads
 the registers and stack of the cubin. The kernels are specialised as a contiguous bf16 launch
@@ -6,7 +6,9 @@ the registers and stack of the cubin. The kernels are specialised as a contiguou
 constants, pointers and the other integers divisible by 16; block sizes, warps and stages are
 the launchers' defaults (``kernels/ops.py``). The counts track the GPU's within a few
 registers when Triton's version is the same, and show which change raises register pressure
-before any device time is spent; they are not timings.
+before any device time is spent; they are not timings. The SASS counts are static (code size:
+a loop body counts once), as a proxy for the element-wise work of code that runs few times, such
+as the hybrid's band tiles.
 
     python tools/kernel_registers.py --dims 64,128 --out benchmarks/h200/quadratic/registers.json
 
@@ -70,10 +72,25 @@ def compile_report(fn, constexprs: dict, warps: int, stages: int, arch: int = 90
         cubin.write_bytes(compiled.asm["cubin"])
         tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
         usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage: {usage[-300:]}")
-    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)), "shared_bytes": compiled.metadata.shared}
+    return {"registers": int(found.group(1)), "stack_bytes": int(found.group(2)), "shared_bytes": compiled.metadata.shared,
+            **sass_counts(sass)}
+
+
+# SASS opcodes of element-wise work: float and integer arithmetic, comparisons, selects, conversions
+ELEMENTWISE = {"FADD", "FMUL", "FFMA", "FSEL", "FSETP", "FMNMX", "ISETP", "IADD3", "IMAD", "LOP3", "PLOP3", "SEL",
+               "SHF", "LEA", "PRMT", "F2FP", "MUFU", "VIADD", "VIMNMX", "IMNMX"}
+
+
+def sass_counts(sass: str) -> dict:
+    """Static instruction counts of a kernel's SASS (code size, not instructions executed): all
+    of them, the element-wise ones (ELEMENTWISE), the ex2/rcp unit's (MUFU) and the wgmma ones."""
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return {"sass_instructions": len(opcodes), "sass_elementwise": sum(op in ELEMENTWISE for op in opcodes),
+            "sass_mufu": opcodes.count("MUFU"), "sass_hgmma": opcodes.count("HGMMA")}
 
 
 def default_report(D: int, causal: bool = True, hybrid: bool = False) -> dict:
