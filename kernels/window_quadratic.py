@@ -38,7 +38,7 @@ from .quadratic import add_tile_dq, attend_keys, dkdv_from_queries, dq_from_keys
 from .window import _band, hybrid_row_terms
 
 
-LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e): the exponentials as one FMA and ex2
+LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e): the exponentials on ex2 directly
 
 
 @triton.jit
@@ -47,9 +47,9 @@ def _pair_kinds(j, t, real, W, HAS_MASK: tl.constexpr):
     to it (one a row, the other a column, in either layout) and the key mask ``real`` broadcast
     alike: the visible pairs (j <= t, and not padding), the rest pairs (j <= t - W: visible and
     at least W behind) and the window pairs (the visible ones that are not rest). A key past Nk
-    is after every query row that exists (t <= Nk - 1), so only a padding mask needs ``real``; a
-    row whose t was moved far below 0 sees nothing. Two comparisons and one xor a pair (t - W is
-    a row's): in the band the element-wise work, not the products, is what a tile costs."""
+    is after every query row that exists (t <= Nk - 1), so only a padding mask needs ``real``.
+    Two comparisons and one xor a pair (t - W is a row's): in the band the element-wise work,
+    not the products, is what a tile costs."""
     vis = j <= t
     rest = j <= t - W
     if HAS_MASK:
@@ -110,8 +110,6 @@ def hybrid_quadratic_fwd_kernel(
     shift = _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale, HAS_MASK,
                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, I64)
     rho = tl.load(GAIN + h) * tl.exp(-shift)
-    scale2 = scale * LOG2E
-    shift2 = shift * LOG2E
 
     # rest tiles: every pair visible and a rest pair; summed unscaled, then scaled by rho
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
@@ -130,7 +128,7 @@ def hybrid_quadratic_fwd_kernel(
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         vis, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
-        w = tl.where(win, tl.exp2(r * scale2 - shift2[:, None]), rho[:, None] * kernel_value(r, a0, c1, c2, P))
+        w = tl.where(win, tl.exp2((r * scale - shift[:, None]) * LOG2E), rho[:, None] * kernel_value(r, a0, c1, c2, P))
         v_nan = nonfinite_marks(v)  # 0, or NaN where the key's value is not finite
         v = tl.where(v_nan[:, None] == 0.0, v, 0.0)
         w = tl.where(vis, w + v_nan[None, :], 0.0)
@@ -200,9 +198,8 @@ def hybrid_quadratic_bwd_dq_kernel(
                       PRECISION, I64)
     dq = dq * rho[:, None]
 
-    # band tiles: ds = dA dw/dr, dw/dr = scale w on window pairs, rho f'(r) on rest pairs; rows
-    # the loss does not read are moved out of every pair (a row, not a pair, operation)
-    t_read = tl.where(active, t, -(1 << 30))
+    # band tiles: ds = dA dw/dr, dw/dr = scale w on window pairs, rho f'(r) on rest pairs (the
+    # exponentials from r scale log2 e - M log2 e: one FMA); rows the loss does not read take nothing
     scale2 = scale * LOG2E
     shift2 = shift * LOG2E
     for j0 in range(lo, hi, BLOCK_N):
@@ -211,7 +208,8 @@ def hybrid_quadratic_bwd_dq_kernel(
         k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
         v = load_tile(V_h, keys, real, stride_vn, cols_v, DV, stride_vd, True, EVEN_DV, I64)
         r = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        vis, win, _ = _pair_kinds(keys[None, :], t_read[:, None], real[None, :], W, HAS_MASK)
+        vis, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
+        vis = vis & active[:, None]
         dA = tl.dot(g_op, tl.trans(operand(v, OP_BF16)), input_precision=PRECISION) - crow[:, None]
         slope = tl.where(win, scale * tl.exp2(r * scale2 - shift2[:, None]), rho[:, None] * kernel_slope(r, c1, c2, P))
         ds = tl.where(vis, slope * dA, 0.0)
