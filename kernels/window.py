@@ -60,6 +60,40 @@ def _in_window(keys, t, real, W):
 
 
 @triton.jit
+def _pair_kinds(j, t, real, W, HAS_MASK: tl.constexpr):
+    """Of a tile of pairs, from the key positions ``j`` and the query positions ``t`` broadcast
+    to it (one a row, the other a column, in either layout) and the key mask ``real`` broadcast
+    alike: the visible pairs (j <= t, and not padding), the rest pairs (j <= t - W: visible and
+    at least W behind) and the window pairs (the visible ones that are not rest). A key past Nk
+    is after every query row that exists (t <= Nk - 1), so only a padding mask needs ``real``.
+    Two comparisons and one xor a pair (t - W is a row's): in the band the element-wise work,
+    not the products, is what a tile costs."""
+    vis = j <= t
+    rest = j <= t - W
+    if HAS_MASK:
+        vis = vis & real
+        rest = rest & real
+    return vis, vis ^ rest, rest
+
+
+@triton.jit
+def _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale,
+                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr):
+    """M = max(0, max_win s_ij) per query row, over the band keys [lo, hi)."""
+    cols_d = tl.arange(0, BLOCK_D)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        keys = j0 + tl.arange(0, BLOCK_N)
+        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
+        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        _, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
+        m = tl.maximum(m, tl.max(tl.where(win, s, float("-inf")), 1))
+    return tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)
+
+
+@triton.jit
 def hybrid_row_terms(O_h, DO_h, DEN_r, M_r, gain, INV_DEN_r, CROW_r, INV_R_r, CROW_R_r, rows, q_ok, cols_v, DV,
                      stride_on, stride_od, stride_don, stride_dod, STORE_REST: tl.constexpr,
                      EVEN_DV: tl.constexpr, I64: tl.constexpr):
@@ -116,14 +150,8 @@ def window_fwd_kernel(
     MASK_b = MASK + b * stride_mb
     lo, hi = _band(pid_m, offset, Nk, W, BLOCK_M, BLOCK_N)
 
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
-        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        m = tl.maximum(m, tl.max(tl.where(_in_window(keys, t, real, W), s, float("-inf")), 1))
-    shift = tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)  # M = max(m, 0)
+    shift = _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale, HAS_MASK,
+                        BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, PRECISION, I64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     den = tl.zeros((BLOCK_M,), dtype=tl.float32)

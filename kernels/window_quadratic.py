@@ -35,44 +35,10 @@ import triton.language as tl
 
 from .common import kernel_slope, kernel_value, key_valid, load_tile, nonfinite_marks, operand
 from .quadratic import add_tile_dq, attend_keys, dkdv_from_queries, dq_from_keys, output_rows
-from .window import _band, hybrid_row_terms
+from .window import _band, _pair_kinds, _window_max, hybrid_row_terms
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # e^x = 2^(x log2 e): the exponentials on ex2 directly
-
-
-@triton.jit
-def _pair_kinds(j, t, real, W, HAS_MASK: tl.constexpr):
-    """Of a tile of pairs, from the key positions ``j`` and the query positions ``t`` broadcast
-    to it (one a row, the other a column, in either layout) and the key mask ``real`` broadcast
-    alike: the visible pairs (j <= t, and not padding), the rest pairs (j <= t - W: visible and
-    at least W behind) and the window pairs (the visible ones that are not rest). A key past Nk
-    is after every query row that exists (t <= Nk - 1), so only a padding mask needs ``real``.
-    Two comparisons and one xor a pair (t - W is a row's): in the band the element-wise work,
-    not the products, is what a tile costs."""
-    vis = j <= t
-    rest = j <= t - W
-    if HAS_MASK:
-        vis = vis & real
-        rest = rest & real
-    return vis, vis ^ rest, rest
-
-
-@triton.jit
-def _window_max(q, t, K_h, MASK_b, stride_kn, stride_kd, stride_mn, lo, hi, Nk, D, W, scale,
-                HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_D: tl.constexpr, PRECISION: tl.constexpr, I64: tl.constexpr):
-    """M = max(0, max_win s_ij) per query row, over the band keys [lo, hi)."""
-    cols_d = tl.arange(0, BLOCK_D)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        keys = j0 + tl.arange(0, BLOCK_N)
-        real = key_valid(MASK_b, stride_mn, keys, Nk, HAS_MASK)
-        k = load_tile(K_h, keys, real, stride_kn, cols_d, D, stride_kd, True, EVEN_D, I64)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        _, win, _ = _pair_kinds(keys[None, :], t[:, None], real[None, :], W, HAS_MASK)
-        m = tl.maximum(m, tl.max(tl.where(win, s, float("-inf")), 1))
-    return tl.maximum(tl.where(m == float("-inf"), 0.0, m), 0.0)
 
 
 @triton.jit
