@@ -11,9 +11,9 @@ the host. Sections, each printing JSON lines (bf16, causal, W = 64, the public
            benchmarks/h100/window/shipped/ab.jsonl holds, --dims 64);
   rounds   interleaved rounds in one process, each 20 fwd+bwd calls of plain then 20 of the
            window (synchronised), and the median of the per-round ratios: host drift cancels;
-  tiles    the window's three quadratic kernels (triton_window_attention, regime "quadratic")
-           at other tiles and warps, each checked against the default tiles' gradients, then
-           timed by GPU kernel sums (D=64 only);
+  tiles    the window's three quadratic kernels at other tiles and warps (plain fastmax kept at
+           its defaults), each checked against the default tiles' gradients, then timed by GPU
+           kernel sums and by interleaved rounds against plain fastmax (D=64 only);
   cprofile cProfile of 50 fwd+bwd calls of each: the Python functions with the most own time.
 
     python tools/window_ab.py --sections kernels,rounds --tag f5c4aaa > window_ab.jsonl
@@ -125,23 +125,29 @@ def section_kernels(args):
                   "gpu_kernels_ms": sums, "gpu_sum_ms": round(sum(sums.values()), 4)})
 
 
+def interleaved_ratio(steps: dict, rounds: int) -> dict:
+    """Rounds of 20 synchronised calls of steps["fastmax"] then 20 of steps["window"]: the
+    median per-call times and the median (min, max) of the per-round ratios window / fastmax."""
+    for step in steps.values():
+        wall_ms(step, reps=10)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(wall_ms(step, reps=20, warmup=0))
+    ratios = sorted(w / f for w, f in zip(times["window"], times["fastmax"]))
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return {"fastmax_ms_median": median(times["fastmax"]), "window_ms_median": median(times["window"]),
+            "ratio_median": median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+            "fastmax_ms": times["fastmax"], "window_ms": times["window"]}
+
+
 def section_rounds(args):
     for D in args.dims:
         q, k, v, do = make_inputs(args.N, D)
         forwards, steps = public_calls(q, k, v, do)
         errors = check_last_rows(q, k, v, forwards)
-        for step in steps.values():
-            wall_ms(step, reps=10)
-        times = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                times[name].append(wall_ms(step, reps=20, warmup=0))
-        ratios = sorted(w / f for w, f in zip(times["window"], times["fastmax"]))
-        median = lambda xs: sorted(xs)[len(xs) // 2]
         emit({"section": "rounds", "tag": args.tag, "N": args.N, "D": D, "rel_err_last_rows": errors,
-              "fastmax_ms_median": median(times["fastmax"]), "window_ms_median": median(times["window"]),
-              "ratio_median": median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-              "fastmax_ms": times["fastmax"], "window_ms": times["window"]})
+              **interleaved_ratio(steps, args.rounds)})
 
 
 # (forward, dq, dk/dv) tiles: (block_m, block_n, warps, stages); the first row is the default
@@ -156,27 +162,34 @@ TILES = [
 
 
 def section_tiles(args):
-    from fastmax_hf import FastmaxOptions, kernels
+    """Each row of TILES for the window's kernels only: its gradients against the default
+    tiles', its GPU kernel sums, and interleaved rounds against plain fastmax at its defaults."""
+    from fastmax_hf import kernels
 
     q, k, v, do = make_inputs(args.N, 64)
-    options = FastmaxOptions(scale=64 ** -0.5)
-    forward = lambda: kernels.triton_window_attention(q, k, v, options, window=WINDOW, regime="quadratic")[0]
-    step = lambda: torch.autograd.grad(forward(), (q, k, v), do)
-    default = [x.float() for x in step()]
+    _, steps = public_calls(q, k, v, do)
+    default = [x.float() for x in steps["window"]()]
     for fwd, dq, dkdv in TILES:
         chosen = {}
         for prefix, tiles in (("quad_fwd_", fwd), ("quad_dq_", dq), ("quad_dkdv_", dkdv)):
             chosen.update(dict(zip((prefix + "block_m", prefix + "block_n", prefix + "warps", prefix + "stages"), tiles)))
+
+        def window_step(chosen=chosen):
+            with kernels.settings(**chosen):
+                return steps["window"]()
+
         record = {"section": "tiles", "tag": args.tag, "N": args.N, "fwd": fwd, "dq": dq, "dkdv": dkdv}
         try:
-            with kernels.settings(**chosen):
-                got = [x.float() for x in step()]
-                record["rel_err_vs_default"] = max(rel_err(a, b) for a, b in zip(got, default))
-                sums = kernel_ms(step)
+            got = [x.float() for x in window_step()]
+            record["rel_err_vs_default"] = max(rel_err(a, b) for a, b in zip(got, default))
+            sums = kernel_ms(window_step)
+            rounds = interleaved_ratio({"fastmax": steps["fastmax"], "window": window_step}, max(args.rounds // 2, 1))
         except Exception as error:  # a tile that does not compile or fit is reported, not fatal
             emit({**record, "error": repr(error)[:300]})
             continue
-        emit({**record, "gpu_kernels_ms": sums, "gpu_sum_ms": round(sum(sums.values()), 4)})
+        emit({**record, "gpu_kernels_ms": sums, "gpu_sum_ms": round(sum(sums.values()), 4),
+              **{key: rounds[key] for key in ("ratio_median", "ratio_min", "ratio_max", "window_ms_median",
+                                              "fastmax_ms_median")}})
 
 
 def section_cprofile(args):
