@@ -183,11 +183,26 @@ def _chosen(defaults: dict, prefix: str) -> dict:
             for key, default in defaults.items()}
 
 
+def _quad_wide(pb: _Problem, kernel: str) -> bool:
+    """Whether the quadratic kernel's products take fp32 operands (fp32 inputs; fp16 backward)."""
+    return pb.dtype == torch.float32 or (kernel != "fwd" and pb.dtype == torch.float16)
+
+
+def _quad_settings_prefix(kernel: str) -> str:
+    """The KernelSettings prefix of a quadratic kernel: the fused key-block kernel is set
+    through the quad_dkdv_ settings."""
+    return "quad_dkdv_" if kernel == "fused" else f"quad_{kernel}_"
+
+
 def _quad_config(pb: _Problem, kernel: str) -> dict:
     """Block sizes, warps and stages of a quadratic kernel ("fwd", "dkdv", "dq", or "fused":
-    the key-block kernel that also adds dq, set through the quad_dkdv_ settings): measured
-    defaults, then settings."""
-    wide = pb.dtype == torch.float32 or (kernel != "fwd" and pb.dtype == torch.float16)  # fp32 operands
+    the key-block kernel that also adds dq): measured defaults, then settings."""
+    return _chosen(_quad_defaults(pb, kernel), _quad_settings_prefix(kernel))
+
+
+def _quad_defaults(pb: _Problem, kernel: str) -> dict:
+    """The measured default tiles of ``_quad_config``."""
+    wide = _quad_wide(pb, kernel)
     if kernel == "fwd":
         if wide:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=2 if pb.block_d <= 64 else 1)
@@ -197,7 +212,7 @@ def _quad_config(pb: _Problem, kernel: str) -> dict:
             defaults = dict(block_m=64, block_n=64, warps=4, stages=3)
         else:
             defaults = dict(block_m=64, block_n=32, warps=4, stages=1)
-        return _chosen(defaults, "quad_fwd_")
+        return defaults
     # bf16 tiles from the H200 sweep of benchmarks/h200/kernels/lab4.jsonl (4k and 16k tokens,
     # causal, B=1, H=16): dk/dv 64 x 64 with 3 stages at D=64 (2.26 ms at 16k against 2.49 with
     # 2), 32 queries x 64 keys at D=128 (4.11 ms against 9.74 with 128 x 64 x 8 warps, 4 spilled
@@ -215,7 +230,7 @@ def _quad_config(pb: _Problem, kernel: str) -> dict:
         defaults = dict(block_m=32 if kernel == "dkdv" else 64, block_n=64, warps=4, stages=2)
     else:
         defaults = dict(block_m=32, block_n=32, warps=4, stages=1)
-    return _chosen(defaults, "quad_dkdv_" if kernel == "fused" else f"quad_{kernel}_")
+    return defaults
 
 
 def _linear_config(pb: _Problem, p: int = 2) -> dict:

@@ -32,7 +32,10 @@ from .ops import (
     _dq_accumulator,
     _dq_fused,
     _Problem,
-    _quad_config,
+    _chosen,
+    _quad_defaults,
+    _quad_settings_prefix,
+    _quad_wide,
     _record,
     check_kernel_dtypes,
     choose_regime,
@@ -137,6 +140,22 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
 # ---------------------------------------------------------------------------------------------
 
 
+def _hybrid_quad_config(pb: _Problem, kernel: str) -> dict:
+    """The hybrid's quadratic tiles: plain Fastmax's defaults but where the band measured
+    otherwise, then the same quad_* settings. At D <= 64 with 16-bit products (H100, 4k causal,
+    B=1, H=16, GPU kernel sums of benchmarks/h100/window/tiles/tiles.jsonl): a 64-query forward
+    block (0.113 ms against 0.125 with 128: the band's pairs per row halve, and its extra pass
+    for the window maximum with them) and 3 pipeline stages in dq (0.129 ms against 0.170 with
+    2, where plain Fastmax's dq keeps 2)."""
+    defaults = _quad_defaults(pb, kernel)
+    if not _quad_wide(pb, kernel) and pb.block_d <= 64:
+        if kernel == "fwd":
+            defaults = dict(defaults, block_m=64)
+        elif kernel == "dq":
+            defaults = dict(defaults, stages=3)
+    return _chosen(defaults, _quad_settings_prefix(kernel))
+
+
 def _fused_flags(pb: _Problem, cfg: dict, mask, p: int) -> dict:
     return dict(P=p, HAS_MASK=mask is not None, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], **pb.flags(),
                 num_warps=cfg["warps"], num_stages=cfg["stages"])
@@ -152,7 +171,7 @@ def fused_quadratic_forward(q, k, v, mask, gain, coefficients, window: int):
     if out.numel() == 0 or den.numel() == 0:
         return out.zero_(), den.zero_(), M.zero_()
     mk, smb, smn = _mask_args(mask, q)
-    cfg = _quad_config(pb, "fwd")
+    cfg = _hybrid_quad_config(pb, "fwd")
     compiled = hybrid_quadratic_fwd_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
         q, k, v, mk, gain, out, den, M, *q.stride(), *k.stride(), *v.stride(), smb, smn, *out.stride(),
         pb.Hq, pb.groups, pb.Nq, pb.Nk, pb.D, pb.Dv, window, scale, a0, a1 * scale, a2 * scale * scale,
@@ -176,7 +195,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     mk, smb, smn = _mask_args(mask, q)
     k_finite = finite_keys(k)
     if _dq_fused(pb, q.device):  # as plain Fastmax's backward decides: the row terms, then one key-block kernel
-        cfg = _quad_config(pb, "fused")
+        cfg = _hybrid_quad_config(pb, "fused")
         rows_m = rows_block(pb)
         compiled = hybrid_rows_kernel[(cdiv(pb.Nq, rows_m), pb.B * pb.Hq)](
             out, grad_out, den, M, gain, inv_den, crow, inv_r, crow_r, *out.stride(), *grad_out.stride(),
@@ -186,7 +205,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
         _record("hybrid_rows", compiled)
         dq_acc, dq_arg, dq_mode = _dq_accumulator(pb, cfg["block_m"], q.device)
     else:
-        cfg = _quad_config(pb, "dq")
+        cfg = _hybrid_quad_config(pb, "dq")
         compiled = hybrid_quadratic_bwd_dq_kernel[(cdiv(pb.Nq, cfg["block_m"]), pb.B * pb.Hq)](
             q, k, k_finite, v, mk, grad_out, out, den, M, gain, dq, inv_den, crow, inv_r, crow_r,
             *q.stride(), *k.stride(), *k_finite.stride(), *v.stride(), smb, smn, *grad_out.stride(), *out.stride(),
@@ -194,7 +213,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
             OP_BF16=pb.op_bf16, **_fused_flags(pb, cfg, mask, p),
         )
         _record("hybrid_quadratic_bwd_dq", compiled)
-        cfg = _quad_config(pb, "dkdv")
+        cfg = _hybrid_quad_config(pb, "dkdv")
         dq_acc, dq_arg, dq_mode = None, inv_den, 0
     compiled = hybrid_quadratic_bwd_dkdv_kernel[(cdiv(pb.Nk, cfg["block_n"]), pb.B * pb.Hk)](
         q, k, k_finite, v, mk, grad_out, inv_den, crow, inv_r, crow_r, M, gain, dk, dv, dq_arg,

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastmax_hf.kernels import ops, quadratic, window_quadratic  # noqa: E402
+from fastmax_hf.kernels import ops, quadratic, window_ops, window_quadratic  # noqa: E402
 
 POINTERS = {"Q": "*bf16", "K": "*bf16", "KF": "*bf16", "V": "*bf16", "DO": "*bf16", "O": "*bf16", "DQ": "*bf16",
             "DK": "*bf16", "DV_OUT": "*bf16", "MASK": "*u8", "DEN": "*fp32", "INV_DEN": "*fp32", "CROW": "*fp32",
@@ -101,7 +101,7 @@ def default_report(D: int, causal: bool = True, hybrid: bool = False) -> dict:
     kernels = {**KERNELS, **(HYBRID_KERNELS if hybrid else {})}
     for name, fn in kernels.items():
         kind = name.removeprefix("hybrid_")
-        cfg = ops._quad_config(problem, kind)
+        cfg = (window_ops._hybrid_quad_config if name.startswith("hybrid_") else ops._quad_config)(problem, kind)
         constexprs = dict(P=2, HAS_MASK=False, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], **problem.flags())
         parameters = inspect.signature(fn.fn).parameters
         if "CAUSAL" in parameters:  # the hybrid is causal by construction

@@ -150,9 +150,13 @@ def section_rounds(args):
               **interleaved_ratio(steps, args.rounds)})
 
 
-# (forward, dq, dk/dv) tiles: (block_m, block_n, warps, stages); the first row is the default
+# (forward, dq, dk/dv) tiles: (block_m, block_n, warps, stages); the first row is plain Fastmax's defaults,
+# the second the hybrid's own (window_ops._hybrid_quad_config)
 TILES = [
     ((128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)),
+    ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
+    ((128, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
+    ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3)),
     ((64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3)),
     ((128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3)),
     ((128, 32, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)),
