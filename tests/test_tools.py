@@ -161,6 +161,32 @@ def test_bench_checks_a_configuration_before_timing_it_and_records_failures(monk
     assert bench.timed("x", make, raising("bad shape"), False) == {"error": "RuntimeError: bad shape"}
 
 
+def test_bench_graph_timing_is_recorded_beside_the_eager_time_or_its_error(monkeypatch):
+    monkeypatch.setattr(bench, "peak_mib", lambda fn: (fn(), 7.0)[1])
+    monkeypatch.setattr(bench, "bench_ms", lambda fn: (fn(), 1.5)[1])
+    replays = []
+    monkeypatch.setattr(bench, "graph_bench_ms", lambda fn: (fn(), replays.append(1), 0.5)[2])
+
+    def make():
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randn(1, 2, 37, 16, generator=gen).requires_grad_() for _ in range(3)]
+
+    import fastmax_hf
+
+    public = lambda q, k, v: (lambda: fastmax_hf.fastmax(q, k, v, causal=True))  # noqa: E731
+    check_tail = lambda out, q, k, v: bench.check_tail(out, q, k, v, True, q.shape[-1] ** -0.5)  # noqa: E731
+    res = bench.timed("fastmax", make, public, True, check_tail, graph=True)
+    assert set(res) == {"ms", "peak_mib", "rel_err", "graph_ms"} and res["graph_ms"] == 0.5 and replays == [1]
+    assert res["rel_err"] < 1e-5  # the public function's default scale is the one the check assumes
+    assert "graph_ms" not in bench.timed("fastmax", make, public, True, check_tail)  # only when asked
+
+    def uncapturable(fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bench, "graph_bench_ms", uncapturable)
+    res = bench.timed("fastmax", make, public, False, check_tail, graph=True)
+    assert res["ms"] == 1.5 and res["graph_error"].startswith("RuntimeError: operation not permitted")
+
+
 def test_bench_linear_flops_count_the_useful_work():
     F = 1 + 64 + 64 * 65 // 2
     assert bench.feature_count(64) == F == 2145

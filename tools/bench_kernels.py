@@ -17,8 +17,10 @@ Sections (``--sections``, comma separated):
              N from 4k to 128k (its first call autotunes: give it minutes)
   retention  power retention (PyPI retention, deg=2, chunk 1024) at D=64 (autotunes first)
   window     the hybrid window (W = --window_size) against plain fastmax, B=1, H=16, bf16,
-             causal, forward and forward+backward, N from --window_lengths, D = 64 and 128:
-             the window's overhead (issue target: at most 15% forward+backward)
+             causal, forward and forward+backward, N from --window_lengths, D = 64 and 128,
+             both through fastmax_hf.fastmax: the window's overhead (issue target: at most 15%
+             forward+backward), eager and with each call replayed from a CUDA graph (the
+             kernels' cost without the host's launches)
   decode     per-token latency of the recurrent step vs SDPA over a KV cache
   tune       kernel settings swept over a grid (--tune: a JSON object of lists of values
              of fastmax_hf.kernels settings), each combination timed in --tune_regimes
@@ -49,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpu_common import (add_settings_argument, bench_ms, fastmax_options, is_oom, json_object, kernel_settings,
-                        peak_mib, rel_err, require_cuda, run_metadata, sweep_combinations)
+from gpu_common import (add_settings_argument, bench_ms, fastmax_options, graph_bench_ms, is_oom, json_object,
+                        kernel_settings, peak_mib, rel_err, require_cuda, run_metadata, sweep_combinations)
 
 # fastmax_hf is imported where it is used, so that --help and the argument checks need no GPU stack
 SECTION_NAMES = ("seed", "long", "crossover", "quadratic", "fla", "peers", "p1", "retention", "window", "decode",
@@ -118,8 +120,10 @@ def sdpa_call(q, k, v, causal, backend):
     return run
 
 
-def timed(label, make_inputs, call_for, backward, check=None):
-    """Time one configuration; record OOM or errors instead of stopping the sweep."""
+def timed(label, make_inputs, call_for, backward, check=None, graph=False):
+    """Time one configuration; record OOM or errors instead of stopping the sweep. With
+    ``graph``, also the replay of the same work captured in a CUDA graph ("graph_ms"), or why
+    it could not be captured ("graph_error")."""
     try:
         inputs = make_inputs()
         call = call_for(*inputs)
@@ -133,6 +137,11 @@ def timed(label, make_inputs, call_for, backward, check=None):
         res = {"ms": ms, "peak_mib": mem}
         if check is not None:
             res["rel_err"] = err
+        if graph:
+            try:
+                res["graph_ms"] = graph_bench_ms(run)
+            except Exception as graph_err:  # noqa: BLE001 - recorded beside the eager time
+                res["graph_error"] = f"{type(graph_err).__name__}: {str(graph_err)[:200]}"
         return res
     except Exception as err:  # noqa: BLE001 - a sweep records failures and goes on
         torch.cuda.empty_cache()
@@ -436,12 +445,20 @@ def section_window(args):
                     got = out[:1, :2, -rows:].double()
                     return ((got - want).norm() / want.norm()).item()
 
-                entry["fastmax"] = timed("fastmax", make, lambda q, k, v: fastmax_call(q, k, v, True), backward,
-                                         lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5))
+                # both through the public function: at short N the calls wait on the host, and
+                # plain fastmax called on the kernels directly would skip the host work the
+                # window's call does in fastmax_hf.fastmax
+                entry["fastmax"] = timed("fastmax", make, lambda q, k, v: (
+                    lambda: fastmax_hf.fastmax(q, k, v, causal=True, backend="triton")), backward,
+                    lambda out, q, k, v: check_tail(out, q, k, v, True, q.shape[-1] ** -0.5), graph=True)
                 entry["window"] = timed("window", make, lambda q, k, v: (
-                    lambda: fastmax_hf.fastmax(q, k, v, causal=True, window=W, backend="triton")), backward, check_window)
+                    lambda: fastmax_hf.fastmax(q, k, v, causal=True, window=W, backend="triton")), backward,
+                    check_window, graph=True)
                 if "ms" in entry["fastmax"] and "ms" in entry["window"]:
                     entry["window_over_fastmax"] = entry["window"]["ms"] / entry["fastmax"]["ms"]
+                if "graph_ms" in entry["fastmax"] and "graph_ms" in entry["window"]:
+                    # the kernels' cost alone: the same work replayed from CUDA graphs
+                    entry["window_over_fastmax_graph"] = entry["window"]["graph_ms"] / entry["fastmax"]["graph_ms"]
                 rows.append(entry)
                 print(json.dumps(entry), flush=True)
     RESULTS["window"] = rows

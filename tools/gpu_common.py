@@ -36,6 +36,23 @@ def bench_ms(fn, warmup: int = 25, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_bench_ms(fn, warmup_calls: int = 3) -> float:
+    """Median milliseconds of one replay of ``fn`` captured in a CUDA graph: the GPU's time for
+    the work with the host's launch cost taken out (``bench_ms`` times the eager calls, which
+    wait on the host where the kernels are short). Warmed up on a side stream first, as
+    capture requires; raises what the capture raises (an operation that cannot be captured)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)
+
+
 def peak_mib(fn) -> float:
     """MiB that ``fn()`` allocates at its peak on the current CUDA device, above what existed before."""
     torch.cuda.synchronize()
