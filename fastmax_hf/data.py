@@ -4,6 +4,8 @@
   installation has them), read in sorted order, split into train / validation by file.
 * The default tokenizer: a byte-level BPE trained on that corpus with ``tokenizers``,
   cached on disk, wrapped as a ``PreTrainedTokenizerFast``.
+* "docstrings": the docstrings of installed packages (transformers, torch, numpy,
+  accelerate), English prose beside the code; "default+docstrings" joins the two.
 * Any other text: a ``datasets`` hub name or local text / json / jsonl / parquet / csv
   files (``datasets`` is imported only then, so the default path runs without it).
 * Packing: documents joined by the end-of-text token and cut into fixed-length blocks.
@@ -234,6 +236,82 @@ def iter_stdlib_training_texts():
         yield path.relative_to(root).as_posix(), path.read_text(encoding="utf-8", errors="replace")
 
 
+# --------------------------------------------------------------------------- docstring prose
+
+# English prose that ships with installed packages: the docstrings of their modules, classes and
+# functions (argument descriptions, explanations, examples), for a conversion whose evaluation
+# texts are prose while the default corpus is code. These packages are dependencies of this one
+# or of torch, so wherever fastmax_hf runs they are there (their versions name the corpus).
+DOCSTRINGS = "docstrings"
+DOCSTRING_PACKAGES = ("transformers", "torch", "numpy", "accelerate")
+MIN_DOCSTRING_CHARS = 200  # shorter ones are mostly one-line summaries
+CORPUS_SEPARATOR = "+"  # "default+docstrings": the documents of both built-in corpora
+
+
+def package_root(name: str) -> Path:
+    """The directory of an installed package; ModuleNotFoundError naming it if it is missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {name!r} is not installed (needed by the {DOCSTRINGS!r} corpus)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def file_docstrings(text: str, min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
+    """The docstrings of a Python source's module, classes and functions, in source order, those
+    of at least ``min_chars`` characters (cleaned of indentation); [] for a file that does not
+    parse."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return []
+    nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+    docs = (ast.get_docstring(n) for n in nodes)
+    return [d for d in docs if d and len(d) >= min_chars]
+
+
+def docstring_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT,
+                     packages: tuple[str, ...] = DOCSTRING_PACKAGES, max_files: int | None = None) -> TextSplits:
+    """The docstrings of installed ``packages`` as documents, one per source file (its docstrings
+    joined by blank lines), files in sorted path order, split by file as ``default_corpus`` is.
+    A docstring repeated verbatim (copied between model files) is kept only where it first
+    appears, so no text is in both splits. ``max_files`` keeps the first files of each package."""
+    import importlib.metadata
+
+    train, validation, seen, versions = [], [], set(), []
+    for package in packages:
+        root = package_root(package)
+        try:
+            versions.append(f"{package}-{importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(package)
+        files = sorted(root.rglob("*.py"), key=lambda f: f.relative_to(root).as_posix())[:max_files]
+        for path in files:
+            kept = []
+            for doc in file_docstrings(path.read_text(encoding="utf-8", errors="replace")):
+                digest = hashlib.sha256(doc.encode("utf-8", errors="replace")).digest()
+                if digest not in seen:
+                    seen.add(digest)
+                    kept.append(doc)
+            if kept:
+                key = f"{package}/{path.relative_to(root).as_posix()}"
+                (validation if is_validation(key, validation_percent) else train).append("\n\n".join(kept))
+    if not train and not validation:
+        raise FileNotFoundError(f"no docstrings of {MIN_DOCSTRING_CHARS}+ characters in {list(packages)}")
+    return TextSplits(f"{DOCSTRINGS}[{','.join(versions)}]" + (f"[:{max_files}]" if max_files else ""),
+                      train, validation)
+
+
+def combined_corpus(names: list[str], splits: list[TextSplits]) -> TextSplits:
+    """The documents of several corpora, in the order named, as one corpus."""
+    return TextSplits(CORPUS_SEPARATOR.join(s.name for s in splits),
+                      [t for s in splits for t in s.train], [t for s in splits for t in s.validation])
+
+
 # --------------------------------------------------------------------------- other datasets
 
 
@@ -322,16 +400,30 @@ def load_datasets_source(
     return TextSplits(dataset, train, _documents(loaded[held_out], text_column, f"{argument} {dataset!r}"))
 
 
+BUILTIN_CORPORA = (DEFAULT, DOCSTRINGS)  # the training corpora that need no download, joinable with "+"
+
+
 def load_text_dataset(
     dataset: str = DEFAULT, text_column: str = "text", validation_percent: float = DEFAULT_VALIDATION_PERCENT,
     max_files: int | None = None, config_name: str | None = None, argument: str = "--dataset",
 ) -> TextSplits:
-    """"default" (the standard-library corpus), one of ``HELD_OUT_CORPORA`` (evaluation texts: a
-    validation split only), a hub name, or local data files (errors name ``argument``)."""
+    """"default" (the standard-library corpus), "docstrings" (the prose of installed packages'
+    docstrings), built-in corpora joined by "+" ("default+docstrings"), one of
+    ``HELD_OUT_CORPORA`` (evaluation texts: a validation split only), a hub name, or local data
+    files (errors name ``argument``)."""
     if dataset == DEFAULT:
         return default_corpus(validation_percent, max_files=max_files)
+    if dataset == DOCSTRINGS:
+        return docstring_corpus(validation_percent, max_files=max_files)
     if dataset in HELD_OUT_CORPORA:
         return held_out_corpus(dataset)
+    parts = dataset.split(CORPUS_SEPARATOR)
+    if len(parts) > 1 and not looks_like_local_path(dataset):
+        unknown = [p for p in parts if p not in BUILTIN_CORPORA]
+        if unknown or len(set(parts)) != len(parts):
+            raise ValueError(f"{argument} {dataset!r}: '{CORPUS_SEPARATOR}' joins built-in corpora, each once "
+                             f"({', '.join(BUILTIN_CORPORA)}); unknown or repeated: {unknown or parts}")
+        return combined_corpus(parts, [load_text_dataset(p, text_column, validation_percent, max_files) for p in parts])
     return load_datasets_source(dataset, text_column, validation_percent, config_name, argument)
 
 

@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer / token cache; default: $FASTMAX_HF_CACHE, else ~/.cache/fastmax_hf")
     # data
     p.add_argument("--dataset_name", "--dataset", dest="dataset", default=data.DEFAULT,
-                   help="'default' (the stdlib corpus, without the held-out texts of fastmax_hf.data), a `datasets` "
-                        "hub name, or local files (read with `datasets`)")
+                   help="'default' (the stdlib corpus, without the held-out texts of fastmax_hf.data), 'docstrings' "
+                        "(the docstrings of the installed transformers, torch, numpy and accelerate: English prose), "
+                        "both joined ('default+docstrings'), a `datasets` hub name, or local files (read with `datasets`)")
     p.add_argument("--dataset_config_name", "--dataset_config", dest="dataset_config", default=None,
                    help="the hub dataset's configuration name; default: none")
     p.add_argument("--train_file", default=None,

@@ -169,6 +169,60 @@ def test_default_corpus_and_tokenizer_do_not_import_datasets(cache_dir):
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _fake_package(root, name="fakedocs"):
+    """A package of three files: long docstrings (one of them copied into a second file), a
+    short one, code with no docstring, and a file that does not parse."""
+    long_a = " ".join(["Compute the thing."] * 20)
+    long_b = " ".join(["Explain how the other thing works, with its arguments and what it returns."] * 4)
+    pkg = root / name
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text(f'"""{long_a}"""\n\nclass A:\n    """short"""\n\n    def f(self):\n        """{long_b}"""\n        return 1\n')
+    (pkg / "sub" / "copy.py").write_text(f'def g():\n    """{long_b}"""\n\nx = 1  # code, not prose\n')
+    (pkg / "broken.py").write_text("def (:\n")
+    return long_a, long_b
+
+
+def test_docstring_corpus_holds_the_long_docstrings_once_split_by_file(tmp_path, monkeypatch):
+    long_a, long_b = _fake_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert data.file_docstrings(f'"""{long_a}"""\ndef f():\n    """short"""\n') == [long_a]
+    assert data.file_docstrings("def (:") == []
+    corpus = data.docstring_corpus(validation_percent=0, packages=("fakedocs",))
+    assert corpus.validation == [] and corpus.name.startswith("docstrings[fakedocs")
+    # one document per file with docstrings, in path order; the copied docstring only where it first appears
+    assert corpus.train == [long_a + "\n\n" + long_b]
+    everything = data.docstring_corpus(validation_percent=100, packages=("fakedocs",))
+    assert everything.train == [] and everything.validation == corpus.train
+    assert "x = 1" not in "".join(corpus.train)
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_here"):
+        data.docstring_corpus(packages=("no_such_package_here",))
+
+
+def test_builtin_corpora_join_with_a_plus(tmp_path, monkeypatch):
+    _fake_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(data, "DOCSTRING_PACKAGES", ("fakedocs",))
+    monkeypatch.setattr(data.docstring_corpus, "__defaults__",
+                        (data.DEFAULT_VALIDATION_PERCENT, ("fakedocs",), None))
+    stdlib = data.load_text_dataset("default", max_files=20)
+    docs = data.load_text_dataset("docstrings", max_files=20)
+    both = data.load_text_dataset("default+docstrings", max_files=20)
+    assert both.train == stdlib.train + docs.train and both.validation == stdlib.validation + docs.validation
+    assert both.name == f"{stdlib.name}+{docs.name}" and both.fingerprint() != stdlib.fingerprint()
+    for bad in ("default+nonsense", "default+default"):
+        with pytest.raises(ValueError, match="joins built-in corpora"):
+            data.load_text_dataset(bad, argument="--dataset_name")
+
+
+def test_the_docstring_corpus_of_the_installed_packages_is_prose_and_trains_nothing_held_out():
+    corpus = data.docstring_corpus(packages=("accelerate",))  # the smallest of DOCSTRING_PACKAGES
+    texts = corpus.train + corpus.validation
+    assert len(texts) > 20 and corpus.validation and sum(map(len, texts)) > 50_000
+    topics = data.pydoc_topics_text()
+    for text in corpus.train[:50]:  # none of it is evaluation text
+        assert text[:200] not in topics
+
+
 def test_builtin_configs_use_grouped_query_attention():
     for name in data.BUILTIN_MODELS:
         config = data.builtin_model_config(name, vocab_size=VOCAB)
