@@ -144,9 +144,10 @@ def _hybrid_quad_config(pb: _Problem, kernel: str) -> dict:
     """The hybrid's quadratic tiles: plain Fastmax's defaults but where the band measured
     otherwise, then the same quad_* settings. At D <= 64 with 16-bit products (H100, 4k causal,
     B=1, H=16, GPU kernel sums of benchmarks/h100/window/tiles/tiles.jsonl): a 64-query forward
-    block (0.113 ms against 0.125 with 128: the band's pairs per row halve, and its extra pass
-    for the window maximum with them) and 3 pipeline stages in dq (0.129 ms against 0.170 with
-    2, where plain Fastmax's dq keeps 2)."""
+    block (0.113 ms against 0.125 with 128: a block's band is BLOCK_M + W keys, visited twice,
+    for the window maximum and for the weights, so each query scores 128 band keys instead of
+    192 at W = 64) and 3 pipeline stages in dq (0.129 ms against 0.170 with 2, where plain
+    Fastmax's dq keeps 2)."""
     defaults = _quad_defaults(pb, kernel)
     if not _quad_wide(pb, kernel) and pb.block_d <= 64:
         if kernel == "fwd":
