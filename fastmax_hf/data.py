@@ -323,8 +323,8 @@ def docstring_corpus(validation_percent: float = DEFAULT_VALIDATION_PERCENT,
                       train, validation)
 
 
-def combined_corpus(names: list[str], splits: list[TextSplits]) -> TextSplits:
-    """The documents of several corpora, in the order named, as one corpus."""
+def combined_corpus(splits: list[TextSplits]) -> TextSplits:
+    """The documents of several corpora, in the order given, as one corpus."""
     return TextSplits(CORPUS_SEPARATOR.join(s.name for s in splits),
                       [t for s in splits for t in s.train], [t for s in splits for t in s.validation])
 
@@ -440,7 +440,7 @@ def load_text_dataset(
         if unknown or len(set(parts)) != len(parts):
             raise ValueError(f"{argument} {dataset!r}: '{CORPUS_SEPARATOR}' joins built-in corpora, each once "
                              f"({', '.join(BUILTIN_CORPORA)}); unknown or repeated: {unknown or parts}")
-        return combined_corpus(parts, [load_text_dataset(p, text_column, validation_percent, max_files) for p in parts])
+        return combined_corpus([load_text_dataset(p, text_column, validation_percent, max_files) for p in parts])
     return load_datasets_source(dataset, text_column, validation_percent, config_name, argument)
 
 
