@@ -71,6 +71,14 @@ def _launch_flags(pb: _Problem, cfg: dict, mask, has_rest: bool) -> dict:
                 **pb.flags(), num_warps=cfg["warps"], num_stages=cfg["stages"])
 
 
+def _row_buffers(pb: _Problem, count: int, device) -> tuple[torch.Tensor, ...]:
+    """``count`` fp32 (B, Hq, Nq) per-row buffers (den and M; the backward's 1/d, c, rho/d, rho c)
+    from one allocation, each contiguous: at 4k tokens the calls are host-bound, and every
+    allocation is a few microseconds of the host's time per launch (benchmarks/h100/window/tiles/
+    cprofile.jsonl: the window's ten allocations per forward+backward against plain Fastmax's six)."""
+    return tuple(torch.empty(count, pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=device).unbind(0))
+
+
 def _rest_inputs(k, v, mask, window: int):
     """The keys, values and mask at least W positions back from the last: [0, Nk - W)."""
     n = k.shape[2] - window
@@ -82,8 +90,7 @@ def window_forward(q, k, v, mask, out_r, den_r, gain, scale: float, window: int)
     each query block's band joined with the rest's (out_r, den_r) (None: no rest)."""
     pb = _Problem.of(q, k, v)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
-    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-    M = torch.empty_like(den)
+    den, M = _row_buffers(pb, 2, q.device)
     if out.numel() == 0 or den.numel() == 0:
         return out.zero_(), den.zero_(), M.zero_()
     has_rest = out_r is not None
@@ -109,8 +116,7 @@ def window_backward(q, k, v, mask, out, den, M, gain, grad_out, scale: float, wi
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
     # every row's terms are written by the dq kernel: no fill
-    inv_den, crow = torch.empty_like(den), torch.empty_like(den)
-    inv_r, crow_r = (torch.empty_like(den), torch.empty_like(den)) if has_rest else (inv_den, crow)
+    inv_den, crow, inv_r, crow_r = _row_buffers(pb, 4, q.device) if has_rest else (_row_buffers(pb, 2, q.device) * 2)
     if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
         for terms in (inv_den, crow, inv_r, crow_r):
             terms.zero_()
@@ -167,8 +173,7 @@ def fused_quadratic_forward(q, k, v, mask, gain, coefficients, window: int):
     scale, p, a0, a1, a2 = coefficients
     pb = _Problem.of(q, k, v)
     out = torch.empty(pb.B, pb.Hq, pb.Nq, pb.Dv, dtype=q.dtype, device=q.device)
-    den = torch.empty(pb.B, pb.Hq, pb.Nq, dtype=torch.float32, device=q.device)
-    M = torch.empty_like(den)
+    den, M = _row_buffers(pb, 2, q.device)
     if out.numel() == 0 or den.numel() == 0:
         return out.zero_(), den.zero_(), M.zero_()
     mk, smb, smn = _mask_args(mask, q)
@@ -190,7 +195,7 @@ def fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out, coeffic
     dq = torch.empty(pb.B, pb.Hq, pb.Nq, pb.D, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.B, pb.Hk, pb.Nk, pb.D, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.B, pb.Hk, pb.Nk, pb.Dv, dtype=v.dtype, device=q.device)
-    inv_den, crow, inv_r, crow_r = (torch.empty_like(den) for _ in range(4))  # every row written by a kernel
+    inv_den, crow, inv_r, crow_r = _row_buffers(pb, 4, q.device)  # every row written by a kernel
     if pb.B * pb.Hq * pb.Nq == 0 or pb.Nk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), inv_den.zero_(), crow.zero_()
     mk, smb, smn = _mask_args(mask, q)
