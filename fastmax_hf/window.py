@@ -279,16 +279,14 @@ def window_attention(q, k, v, options: FastmaxOptions, *, key_padding_mask, mode
     ``mode`` picks the rest part's sweep ("auto", "linear", "quadratic"; see ``chunked``).
     ``implementation``: "chunked" (the PyTorch parts below, joined by ``_combine``) or "triton"
     (``fastmax_hf.kernels.triton_window_attention``: the same function in one autograd Function
-    whose window kernel joins the parts itself). The kernels' window is not registered as a
-    custom operator yet, so under torch.compile the PyTorch parts run (which the compiler traces)."""
+    whose window kernel joins the parts itself; under torch.compile, custom operators with the
+    same kernels)."""
     window = options.window
     if window is None:
         raise ValueError("window_attention needs `window` set in the options")
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G = Hq // Hk
-    if implementation == "triton" and torch.compiler.is_compiling():
-        implementation = "chunked"
     if implementation == "triton":
         from .kernels import triton_window_attention
 

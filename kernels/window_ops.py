@@ -18,6 +18,11 @@ the row terms scaled by rho = gamma e^{-M} (``linear_backward_terms``), whose ke
 gradients to the window's in place and read the window's copy of the finite keys.
 
 In neither regime does anything per pair or a partial fp32 output go through memory.
+
+Eager calls take the autograd Function ``_HybridWindow``; under torch.compile the custom
+operators ``fastmax_hf::window_forward`` and ``fastmax_hf::window_backward`` run the same two
+functions (``_hybrid_forward``, ``_hybrid_backward``), with what the backward reads (den and M,
+the rest's output for a learned gain, the rest's key states) as outputs of the forward.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import torch
 
 from .common import cdiv
 from .ops import (
+    KeyStates,
+    _key_states_shapes,
+    _linear_forward_heads,
     _mask_args,
     _dq_accumulator,
     _dq_fused,
@@ -41,8 +49,9 @@ from .ops import (
     choose_regime,
     dq_from_accumulator,
     finite_keys,
+    key_states_chunk,
     linear_backward_terms,
-    linear_forward_keeping,
+    linear_forward,
     quadratic_forward,
     rows_block,
 )
@@ -253,25 +262,76 @@ def _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coeffici
     return _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
 
 
+# ---------------------------------------------------------------------------------------------
+# forward and backward of the whole call: one eager autograd Function, and custom operators
+# (the same two functions) for torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _hybrid_forward(q, k, v, mask, gain, coefficients, window: int, regime: str, keep_chunk: int, keep_rest: bool):
+    """(out, den, M, out_r, den_r, key_states) of the whole call. Linear regime with a rest: the
+    rest's (out_r, den_r) returned where ``keep_rest`` (a learned gain's gradient reads them),
+    its ``KeyStates`` where ``keep_chunk`` > 0 (``key_states_chunk`` of q and the rest's keys:
+    the backward skips one state pass); otherwise None."""
+    if regime == "quadratic":
+        out, den, M = fused_quadratic_forward(q, k, v, mask, gain, coefficients, window)
+        return out, den, M, None, None, None
+    out_r = den_r = key_states = None
+    if k.shape[2] - window > 0:  # some query has keys before its window: the rest first
+        kr, vr, mr = _rest_inputs(k, v, mask, window)
+        if keep_chunk:
+            out_r, den_r, key_states = _linear_forward_heads(q, kr, vr, mr, True, *coefficients, keep_chunk,
+                                                             keep=True)
+        else:
+            out_r, den_r = linear_forward(q, kr, vr, mr, True, *coefficients)
+    out, den, M = window_forward(q, k, v, mask, out_r, den_r, gain, coefficients[0], window)
+    if not keep_rest:
+        out_r = den_r = None
+    return out, den, M, out_r, den_r, key_states
+
+
+def _hybrid_backward(q, k, v, mask, out, den, M, gain, out_r, den_r, key_states, grad_out, coefficients,
+                     window: int, regime: str, gain_grad: bool):
+    """(dq, dk, dv, dgain): dgain (Hq,) fp32 where ``gain_grad``, else None."""
+    has_rest = k.shape[2] - window > 0
+    if regime == "quadratic":
+        dq, dk, dv, inv_den, crow = fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out,
+                                                             coefficients, window)
+        dgain = None
+        if gain_grad:
+            dgain = _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coefficients, window)
+        return dq, dk, dv, dgain
+    dq, dk, dv, inv_den, crow, inv_r, crow_r, k_finite = window_backward(
+        q, k, v, mask, out, den, M, gain, grad_out, coefficients[0], window, has_rest)
+    dgain = torch.zeros_like(gain) if gain_grad else None
+    if has_rest:
+        kr, vr, mr = _rest_inputs(k, v, mask, window)
+        n = kr.shape[2]
+        # the rest's kernels add their gradients to the window's in place: no pass of their own
+        linear_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients, key_states=key_states,
+                              grads=(dq, dk[:, :, :n], dv[:, :, :n]), accumulate=True, k_finite=k_finite[:, :, :n])
+        if gain_grad:
+            dgain = _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
+    return dq, dk, dv, dgain
+
+
+def _keep_chunk_of(q, k, v, p: int, window: int, regime: str, differentiated: bool) -> int:
+    """The chunk of the rest's key states a differentiated linear-regime call keeps, else 0."""
+    if regime != "linear" or not differentiated or k.shape[2] - window <= 0:
+        return 0
+    kr, vr, _ = _rest_inputs(k, v, None, window)
+    return key_states_chunk(q, kr, vr, p, True)
+
+
 class _HybridWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, gain, coefficients, window, regime):
-        has_rest = k.shape[2] - window > 0  # some query has keys before its window
-        out_r = den_r = key_states = None
-        if regime == "quadratic":
-            out, den, M = fused_quadratic_forward(q, k, v, mask, gain, coefficients, window)
-            ctx.save_for_backward(q, k, v, mask, out, den, M, gain, None, None)
-            ctx.settings = (coefficients, window, regime, has_rest, None)
-            ctx.mark_non_differentiable(den)
-            return out, den
-        if has_rest:  # the linear regime: the rest on the linear kernels, then the band kernel
-            kr, vr, mr = _rest_inputs(k, v, mask, window)
-            out_r, den_r, key_states = linear_forward_keeping(q, kr, vr, mr, True, *coefficients)
-        out, den, M = window_forward(q, k, v, mask, out_r, den_r, gain, coefficients[0], window)
-        keep_rest = has_rest and ctx.needs_input_grad[4]
-        ctx.save_for_backward(q, k, v, mask, out, den, M, gain,
-                              out_r if keep_rest else None, den_r if keep_rest else None)
-        ctx.settings = (coefficients, window, regime, has_rest, key_states)
+        differentiated = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[4]
+        keep_chunk = _keep_chunk_of(q, k, v, coefficients[1], window, regime, differentiated)
+        out, den, M, out_r, den_r, key_states = _hybrid_forward(q, k, v, mask, gain, coefficients, window, regime,
+                                                                keep_chunk, keep_rest=ctx.needs_input_grad[4])
+        ctx.save_for_backward(q, k, v, mask, out, den, M, gain, out_r, den_r)
+        ctx.settings = (coefficients, window, regime, key_states)
         ctx.mark_non_differentiable(den)
         return out, den
 
@@ -279,28 +339,95 @@ class _HybridWindow(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_den):
         q, k, v, mask, out, den, M, gain, out_r, den_r = ctx.saved_tensors
-        coefficients, window, regime, has_rest, key_states = ctx.settings
-        if regime == "quadratic":
-            dq, dk, dv, inv_den, crow = fused_quadratic_backward(q, k, v, mask, out, den, M, gain, grad_out,
-                                                                 coefficients, window)
-            dgain = None
-            if ctx.needs_input_grad[4]:
-                dgain = _gain_gradient_quadratic(q, k, v, mask, grad_out, M, inv_den, crow, coefficients, window)
-            return dq, dk, dv, None, dgain, None, None, None
-        dq, dk, dv, inv_den, crow, inv_r, crow_r, k_finite = window_backward(
-            q, k, v, mask, out, den, M, gain, grad_out, coefficients[0], window, has_rest)
-        dgain = None
-        if has_rest:
-            kr, vr, mr = _rest_inputs(k, v, mask, window)
-            n = kr.shape[2]
-            # the rest's kernels add their gradients to the window's in place: no pass of their own
-            linear_backward_terms(q, kr, vr, mr, grad_out, inv_r, crow_r, True, *coefficients, key_states=key_states,
-                                  grads=(dq, dk[:, :, :n], dv[:, :, :n]), accumulate=True, k_finite=k_finite[:, :, :n])
-            if ctx.needs_input_grad[4]:
-                dgain = _gain_gradient(grad_out, M, out_r, den_r, inv_den, crow)
-        elif ctx.needs_input_grad[4]:
-            dgain = torch.zeros_like(gain)
+        coefficients, window, regime, key_states = ctx.settings
+        dq, dk, dv, dgain = _hybrid_backward(q, k, v, mask, out, den, M, gain, out_r, den_r, key_states, grad_out,
+                                             coefficients, window, regime, gain_grad=ctx.needs_input_grad[4])
         return dq, dk, dv, None, dgain, None, None, None
+
+
+def _nothing(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """The empty tensor a custom operator returns for an output it does not have."""
+    return like.new_empty(0, dtype=dtype)
+
+
+@torch.library.custom_op("fastmax_hf::window_forward", mutates_args=(), device_types=("cuda", "cpu"))
+def window_forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, gain: torch.Tensor,
+    scale: float, p: int, a0: float, a1: float, a2: float, window: int, regime: str,
+    keep_chunk: int = 0, keep_rest: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, den_m, out_r, den_r, H, Z): ``_hybrid_forward``'s, den and M as the one fp32
+    (2, B, Hq, Nq) tensor they are views of (a custom operator's outputs may not alias), and
+    empty tensors for what it does not keep (``keep_chunk`` and ``keep_rest`` are decided when
+    the call is traced)."""
+    out, den, M, out_r, den_r, states = _hybrid_forward(q, k, v, mask, gain, (scale, p, a0, a1, a2), window, regime,
+                                                        keep_chunk, keep_rest)
+    den_m = den._base if den._base is not None and den._base is M._base else torch.stack((den, M))
+    rest = (out_r, den_r) if out_r is not None else (_nothing(q), _nothing(q, torch.float32))
+    kept = (states.H, states.Z) if states is not None else (_nothing(q), _nothing(q, torch.float32))
+    return out, den_m, *rest, *kept
+
+
+@window_forward_op.register_fake
+def _(q, k, v, mask, gain, scale, p, a0, a1, a2, window, regime, keep_chunk=0, keep_rest=False):
+    B, Hq, Nq, _ = q.shape
+    out = q.new_empty(B, Hq, Nq, v.shape[-1])
+    den_m = q.new_empty(2, B, Hq, Nq, dtype=torch.float32)
+    has_rest = regime == "linear" and k.shape[2] - window > 0
+    if has_rest and keep_rest:
+        rest = (q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32))
+    else:
+        rest = (_nothing(q), _nothing(q, torch.float32))
+    if has_rest and keep_chunk:
+        kr, vr, _ = _rest_inputs(k, v, None, window)
+        pb = _Problem.of(q, kr, vr)
+        h_shape, z_shape = _key_states_shapes(pb, p, True, keep_chunk)
+        kept = (q.new_empty(h_shape, dtype=pb.state_dtype), q.new_empty(z_shape, dtype=torch.float32))
+    else:
+        kept = (_nothing(q), _nothing(q, torch.float32))
+    return out, den_m, *rest, *kept
+
+
+@torch.library.custom_op("fastmax_hf::window_backward", mutates_args=(), device_types=("cuda", "cpu"))
+def window_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor,
+    den_m: torch.Tensor, gain: torch.Tensor, out_r: torch.Tensor, den_r: torch.Tensor,
+    H: torch.Tensor, Z: torch.Tensor, grad_out: torch.Tensor,
+    scale: float, p: int, a0: float, a1: float, a2: float, window: int, regime: str,
+    keep_chunk: int = 0, keep_rest: bool = False, gain_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dgain): ``_hybrid_backward``'s, dgain empty unless ``gain_grad``."""
+    has_rest = regime == "linear" and k.shape[2] - window > 0
+    states = KeyStates(H, Z, keep_chunk) if has_rest and keep_chunk else None
+    rest = (out_r, den_r) if has_rest and keep_rest else (None, None)
+    dq, dk, dv, dgain = _hybrid_backward(q, k, v, mask, out, den_m[0], den_m[1], gain, *rest, states, grad_out,
+                                         (scale, p, a0, a1, a2), window, regime, gain_grad)
+    return dq, dk, dv, dgain if dgain is not None else _nothing(gain)
+
+
+@window_backward_op.register_fake
+def _(q, k, v, mask, out, den_m, gain, out_r, den_r, H, Z, grad_out, scale, p, a0, a1, a2, window, regime,
+      keep_chunk=0, keep_rest=False, gain_grad=False):
+    dgain = torch.empty_like(gain) if gain_grad else _nothing(gain)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dgain
+
+
+def _window_setup_context(ctx, inputs, output):
+    q, k, v, mask, gain, scale, p, a0, a1, a2, window, regime, keep_chunk, keep_rest = inputs
+    out, den_m, out_r, den_r, H, Z = output
+    ctx.save_for_backward(q, k, v, mask, out, den_m, gain, out_r, den_r, H, Z)
+    ctx.settings = (scale, p, a0, a1, a2, window, regime, keep_chunk, keep_rest)
+
+
+def _window_op_backward(ctx, grad_out, *_grads_of_the_rest):
+    scale, p, a0, a1, a2, window, regime, keep_chunk, keep_rest = ctx.settings
+    gain_grad = ctx.needs_input_grad[4]
+    dq, dk, dv, dgain = window_backward_op(*ctx.saved_tensors, grad_out, scale, p, a0, a1, a2, window, regime,
+                                           keep_chunk, keep_rest, gain_grad)
+    return (dq, dk, dv, None, dgain if gain_grad else None) + (None,) * 9
+
+
+torch.library.register_autograd("fastmax_hf::window_forward", _window_op_backward, setup_context=_window_setup_context)
 
 
 @functools.lru_cache(maxsize=64)
@@ -318,19 +445,31 @@ def triton_window_attention(q, k, v, options, *, key_padding_mask=None, window: 
 
     ``options``: any object with ``scale``, ``p``, ``a0``, ``a1``, ``a2`` and ``window_gain``
     (gamma: a positive number, or a tensor of shape () or (Hq,)); ``regime`` that of the rest
-    ("auto": by Nk as for ``triton_attention``, "quadratic", "linear")."""
+    ("auto": by Nk as for ``triton_attention``, "quadratic", "linear").
+
+    In eager mode one autograd Function runs the kernels; under torch.compile the custom
+    operators ``fastmax_hf::window_forward`` / ``window_backward`` (opaque to the compiler,
+    the same kernels), which return what the backward keeps as outputs of their own."""
     check_kernel_dtypes(q, k, v)
     Hq, Nk, D = q.shape[1], k.shape[2], q.shape[-1]
     if regime == "auto":
         regime = choose_regime(Nk, D, options.p)
     if regime not in ("quadratic", "linear"):
         raise ValueError(f"`regime` must be 'auto', 'quadratic' or 'linear', got {regime!r}")
+    compiling = torch.compiler.is_compiling()
     gain = getattr(options, "window_gain", 1.0)
     if isinstance(gain, torch.Tensor):
         gain = gain.to(device=q.device, dtype=torch.float32).expand(Hq).contiguous()  # (Hq,); the gradient flows back
-    elif q.is_cuda and torch.cuda.is_current_stream_capturing():
-        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)  # not cached from a graph's pool
+    elif compiling or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)  # traced, or not from a graph's pool
     else:
         gain = _constant_gain(float(gain), Hq, str(q.device))
     coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
+    if compiling:
+        gain_grad = torch.is_grad_enabled() and gain.requires_grad
+        differentiated = torch.is_grad_enabled() and (gain_grad or any(x.requires_grad for x in (q, k, v)))
+        keep_chunk = _keep_chunk_of(q, k, v, coefficients[1], int(window), regime, differentiated)
+        out, den_m = window_forward_op(q, k, v, key_padding_mask, gain, *coefficients, int(window), regime,
+                                       keep_chunk, gain_grad)[:2]
+        return out, den_m[0]
     return _HybridWindow.apply(q, k, v, key_padding_mask, gain, coefficients, int(window), regime)

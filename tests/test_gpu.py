@@ -134,6 +134,30 @@ def test_hybrid_window_on_the_kernels_bf16(cuda_gen, D, regime):
     assert max(errors.values()) <= TARGET[torch.bfloat16], errors
 
 
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+def test_hybrid_window_compiled_bf16(cuda_gen, regime):
+    """torch.compile (inductor, fullgraph) of the hybrid window with a learned gain: the custom
+    operators run the kernels, with the eager call's output and gradients."""
+    from fastmax_hf.window import window_attention
+
+    q, k, v, mask = make(cuda_gen, 2, 8, 2, 1003, 1003, 64, 64, torch.bfloat16, pad=True, hf_layout=True)
+    qs, ks, vs = (x.detach().requires_grad_() for x in (q, k, v))
+    gain = torch.linspace(0.5, 1.5, 8, device="cuda").requires_grad_()
+
+    def attend(q, k, v, gain):
+        options = FastmaxOptions(scale=0.125, window=64, window_gain=gain)
+        return window_attention(q, k, v, options, key_padding_mask=mask, mode=regime, implementation="triton")[0]
+
+    eager = attend(qs, ks, vs, gain)
+    do = torch.randn(eager.shape, generator=cuda_gen, device="cuda", dtype=torch.float32).to(eager.dtype)
+    want = torch.autograd.grad(eager, (qs, ks, vs, gain), do)
+    compiled = torch.compile(attend, fullgraph=True)(qs, ks, vs, gain)
+    got = torch.autograd.grad(compiled, (qs, ks, vs, gain), do)
+    assert torch.equal(compiled, eager)
+    for name, a, b in zip(("dq", "dk", "dv", "dgain"), got, want):
+        assert rel_err(a, b) <= 1e-3, name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_public_function_and_decoding_on_cuda(cuda_gen, dtype):
     """backend="auto" takes the kernels on CUDA tensors (no warning), reads HF strides, and a

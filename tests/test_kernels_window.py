@@ -200,25 +200,87 @@ def test_a_number_gain_is_made_once_and_survives_inference_mode(gen):
     assert gain.tolist() == [0.75] * 3  # never written
 
 
-def test_under_torch_compile_the_pytorch_parts_run(gen, monkeypatch):
-    """The kernels' window is no custom operator yet: a compiled call traces the PyTorch parts
-    instead (no kernel launch), with the same result."""
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+def test_the_custom_operators_shapes_schema_and_autograd(gen, regime):
+    """fastmax_hf::window_forward / window_backward: fake shapes equal the real ones (the rest's
+    output and the key states included, where they are kept), and opcheck's schema, fake-tensor
+    and autograd-registration checks pass."""
     from fastmax_hf.kernels import window_ops
+
+    B, Hq, Hk, N, D, Dv, W = 1, 4, 2, 70, 16, 12, 9
+    q, k = randn(gen, B, Hq, N, D).to(DEVICE), randn(gen, B, Hk, N, D).to(DEVICE)
+    v = randn(gen, B, Hk, N, Dv).to(DEVICE)
+    q, k, v = (x.float().requires_grad_() for x in (q, k, v))
+    gain = torch.full((Hq,), 0.8, device=DEVICE).requires_grad_()
+    mask = _mask(gen, B, N)
+    with kernels.settings(**SMALL, linear_keep_states=True):
+        keep_chunk = window_ops._keep_chunk_of(q, k, v, 2, W, regime, True)
+        assert keep_chunk == (32 if regime == "linear" else 0)
+        args = (q, k, v, mask, gain, 0.3, 2, 1.0, 1.0, 0.5, W, regime, keep_chunk, True)
+        real = torch.ops.fastmax_hf.window_forward(*args)
+        meta = [x.to("meta") if isinstance(x, torch.Tensor) else x for x in args]
+        fake = torch.ops.fastmax_hf.window_forward(*meta)
+        assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real]
+        out, den_m, out_r, den_r, H, Z = real
+        assert den_m.shape == (2, B, Hq, N)
+        # the rest's output and its key states exist in the linear regime only
+        assert [t.numel() > 0 for t in (out_r, den_r, H, Z)] == [regime == "linear"] * 4
+        torch.library.opcheck(torch.ops.fastmax_hf.window_forward.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("regime", ["quadratic", "linear"])
+def test_under_torch_compile_the_kernels_run(gen, monkeypatch, regime):
+    """A compiled call (fullgraph) runs the window's kernels through the custom operators, with
+    the eager Function's output and gradients in q, k, v and a learned gain, both within the
+    kernels' tolerance of float64; nothing falls back to the PyTorch parts."""
+    from fastmax_hf.kernels import window_ops
+    import fastmax_hf.window as window_module
 
     calls = []
     for name in ("window_forward", "fused_quadratic_forward"):  # the linear and the quadratic regime's
         original = getattr(window_ops, name)
         monkeypatch.setattr(window_ops, name, lambda *a, _original=original, **kw: calls.append(1) or _original(*a, **kw))
-    q, k, v = (randn(gen, 1, 2, 40, 16).float().to(DEVICE) for _ in range(3))
-    options = FastmaxOptions(scale=0.3, window=5)
+    monkeypatch.setattr(window_module, "_WindowPart", None)  # the PyTorch parts: never reached
+    B, Hq, Hk, N, D, W = 2, 4, 2, 75, 16, 11
+    q, k, v = (randn(gen, B, h, N, D).to(DEVICE).float().requires_grad_() for h in (Hq, Hk, Hk))
+    mask = _mask(gen, B, N)
+    gain = torch.linspace(0.5, 1.5, Hq, device=DEVICE).requires_grad_()
+    do = randn(gen, B, Hq, N, D).to(DEVICE).float()
 
-    def attend(q, k, v):
-        return window_attention(q, k, v, options, key_padding_mask=None, implementation="triton")[0]
+    def attend(q, k, v, gain):
+        options = FastmaxOptions(scale=0.3, window=W, window_gain=gain)
+        return window_attention(q, k, v, options, key_padding_mask=mask, mode=regime, implementation="triton")[0]
 
-    compiled = torch.compile(attend, backend="eager")(q, k, v)
-    assert not calls
-    eager = window_attention(q, k, v, options, key_padding_mask=None, implementation="chunked")[0]
-    assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-7)
+    with kernels.settings(**SMALL):
+        eager = attend(q, k, v, gain)
+        want = torch.autograd.grad(eager, (q, k, v, gain), do)
+        calls.clear()
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, gain)
+        assert calls, "the compiled call ran no window kernel"
+        got = torch.autograd.grad(compiled, (q, k, v, gain), do)
+    assert torch.allclose(compiled, eager, rtol=1e-6, atol=1e-6)
+    for name, a, b in zip(("dq", "dk", "dv", "dgain"), got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+    exact = [x.detach().double().requires_grad_() for x in (q, k, v, gain)]
+    expected = fastmax_reference(*exact[:3], causal=True, key_padding_mask=mask, scale=0.3, window=W,
+                                 window_gain=exact[3])
+    assert rel_err(compiled, expected) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dgain"), got, torch.autograd.grad(expected, exact, do.double())):
+        assert rel_err(a, b) < 1e-4, name
+
+
+def test_the_public_function_compiles_with_a_window(gen):
+    """``fastmax(..., window=W)`` with a number gain compiles without a graph break."""
+    q, k, v = (randn(gen, 1, 2, 40, 16).to(DEVICE).float() for _ in range(3))
+
+    def layer(q, k, v):
+        return fastmax(q, k, v, causal=True, backend="triton", window=5, window_gain=0.7, scale=0.3)
+
+    with kernels.settings(**SMALL):
+        got = torch.compile(layer, fullgraph=True, backend="aot_eager")(q, k, v)
+        want = layer(q, k, v)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("regime", ["quadratic", "linear"])
