@@ -60,8 +60,14 @@ class _ScaleByPeak(torch.autograd.Function):
 
     Backward, with f_n = lim / P_n, P_n = max_{n' <= n} ||x_n'|| reached at n* (cummax; the
     whole sequence without a causal mask): dx_n = g_n f_n + x_n / ||x_n|| sum_{i: i* = n}
-    (-f_i / P_i) (g_i . x_i), where the second term counts only the positions that count
-    towards the maximum (``valid``) and only where ||x_n|| > 0."""
+    (-f_i / P_i) (g_i . x_i) = g_n f_n + x_n / ||x_n|| sum_{i: i* = n} (-f_i^2 / lim) (g_i . x_i),
+    where the second term counts only the positions that count towards the maximum (``valid``)
+    and only where ||x_n|| > 0.
+
+    Each PyTorch operation here is a launch and several microseconds of host time, which at
+    4k-16k tokens is what a call waits for: so the row terms are written with as few as the
+    edge cases allow (a scalar, never a zeros tensor, as ``torch.where``'s other branch; the
+    row factor's square over lim kept from the forward)."""
 
     @staticmethod
     def forward(ctx, x, lim, causal, valid):
@@ -70,31 +76,34 @@ class _ScaleByPeak(torch.autograd.Function):
         counted = None
         if valid is not None:
             counted = valid[:, None, :].expand_as(norms)
-            norms = norms.masked_fill(~counted, 0.0)
+            norms = torch.where(counted, norms, 0.0)
         if causal:
             peak, at = torch.cummax(norms, dim=-1)
         else:
             peak, at = norms.max(dim=-1, keepdim=True)
-        factor = _peak_factor(peak, lim).to(x.dtype)
-        ctx.save_for_backward(x, norms, peak, at, factor, counted)
+        positive = peak > 0
+        factor_w = torch.where(positive, lim / peak, 0.0)  # lim / 0 is not selected
+        factor = factor_w.to(x.dtype)
+        ctx.save_for_backward(x, norms, at, positive, factor_w, factor, counted)
+        ctx.lim = lim
         return x * factor.unsqueeze(-1)
 
     @staticmethod
     def backward(ctx, grad):
-        x, norms, peak, at, factor, counted = ctx.saved_tensors
+        x, norms, at, positive, factor_w, factor, counted = ctx.saved_tensors
         # row terms (B, H, N) in the norms' precision; the (.., D) tensors in x's dtype, three passes
         g_factor = torch.linalg.vecdot(grad, x, dim=-1).to(norms.dtype)
-        if g_factor.shape != peak.shape:  # one factor for the whole sequence (no causal mask)
+        if g_factor.shape != positive.shape:  # one factor for the whole sequence (no causal mask)
             g_factor = g_factor.sum(-1, keepdim=True)
-        tiny = torch.finfo(peak.dtype).tiny
-        g_peak = torch.where(peak > 0, -g_factor * factor.to(peak.dtype) / peak.clamp_min(tiny), torch.zeros_like(peak))
+        # dL/dP = -(g . x) lim / P^2 = -(g . x) f^2 / lim, 0 where P = 0 (selected: g may be inf there)
+        g_peak = torch.where(positive, g_factor * factor_w.square(), 0.0).mul_(-1.0 / ctx.lim)
         g_norms = torch.zeros_like(norms).scatter_add_(-1, at, g_peak)
         through_norm = norms > 0
         if counted is not None:
             through_norm = through_norm & counted
             # selected, not multiplied: a non-finite x where no gradient passes gives 0, not inf * 0
             x = x.masked_fill(~through_norm.unsqueeze(-1), 0)
-        coef = torch.where(through_norm, g_norms / norms.clamp_min(tiny), torch.zeros_like(norms))
+        coef = torch.where(through_norm, g_norms / norms, 0.0)  # norms = 0 is not selected
         grad_x = torch.addcmul(grad * factor.unsqueeze(-1), x, coef.to(x.dtype).unsqueeze(-1))
         return grad_x, None, None, None
 
