@@ -150,6 +150,9 @@ def mark_window_gain_checked(gain: torch.Tensor) -> torch.Tensor:
     return gain
 
 
+WINDOW_GAIN_VALUES = "`window_gain` must be positive and finite in every head"
+
+
 def check_window_gain_tensor(gain, heads_q: int, device) -> None:
     """A tensor ``window_gain`` against the call: shape () or (Hq,), q's device, every entry positive
     and finite (the values only for tensors not made by ``mark_window_gain_checked``'s callers)."""
@@ -159,10 +162,13 @@ def check_window_gain_tensor(gain, heads_q: int, device) -> None:
         raise ValueError(f"`window_gain` must have shape () or (Hq,) = ({heads_q},), got {tuple(gain.shape)}")
     if gain.device != device:
         raise ValueError(f"`window_gain` is on {gain.device} but `q` is on {device}")
+    if torch.compiler.is_compiling():  # traced: a device-side assertion, no host read (no graph break)
+        torch._assert_async((torch.isfinite(gain) & (gain > 0)).all(), WINDOW_GAIN_VALUES)
+        return
     if _CHECKED_GAINS.get(id(gain)) is gain:
         return
     if not bool((torch.isfinite(gain) & (gain > 0)).all()):
-        raise ValueError("`window_gain` must be positive and finite in every head")
+        raise ValueError(WINDOW_GAIN_VALUES)
 
 
 def check_scale(scale, *, allow_none: bool = False) -> None:

@@ -283,6 +283,23 @@ def test_the_public_function_compiles_with_a_window(gen):
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_a_tensor_gain_compiles_and_is_still_checked(gen):
+    """A tensor gain is value-checked by a traced assertion under torch.compile (no host read,
+    so fullgraph compiles) and a non-positive one is still an error naming the argument."""
+    q, k, v = (randn(gen, 1, 2, 40, 16).to(DEVICE).float() for _ in range(3))
+
+    def layer(q, k, v, gain):
+        return fastmax(q, k, v, causal=True, backend="triton", window=5, window_gain=gain, scale=0.3)
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with kernels.settings(**SMALL):
+        good = torch.tensor([0.7, 1.3], device=DEVICE)
+        assert torch.allclose(compiled(q, k, v, good), layer(q, k, v, good), rtol=1e-6, atol=1e-6)
+        if DEVICE == "cpu":  # on a GPU a failed device-side assertion ends the process's CUDA context
+            with pytest.raises(RuntimeError, match="window_gain"):
+                compiled(q, k, v, torch.tensor([0.7, -1.0], device=DEVICE))
+
+
 @pytest.mark.parametrize("regime", ["quadratic", "linear"])
 def test_tiles_of_unequal_sides_per_kernel(gen, regime):
     """Query and key tiles of different sides in each kernel (the band's alignment to key tiles,
