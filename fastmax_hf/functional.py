@@ -170,7 +170,12 @@ def _attend(q, k, v, shapes: Shapes, options: FastmaxOptions, *, causal, key_pad
                                        rpe_matrix=rpe_matrix)
     else:
         if options.normalize:
-            q, k = normalize_qk(q, k, options.lim, causal, key_padding_mask)
+            scaler = None
+            if implementation == "triton":
+                from .kernels import normalize_scaler
+
+                scaler = normalize_scaler()  # the kernels' scaling where the settings ask for it
+            q, k = normalize_qk(q, k, options.lim, causal, key_padding_mask, scaler=scaler)
         if options.window is not None:
             out, den = window_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                         implementation=implementation)

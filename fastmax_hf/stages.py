@@ -108,22 +108,27 @@ class _ScaleByPeak(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def normalize_qk(q, k, lim, causal, key_padding_mask):
+def normalize_qk(q, k, lim, causal, key_padding_mask, scaler=None):
     """q and k scaled by lim / max ||x_n|| (see ``norm_scale``).
 
     Padded keys do not count towards the maximum, nor do padded queries when q and k are
-    the same tokens (Nq == Nk). Padded keys come back as zeros (no path reads them)."""
+    the same tokens (Nq == Nk). Padded keys come back as zeros (no path reads them).
+    ``scaler``: a function (x, lim, causal, valid) -> scaled x to use instead of
+    ``_ScaleByPeak`` (the kernels' ``triton_scale_by_peak``), or None."""
     query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
     if key_padding_mask is not None:
         # padded keys are removed by selection before the product: an inf there would otherwise
         # reach the gradient of the running maximum (inf * 0 in the backward of k * factor)
         k = torch.where(key_padding_mask[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
-    return _scale_by_peak(q, lim, causal, query_mask), _scale_by_peak(k, lim, causal, key_padding_mask)
+    return (_scale_by_peak(q, lim, causal, query_mask, scaler),
+            _scale_by_peak(k, lim, causal, key_padding_mask, scaler))
 
 
-def _scale_by_peak(x, lim, causal, valid):
+def _scale_by_peak(x, lim, causal, valid, scaler=None):
     if x.shape[-2] == 0:  # no token: nothing to scale (and no maximum to take)
         return x * 0
+    if scaler is not None:
+        return scaler(x, lim, causal, valid)
     return _ScaleByPeak.apply(x, lim, causal, valid)
 
 

@@ -64,6 +64,11 @@ class KernelSettings:
     # None: kept where they take no more memory than q, k, v, o and their gradients (always
     # without a causal mask, where one total state per head is kept)
     linear_keep_states: bool | None = None
+    # normalize's scaling of q and k (``fastmax(..., normalize=True)`` on the kernels): True on
+    # the kernels of kernels/normalize.py (four launches a tensor per forward+backward instead of
+    # about twenty PyTorch operations); False or None (the default until it is timed on a GPU):
+    # the PyTorch form (fastmax_hf.stages._ScaleByPeak). torch.compile always traces the latter.
+    fused_normalize: bool | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads
     # run in groups whose scratch stays under scratch_fraction of the size of q, k, v, o and
     # their gradients
@@ -73,7 +78,7 @@ class KernelSettings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("quad_dq_fused", "linear_keep_states"):
+            if field.name in ("quad_dq_fused", "linear_keep_states", "fused_normalize"):
                 if value is not None and not isinstance(value, bool):
                     raise ValueError(f"kernel setting `{field.name}` must be True, False or None, got {value!r}")
                 continue

@@ -158,6 +158,25 @@ def test_hybrid_window_compiled_bf16(cuda_gen, regime):
         assert rel_err(a, b) <= 1e-3, name
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_normalize_scaling_kernels_bf16(cuda_gen, causal):
+    """normalize's scaling kernels (kernels/normalize.py) in bf16 on the GPU against float64,
+    HF strides, padding, 16k rows (256 row blocks)."""
+    from fastmax_hf import stages
+    from fastmax_hf.kernels import triton_scale_by_peak
+
+    x = torch.randn(2, 16384, 8, 64, generator=cuda_gen, device="cuda").to(torch.bfloat16).transpose(1, 2)
+    valid = torch.rand(2, 16384, generator=cuda_gen, device="cuda") > 0.2
+    xs = x.detach().requires_grad_()
+    out = triton_scale_by_peak(xs, 1.0, causal, valid)
+    g = torch.randn(out.shape, generator=cuda_gen, device="cuda").to(torch.bfloat16)
+    (dx,) = torch.autograd.grad(out, xs, g)
+    x64 = x.detach().double().requires_grad_()
+    want = x64 * stages.norm_scale(x64, 1.0, causal, valid)[0]
+    (dx64,) = torch.autograd.grad(want, x64, g.double())
+    assert rel_err(out, want) <= TARGET[torch.bfloat16] and rel_err(dx, dx64) <= TARGET[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_public_function_and_decoding_on_cuda(cuda_gen, dtype):
     """backend="auto" takes the kernels on CUDA tensors (no warning), reads HF strides, and a

@@ -14,7 +14,8 @@ Sections (``--sections``, comma separated):
   fla        D=16, Dv=64 against fla's parallel_based / fused_chunk_based (if installed)
   peers      shapes of the kernel issues: B=1, H=8 and B=4, H=32; non-causal (against cuDNN)
   p1         p=1 with normalize against fla's chunk_linear_attn(normalize=True), D = 64 and 128,
-             N from 4k to 128k (its first call autotunes: give it minutes)
+             N from 4k to 128k (its first call autotunes: give it minutes); fastmax also with
+             normalize's scaling on its kernels (setting fused_normalize), and the ratios
   retention  power retention (PyPI retention, deg=2, chunk 1024) at D=64 (autotunes first)
   window     the hybrid window (W = --window_size) against plain fastmax, B=1, H=16, bf16,
              causal, forward and forward+backward, N from --window_lengths, D = 64 and 128,
@@ -396,7 +397,15 @@ def section_p1(args):
             if chunk_linear_attn is not None:
                 calls["fla_chunk_linear_attn"] = bnhd(lambda q, k, v: chunk_linear_attn(q, k, v, normalize=True))
             entry = _peer_row(f"p=1 N={N} D={D}", make, calls, True)
+            # the same call with normalize's scaling on its kernels (kernels/normalize.py)
+            with kernel_settings({"fused_normalize": True}):
+                entry["fastmax_fused_normalize"] = timed("fastmax_fused_normalize", make, calls["fastmax"], True)
+            for name in ("fastmax", "fla_chunk_linear_attn"):
+                if "ms" in entry.get(name, {}) and "ms" in entry["fastmax_fused_normalize"]:
+                    entry[f"fused_normalize_over_{name}"] = entry["fastmax_fused_normalize"]["ms"] / entry[name]["ms"]
             entry.update(N=N, D=D, p=1)
+            print(json.dumps({k: entry[k] for k in entry if k.startswith("fused_normalize_over")} | {"label": entry["label"]}),
+                  flush=True)
             rows.append(entry)
     RESULTS["p1"] = rows
 
