@@ -12,7 +12,12 @@ block for the rows that share the block's first maximum row), then ``scale_grad_
 dx = g f + x / ||x|| dL/d||x||.
 
 Ties of the maximum go to the later row with a causal mask (``torch.cummax``) and to the first
-without one (``torch.max``); a NaN norm is the maximum from its row on, as in PyTorch.
+without one (``torch.max``); a NaN norm is the maximum from its row on, as in PyTorch. Norms
+that are equal but for rounding are not ties: which of them is the maximum follows the last
+bits of each computation's sum of squares (this one's, PyTorch's, float64's), and with it the
+row the peak's gradient goes to. Every choice is a subgradient of the maximum; on rows built
+with equal norms the kernels, the PyTorch form and float64 each differ from the others by
+about 0.15 in the gradient's relative error (measured on the CPU, 1,000 rows in runs of 97).
 """
 
 import triton
