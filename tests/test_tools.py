@@ -295,6 +295,30 @@ def test_window_ab_tiles_are_valid_settings_and_its_check_reads_the_last_rows():
     assert ab.check_last_rows(q, k, v, wrong, rows=50)["window"] > 1e-3
 
 
+def test_window_ab_host_layers_compute_the_same_attention_at_every_layer():
+    """``--sections host`` times five layers of one call; each layer's two calls run (here in
+    Triton's interpreter) and compute what the layer above them does."""
+    from fastmax_hf import kernels
+
+    ab = load_script(TOOLS / "window_ab.py", "window_ab_tool")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 80, 16, generator=g).requires_grad_() for _ in range(3))
+    do = torch.randn(1, 2, 80, 16, generator=g)
+    small = dict(quad_fwd_block_m=16, quad_fwd_block_n=16, quad_dq_block_m=16, quad_dq_block_n=16,
+                 quad_dkdv_block_m=16, quad_dkdv_block_n=16)
+    with kernels.settings(**small):
+        layers = ab.host_layers(q, k, v, do)
+        assert list(layers) == ["public_fwd", "core_fwd", "launch_fwd", "launch_bwd", "autograd_bwd"]
+        results = {layer: {name: call() for name, call in calls.items()} for layer, calls in layers.items()}
+    for name in ("fastmax", "window"):
+        public = results["public_fwd"][name]
+        assert torch.allclose(results["core_fwd"][name][0], public, atol=1e-6)
+        assert torch.allclose(results["launch_fwd"][name][0], public, atol=1e-6)
+        for a, b in zip(results["launch_bwd"][name][:3], results["autograd_bwd"][name]):
+            assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(results["public_fwd"]["fastmax"], results["public_fwd"]["window"])
+
+
 def test_trace_memory_arguments_and_its_default_budgets_are_valid_settings():
     args = trace.parse_args(["--n", "65536", "--heads", "4", "--dims", "64"])
     assert (args.n, args.heads, args.dim_list) == (65536, 4, [64])

@@ -14,7 +14,9 @@ the host. Sections, each printing JSON lines (bf16, causal, W = 64, the public
   tiles    the window's three quadratic kernels at other tiles and warps (plain fastmax kept at
            its defaults), each checked against the default tiles' gradients, then timed by GPU
            kernel sums and by interleaved rounds against plain fastmax (D=64 only);
-  cprofile cProfile of 50 fwd+bwd calls of each: the Python functions with the most own time.
+  cprofile cProfile of 50 fwd+bwd calls of each: the Python functions with the most own time;
+  host     host time of each layer of the call (public forward, the kernels' entry, the raw
+           forward and backward launchers, the autograd backward), plain against the window.
 
     python tools/window_ab.py --sections kernels,rounds --tag f5c4aaa > window_ab.jsonl
 
@@ -205,7 +207,60 @@ def section_cprofile(args):
         emit({"section": "cprofile", "tag": args.tag, "N": args.N, "impl": name, "profile": profile[-5000:]})
 
 
-SECTIONS = {"kernels": section_kernels, "rounds": section_rounds, "tiles": section_tiles, "cprofile": section_cprofile}
+def host_layers(q, k, v, do) -> dict:
+    """{layer: {"fastmax": call, "window": call}}, from the public call down to the raw
+    launchers, each a host-timed unit (``section_host``)."""
+    import fastmax_hf
+    from fastmax_hf import kernels
+    from fastmax_hf.kernels import ops, window_ops
+    from fastmax_hf.options import FastmaxOptions
+
+    options = FastmaxOptions.resolve(q.shape[-1], window=WINDOW)
+    plain_options = FastmaxOptions.resolve(q.shape[-1])
+    coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))
+    gain = window_ops._constant_gain(1.0, q.shape[1], str(q.device))
+    with torch.no_grad():
+        out_p, den_p = ops.quadratic_forward(q, k, v, None, True, *coefficients)
+        out_w, den_w, m_w = window_ops.fused_quadratic_forward(q, k, v, None, gain, coefficients, WINDOW)
+    graph_p = fastmax_hf.fastmax(q, k, v, causal=True, backend="triton")
+    graph_w = fastmax_hf.fastmax(q, k, v, causal=True, backend="triton", window=WINDOW)
+    return {
+        "public_fwd": {"fastmax": lambda: fastmax_hf.fastmax(q, k, v, causal=True, backend="triton"),
+                       "window": lambda: fastmax_hf.fastmax(q, k, v, causal=True, backend="triton", window=WINDOW)},
+        "core_fwd": {"fastmax": lambda: kernels.triton_attention(q, k, v, plain_options, causal=True),
+                     "window": lambda: kernels.triton_window_attention(q, k, v, options, window=WINDOW)},
+        "launch_fwd": {"fastmax": lambda: ops.quadratic_forward(q, k, v, None, True, *coefficients),
+                       "window": lambda: window_ops.fused_quadratic_forward(q, k, v, None, gain, coefficients,
+                                                                             WINDOW)},
+        "launch_bwd": {"fastmax": lambda: ops.quadratic_backward(q, k, v, None, out_p, den_p, do, True, *coefficients),
+                       "window": lambda: window_ops.fused_quadratic_backward(q, k, v, None, out_w, den_w, m_w, gain,
+                                                                              do, coefficients, WINDOW)},
+        "autograd_bwd": {"fastmax": lambda: torch.autograd.grad(graph_p, (q, k, v), do, retain_graph=True),
+                         "window": lambda: torch.autograd.grad(graph_w, (q, k, v), do, retain_graph=True)},
+    }
+
+
+def section_host(args):
+    """Host time per call (GPU not awaited, 200 calls, median of 5 interleaved repeats) of each
+    layer of a 4k forward+backward, plain fastmax against the window (quadratic regime, D=64):
+    the public forward, the kernels' entry point, the raw forward and backward launchers, and
+    the autograd backward; which layer holds the window's extra host time."""
+    q, k, v, do = make_inputs(args.N, 64)
+    for layer, calls in host_layers(q, k, v, do).items():
+        for call in calls.values():
+            wall_ms(call, reps=10)
+        times = {name: [] for name in calls}
+        for _ in range(5):
+            for name, call in calls.items():
+                times[name].append(host_ms(call))
+        median = {name: sorted(ts)[2] for name, ts in times.items()}
+        emit({"section": "host", "tag": args.tag, "N": args.N, "D": 64, "layer": layer,
+              "fastmax_host_ms": median["fastmax"], "window_host_ms": median["window"],
+              "window_minus_fastmax_ms": median["window"] - median["fastmax"], "all_ms": times})
+
+
+SECTIONS = {"kernels": section_kernels, "rounds": section_rounds, "tiles": section_tiles, "cprofile": section_cprofile,
+            "host": section_host}
 
 
 def main(argv=None):
