@@ -113,22 +113,21 @@ def normalize_qk(q, k, lim, causal, key_padding_mask, scaler=None):
 
     Padded keys do not count towards the maximum, nor do padded queries when q and k are
     the same tokens (Nq == Nk). Padded keys come back as zeros (no path reads them).
-    ``scaler``: a function (x, lim, causal, valid) -> scaled x to use instead of
-    ``_ScaleByPeak`` (the kernels' ``triton_scale_by_peak``), or None."""
+    ``scaler``: a function (q, k, lim, causal, q_valid, k_valid) -> (scaled q, scaled k) to
+    use instead of ``_ScaleByPeak`` (the kernels' ``triton_scale_qk_by_peak``), or None."""
     query_mask = key_padding_mask if q.shape[2] == k.shape[2] else None
     if key_padding_mask is not None:
         # padded keys are removed by selection before the product: an inf there would otherwise
         # reach the gradient of the running maximum (inf * 0 in the backward of k * factor)
         k = torch.where(key_padding_mask[:, None, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
-    return (_scale_by_peak(q, lim, causal, query_mask, scaler),
-            _scale_by_peak(k, lim, causal, key_padding_mask, scaler))
+    if scaler is not None and q.shape[-2] > 0 and k.shape[-2] > 0:
+        return scaler(q, k, lim, causal, query_mask, key_padding_mask)
+    return _scale_by_peak(q, lim, causal, query_mask), _scale_by_peak(k, lim, causal, key_padding_mask)
 
 
-def _scale_by_peak(x, lim, causal, valid, scaler=None):
+def _scale_by_peak(x, lim, causal, valid):
     if x.shape[-2] == 0:  # no token: nothing to scale (and no maximum to take)
         return x * 0
-    if scaler is not None:
-        return scaler(x, lim, causal, valid)
     return _ScaleByPeak.apply(x, lim, causal, valid)
 
 

@@ -11,13 +11,14 @@ with the attributes ``scale``, ``p``, ``a0``, ``a1``, ``a2`` (``fastmax_hf.Fastm
   that a CUDA graph replays.
 - ``triton_window_attention``: the hybrid window (exp over the last W keys, Fastmax over
   the earlier ones, one normaliser; ``fastmax_hf.window`` defines it), forward and backward.
-- ``triton_scale_by_peak``: normalize's scaling x * lim / max ||x_n|| (``normalize_scaler``
-  returns it where the setting ``fused_normalize`` asks for it).
+- ``triton_scale_by_peak`` / ``triton_scale_qk_by_peak``: normalize's scaling x * lim /
+  max ||x_n|| of one tensor, or of q and k in the same launches (``normalize_scaler`` returns
+  the latter where the setting ``fused_normalize`` asks for it).
 - ``settings`` / ``current_settings``: launch parameters and scratch budgets.
 """
 
 __all__ = ["HAS_TRITON", "triton_attention", "triton_step", "decode_step_", "triton_window_attention",
-           "triton_scale_by_peak", "normalize_scaler", "empty_state", "feature_rows",
+           "triton_scale_by_peak", "triton_scale_qk_by_peak", "normalize_scaler", "empty_state", "feature_rows",
            "choose_regime", "KernelSettings", "current_settings", "set_settings", "settings"]
 
 if __name__ != "fastmax_hf.kernels":
@@ -54,4 +55,4 @@ else:
         from .ops import choose_regime, empty_state, feature_rows, triton_attention, triton_step
         from .decode_ops import decode_step_
         from .window_ops import triton_window_attention
-        from .normalize_ops import normalize_scaler, triton_scale_by_peak
+        from .normalize_ops import normalize_scaler, triton_scale_by_peak, triton_scale_qk_by_peak

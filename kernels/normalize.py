@@ -11,6 +11,11 @@ dL/dP = -(g . x) f^2 / lim to the norm of the row that holds its maximum (fp32 a
 block for the rows that share the block's first maximum row), then ``scale_grad_kernel`` writes
 dx = g f + x / ||x|| dL/d||x||.
 
+Every kernel takes two tensors (q and k: own head counts, lengths, strides and padding, one
+D and dtype) and runs both in one grid, the second tensor's (batch, head) rows after the
+first's: at the 4k-16k lengths where a call waits on the host, a launch is worth more than
+the few programs a shorter tensor leaves idle. One tensor is the pair with an empty second.
+
 Ties of the maximum go to the later row with a causal mask (``torch.cummax``) and to the first
 without one (``torch.max``); a NaN norm is the maximum from its row on, as in PyTorch. Norms
 that are equal but for rounding are not ties: which of them is the maximum follows the last
@@ -35,29 +40,61 @@ def _later_max(v1, i1, v2, i2):
 
 
 @triton.jit
+def _pick(first, a, b):
+    """Pointer a for the first tensor's programs, b for the second's."""
+    if first:
+        out = a
+    else:
+        out = b
+    return out
+
+
+@triton.jit
+def _pick_int(first, a, b, zero):
+    """Integer a for the first tensor's programs, b for the second's (``zero`` a 0 tensor: an
+    argument Triton specialised to a constant becomes a value like the other)."""
+    return tl.where(first, a + zero, b + zero)
+
+
+@triton.jit
+def _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2):
+    """This program's tensor (True: the first), its (batch, head) b, h, its N and the offset of
+    its (b, h) row 0 in the per-row buffers (the second tensor's rows follow the first's)."""
+    zero = pid_bh * 0
+    first = pid_bh < BH1
+    bh = tl.where(first, pid_bh, pid_bh - BH1)
+    H = _pick_int(first, H1, H2, zero)
+    N = _pick_int(first, N1, N2, zero)
+    row0 = _pick_int(first, 0, OFF2, zero).to(tl.int64) + bh.to(tl.int64) * N
+    return first, zero, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), N, row0
+
+
+@triton.jit
 def row_norms_kernel(
-    X, VALID, NORMS, BMAX, BARG,
-    stride_xb, stride_xh, stride_xn, stride_xd, stride_vb, stride_vn,
-    H, N, D, NB,
-    HAS_VALID: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    EVEN_D: tl.constexpr, I64: tl.constexpr,
+    X1, X2, V1, V2, NORMS, BMAX, BARG,
+    s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d, sv1b, sv1n, sv2b, sv2n,
+    BH1, H1, H2, N1, N2, OFF2, D, NB,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    I64: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): ||x_n|| in fp32 (0 on rows that do not count: padding)
-    into NORMS (B * H, N), and the block's maximum and its row into BMAX, BARG (B * H, NB)."""
+    """Grid (blocks of the longer tensor, B * H1 + B * H2): ||x_n|| in fp32 (0 on rows that do
+    not count: padding, V1 / V2 (B, N) uint8, 0 = padding; a tensor without padding is given a
+    one-element 1 with strides 0) into NORMS, and the block's maximum and its row into BMAX, BARG
+    (B * H1 + B * H2, NB); a block past the tensor's end records -1, which nothing beats."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
+    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     cols = tl.arange(0, BLOCK_D)
-    x = load_tile(X + b * stride_xb + h * stride_xh, rows, ok, stride_xn, cols, D, stride_xd, True, EVEN_D,
+    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D,
                   I64).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, 1))
-    if HAS_VALID:
-        counted = tl.load(VALID + b * stride_vb + rows * stride_vn, mask=ok, other=0) != 0
-        norm = tl.where(counted, norm, 0.0)
-    tl.store(NORMS + pid_bh.to(tl.int64) * N + rows, norm, mask=ok)
+    V = _pick(first, V1, V2) + b * _pick_int(first, sv1b, sv2b, zero)
+    counted = tl.load(V + rows * _pick_int(first, sv1n, sv2n, zero), mask=ok, other=1) != 0
+    norm = tl.where(counted, norm, 0.0)
+    tl.store(NORMS + row0 + rows, norm, mask=ok)
     norm = tl.where(ok, norm, -1.0)  # rows past the end never hold the maximum
     is_nan = norm != norm
     any_nan = tl.sum(is_nan.to(tl.int32), 0) > 0
@@ -75,23 +112,22 @@ def row_norms_kernel(
 
 @triton.jit
 def scale_rows_kernel(
-    X, NORMS, RUN_MAX, RUN_BLOCK, BARG, FACTOR, AT, OUT,
-    stride_xb, stride_xh, stride_xn, stride_xd, stride_ob, stride_oh, stride_on, stride_od,
-    H, N, D, NB, stride_r, lim,
+    X1, X2, NORMS, RUN_MAX, RUN_BLOCK, BARG, FACTOR, AT, OUT1, OUT2,
+    s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+    BH1, H1, H2, N1, N2, OFF2, D, NB, stride_r, lim,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     I64: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): P_n, and f_n = lim / P_n (0 where P_n = 0) into FACTOR
-    (B * H, N) fp32, the row of P_n into AT (int32), x_n * f_n into OUT in x's dtype.
-    RUN_MAX, RUN_BLOCK (B * H, NB) with row stride ``stride_r``: with a causal mask the running
-    maximum over blocks and the block it lies in; without one, (B * H, 1): the whole sequence's."""
+    """Grid as ``row_norms_kernel``'s: P_n, and f_n = lim / P_n (0 where P_n = 0) into FACTOR
+    (fp32), the row of P_n into AT (int32, a row of the same sequence), x_n * f_n into OUT1 or
+    OUT2 ((B, H, N, D) contiguous, x's dtype). RUN_MAX, RUN_BLOCK (B * H1 + B * H2, NB) with row
+    stride ``stride_r``: with a causal mask the running maximum over blocks and the block it
+    lies in; without one, (B * H1 + B * H2, 1): the whole sequence's."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
-    row0 = pid_bh.to(tl.int64) * N
     if CAUSAL:
         norm = tl.load(NORMS + row0 + rows, mask=ok, other=-1.0)
         peak, at = tl.associative_scan((norm, rows), 0, _later_max)
@@ -106,74 +142,79 @@ def scale_rows_kernel(
     tl.store(FACTOR + row0 + rows, factor, mask=ok)
     tl.store(AT + row0 + rows, at.to(tl.int32), mask=ok)
     cols = tl.arange(0, BLOCK_D)
-    x = load_tile(X + b * stride_xb + h * stride_xh, rows, ok, stride_xn, cols, D, stride_xd, True, EVEN_D, I64)
+    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
+    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
     # the factor in x's dtype first, as the reference multiplies
-    out = x.to(tl.float32) * factor.to(X.dtype.element_ty).to(tl.float32)[:, None]
-    offs = rows[:, None].to(tl.int64) * stride_on + cols[None, :] * stride_od
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs, out.to(OUT.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < D))
+    out = x.to(tl.float32) * factor.to(X1.dtype.element_ty).to(tl.float32)[:, None]
+    local = bh.to(tl.int64) * N + rows  # the row in its own (B, H, N, D) output
+    OUT = _pick(first, OUT1, OUT2)
+    tl.store(OUT + local[:, None] * D + cols[None, :], out.to(OUT1.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < D))
 
 
 @triton.jit
 def peak_grad_kernel(
-    G, X, FACTOR, AT, GRAD_NORMS,
-    stride_gb, stride_gh, stride_gn, stride_gd, stride_xb, stride_xh, stride_xn, stride_xd,
-    H, N, D, neg_inv_lim,
+    G1, G2, X1, X2, FACTOR, AT, GRAD_NORMS,
+    g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+    BH1, H1, H2, N1, N2, OFF2, D, neg_inv_lim,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     I64: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): dL/dP_n = -(g_n . x_n) f_n^2 / lim (0 where f_n = 0) added
-    into GRAD_NORMS (B * H, N) fp32 at the row AT_n that holds P_n."""
+    """Grid as the forward's: dL/dP_n = -(g_n . x_n) f_n^2 / lim (0 where f_n = 0) added into
+    GRAD_NORMS (fp32, the per-row layout of NORMS) at the row AT_n that holds P_n."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     cols = tl.arange(0, BLOCK_D)
-    row0 = pid_bh.to(tl.int64) * N
-    g = load_tile(G + b * stride_gb + h * stride_gh, rows, ok, stride_gn, cols, D, stride_gd, True, EVEN_D, I64)
-    x = load_tile(X + b * stride_xb + h * stride_xh, rows, ok, stride_xn, cols, D, stride_xd, True, EVEN_D, I64)
+    G = _pick(first, G1, G2) + b * _pick_int(first, g1b, g2b, zero) + h * _pick_int(first, g1h, g2h, zero)
+    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
+    g = load_tile(G, rows, ok, _pick_int(first, g1n, g2n, zero), cols, D, _pick_int(first, g1d, g2d, zero), True, EVEN_D, I64)
+    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
     factor = tl.load(FACTOR + row0 + rows, mask=ok, other=0.0)
     g_factor = tl.sum(g.to(tl.float32) * x.to(tl.float32), 1)
     g_peak = tl.where(ok & (factor > 0), g_factor * factor * factor * neg_inv_lim, 0.0)
     at = tl.load(AT + row0 + rows, mask=ok, other=0)
-    if CAUSAL:
-        # AT never decreases along the rows: most of a block shares its first row's, one atomic for them
-        first = tl.min(tl.where(ok, at, N), 0)
-        same = at == first
-        tl.atomic_add(GRAD_NORMS + row0 + first, tl.sum(tl.where(same, g_peak, 0.0), 0))
-        tl.atomic_add(GRAD_NORMS + row0 + at, g_peak, mask=ok & (at != first))
-    else:
-        tl.atomic_add(GRAD_NORMS + row0 + tl.min(tl.where(ok, at, N), 0), tl.sum(g_peak, 0))
+    # AT never decreases along the rows: most of a block shares its first row's, one atomic for
+    # them (without a causal mask, every row's is the same)
+    first_at = tl.min(tl.where(ok, at, N), 0)
+    if first_at < N:  # a block with rows of this tensor
+        same = at == first_at
+        tl.atomic_add(GRAD_NORMS + row0 + first_at, tl.sum(tl.where(same, g_peak, 0.0), 0))
+        if CAUSAL:
+            tl.atomic_add(GRAD_NORMS + row0 + at, g_peak, mask=ok & (at != first_at))
 
 
 @triton.jit
 def scale_grad_kernel(
-    G, X, NORMS, FACTOR, GRAD_NORMS, DX,
-    stride_gb, stride_gh, stride_gn, stride_gd, stride_xb, stride_xh, stride_xn, stride_xd,
-    H, N, D,
+    G1, G2, X1, X2, NORMS, FACTOR, GRAD_NORMS, DX1, DX2,
+    g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+    BH1, H1, H2, N1, N2, OFF2, D,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, I64: tl.constexpr,
 ):
-    """Grid (cdiv(N, BLOCK_N), B * H): dx_n = g_n f_n + x_n dL/d||x_n|| / ||x_n|| into DX
+    """Grid as the forward's: dx_n = g_n f_n + x_n dL/d||x_n|| / ||x_n|| into DX1 or DX2
     ((B, H, N, D) contiguous, x's dtype); the second term only where ||x_n|| > 0 (counted rows),
     by selection, so that a non-finite x where no gradient passes gives 0."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     cols = tl.arange(0, BLOCK_D)
-    row0 = pid_bh.to(tl.int64) * N
-    g = load_tile(G + b * stride_gb + h * stride_gh, rows, ok, stride_gn, cols, D, stride_gd, True, EVEN_D, I64)
-    x = load_tile(X + b * stride_xb + h * stride_xh, rows, ok, stride_xn, cols, D, stride_xd, True, EVEN_D, I64)
+    G = _pick(first, G1, G2) + b * _pick_int(first, g1b, g2b, zero) + h * _pick_int(first, g1h, g2h, zero)
+    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
+    g = load_tile(G, rows, ok, _pick_int(first, g1n, g2n, zero), cols, D, _pick_int(first, g1d, g2d, zero), True, EVEN_D, I64)
+    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
     norm = tl.load(NORMS + row0 + rows, mask=ok, other=0.0)
-    factor = tl.load(FACTOR + row0 + rows, mask=ok, other=0.0).to(X.dtype.element_ty).to(tl.float32)
+    factor = tl.load(FACTOR + row0 + rows, mask=ok, other=0.0).to(X1.dtype.element_ty).to(tl.float32)
     through = norm > 0
     coef = tl.where(through, tl.load(GRAD_NORMS + row0 + rows, mask=ok, other=0.0) / tl.where(through, norm, 1.0),
                     0.0)
-    coef = coef.to(X.dtype.element_ty).to(tl.float32)
+    coef = coef.to(X1.dtype.element_ty).to(tl.float32)
     x_term = tl.where(through[:, None], x.to(tl.float32) * coef[:, None], 0.0)
     dx = g.to(tl.float32) * factor[:, None] + x_term
-    offs = (row0 + rows)[:, None] * D + cols[None, :]
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=ok[:, None] & (cols[None, :] < D))
+    local = bh.to(tl.int64) * N + rows
+    DX = _pick(first, DX1, DX2)
+    tl.store(DX + local[:, None] * D + cols[None, :], dx.to(DX1.dtype.element_ty),
+             mask=ok[:, None] & (cols[None, :] < D))

@@ -11,7 +11,7 @@ from fastmax_hf import fastmax, stages
 from conftest import rel_err
 
 kernels = pytest.importorskip("fastmax_hf.kernels")
-from fastmax_hf.kernels import normalize_scaler, triton_scale_by_peak  # noqa: E402
+from fastmax_hf.kernels import normalize_scaler, triton_scale_by_peak, triton_scale_qk_by_peak  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -49,6 +49,31 @@ def test_scaling_matches_float64_and_the_pytorch_form(gen, dtype, causal, masked
     ref = stages._ScaleByPeak.apply(ref_x, 0.9, causal, valid)
     (ref_dx,) = torch.autograd.grad(ref, ref_x, g)
     assert rel_err(got, ref) < TOL[dtype] and rel_err(dx, ref_dx) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("lengths", [(150, 150), (70, 201), (201, 9)], ids=lambda n: "Nq{}-Nk{}".format(*n))
+def test_q_and_k_in_the_same_launches(gen, dtype, causal, lengths):
+    """q and k scaled together (GQA: 4 query heads, 2 key heads; Nq != Nk both ways; each its
+    own padding mask): each equals its own scaling by ``_ScaleByPeak``, and so do both gradients,
+    also when the loss reads only one of them."""
+    Nq, Nk = lengths
+    q, q_valid = _inputs(gen, 2, 4, Nq, 20, dtype, True)
+    k, k_valid = _inputs(gen, 2, 2, Nk, 20, dtype, True)
+    qs, ks = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    got_q, got_k = triton_scale_qk_by_peak(qs, ks, 0.8, causal, q_valid, k_valid)
+    gq, gk = (torch.randn(x.shape, generator=gen).to(DEVICE, dtype) for x in (q, k))
+    dq, dk = torch.autograd.grad((got_q, got_k), (qs, ks), (gq, gk))
+    for x, valid, got, g, dx in ((q, q_valid, got_q, gq, dq), (k, k_valid, got_k, gk, dk)):
+        ref_x = x.detach().clone().requires_grad_()
+        ref = stages._ScaleByPeak.apply(ref_x, 0.8, causal, valid)
+        (ref_dx,) = torch.autograd.grad(ref, ref_x, g)
+        assert got.shape == x.shape and rel_err(got, ref) < TOL[dtype] and rel_err(dx, ref_dx) < TOL[dtype]
+    qs2, ks2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    only_k = triton_scale_qk_by_peak(qs2, ks2, 0.8, causal, q_valid, k_valid)[1]
+    dq2, dk2 = torch.autograd.grad(only_k, (qs2, ks2), gk)
+    assert torch.all(dq2 == 0) and rel_err(dk2, dk) < 1e-6
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -104,9 +129,9 @@ def test_the_public_function_takes_the_kernels_when_the_setting_asks(gen, causal
     want = run()
     assert not calls and normalize_scaler() is None
     with kernels.settings(fused_normalize=True):
-        assert normalize_scaler() is triton_scale_by_peak
+        assert normalize_scaler() is triton_scale_qk_by_peak
         got = run()
-    assert len(calls) == 2  # q and k
+    assert len(calls) == 1  # q and k in the same launches
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert rel_err(a, b) < 1e-5, name
 
@@ -129,5 +154,7 @@ def test_bad_input_names_the_argument():
         triton_scale_by_peak(torch.ones(1, 1, 4, 8, dtype=torch.float64), 1.0, True)
     with pytest.raises(ValueError, match="`x`"):
         triton_scale_by_peak(torch.ones(1, 4, 8), 1.0, True)
+    with pytest.raises(ValueError, match="`q` and `k`"):
+        triton_scale_qk_by_peak(torch.ones(1, 1, 4, 8), torch.ones(1, 1, 4, 16), 1.0, True)
     with pytest.raises(ValueError, match="fused_normalize"):
         kernels.KernelSettings(fused_normalize=1)
