@@ -70,6 +70,16 @@ def _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2):
 
 
 @triton.jit
+def _tile_of(first, zero, b, h, rows, ok, cols, D, P1, P2, sb1, sh1, sn1, sd1, sb2, sh2, sn2, sd2,
+             EVEN_D: tl.constexpr, I64: tl.constexpr):
+    """The (rows, BLOCK_D) tile of row ``rows`` of (b, h) of the program's tensor, P1 or P2
+    (strides s*1 or s*2), 0 outside."""
+    P = _pick(first, P1, P2) + b * _pick_int(first, sb1, sb2, zero) + h * _pick_int(first, sh1, sh2, zero)
+    return load_tile(P, rows, ok, _pick_int(first, sn1, sn2, zero), cols, D, _pick_int(first, sd1, sd2, zero), True,
+                     EVEN_D, I64)
+
+
+@triton.jit
 def row_norms_kernel(
     X1, X2, V1, V2, NORMS, BMAX, BARG,
     s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d, sv1b, sv1n, sv2b, sv2n,
@@ -84,12 +94,11 @@ def row_norms_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
-    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     cols = tl.arange(0, BLOCK_D)
-    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D,
-                  I64).to(tl.float32)
+    x = _tile_of(first, zero, b, h, rows, ok, cols, D, X1, X2, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d, EVEN_D,
+                 I64).to(tl.float32)
     norm = tl.sqrt(tl.sum(x * x, 1))
     V = _pick(first, V1, V2) + b * _pick_int(first, sv1b, sv2b, zero)
     counted = tl.load(V + rows * _pick_int(first, sv1n, sv2n, zero), mask=ok, other=1) != 0
@@ -142,14 +151,29 @@ def scale_rows_kernel(
     tl.store(FACTOR + row0 + rows, factor, mask=ok)
     tl.store(AT + row0 + rows, at.to(tl.int32), mask=ok)
     cols = tl.arange(0, BLOCK_D)
-    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
-    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
+    x = _tile_of(first, zero, b, h, rows, ok, cols, D, X1, X2, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d, EVEN_D, I64)
     # the factor in x's dtype first, as the reference multiplies
     out = x.to(tl.float32) * factor.to(X1.dtype.element_ty).to(tl.float32)[:, None]
     local = bh.to(tl.int64) * N + rows  # the row in its own (B, H, N, D) output
     OUT = _pick(first, OUT1, OUT2)
     tl.store(OUT + local[:, None] * D + cols[None, :], out.to(OUT1.dtype.element_ty),
              mask=ok[:, None] & (cols[None, :] < D))
+
+
+@triton.jit
+def _gradient_tiles(G1, G2, X1, X2, g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+                    BH1, H1, H2, N1, N2, OFF2, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EVEN_D: tl.constexpr, I64: tl.constexpr):
+    """What both backward kernels start from: the program's tensor, (b, h) row and rows, and its
+    tiles of the gradient g and of x."""
+    pid_bh = tl.program_id(1)
+    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rows < N
+    cols = tl.arange(0, BLOCK_D)
+    g = _tile_of(first, zero, b, h, rows, ok, cols, D, G1, G2, g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, EVEN_D, I64)
+    x = _tile_of(first, zero, b, h, rows, ok, cols, D, X1, X2, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d, EVEN_D, I64)
+    return first, bh, N, row0, rows, ok, cols, g, x
 
 
 @triton.jit
@@ -162,16 +186,9 @@ def peak_grad_kernel(
 ):
     """Grid as the forward's: dL/dP_n = -(g_n . x_n) f_n^2 / lim (0 where f_n = 0) added into
     GRAD_NORMS (fp32, the per-row layout of NORMS) at the row AT_n that holds P_n."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = rows < N
-    cols = tl.arange(0, BLOCK_D)
-    G = _pick(first, G1, G2) + b * _pick_int(first, g1b, g2b, zero) + h * _pick_int(first, g1h, g2h, zero)
-    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
-    g = load_tile(G, rows, ok, _pick_int(first, g1n, g2n, zero), cols, D, _pick_int(first, g1d, g2d, zero), True, EVEN_D, I64)
-    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
+    first, bh, N, row0, rows, ok, cols, g, x = _gradient_tiles(
+        G1, G2, X1, X2, g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+        BH1, H1, H2, N1, N2, OFF2, D, BLOCK_N, BLOCK_D, EVEN_D, I64)
     factor = tl.load(FACTOR + row0 + rows, mask=ok, other=0.0)
     g_factor = tl.sum(g.to(tl.float32) * x.to(tl.float32), 1)
     g_peak = tl.where(ok & (factor > 0), g_factor * factor * factor * neg_inv_lim, 0.0)
@@ -196,16 +213,9 @@ def scale_grad_kernel(
     """Grid as the forward's: dx_n = g_n f_n + x_n dL/d||x_n|| / ||x_n|| into DX1 or DX2
     ((B, H, N, D) contiguous, x's dtype); the second term only where ||x_n|| > 0 (counted rows),
     by selection, so that a non-finite x where no gradient passes gives 0."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    first, zero, bh, b, h, N, row0 = _rows_of(pid_bh, BH1, H1, H2, N1, N2, OFF2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = rows < N
-    cols = tl.arange(0, BLOCK_D)
-    G = _pick(first, G1, G2) + b * _pick_int(first, g1b, g2b, zero) + h * _pick_int(first, g1h, g2h, zero)
-    X = _pick(first, X1, X2) + b * _pick_int(first, s1b, s2b, zero) + h * _pick_int(first, s1h, s2h, zero)
-    g = load_tile(G, rows, ok, _pick_int(first, g1n, g2n, zero), cols, D, _pick_int(first, g1d, g2d, zero), True, EVEN_D, I64)
-    x = load_tile(X, rows, ok, _pick_int(first, s1n, s2n, zero), cols, D, _pick_int(first, s1d, s2d, zero), True, EVEN_D, I64)
+    first, bh, N, row0, rows, ok, cols, g, x = _gradient_tiles(
+        G1, G2, X1, X2, g1b, g1h, g1n, g1d, g2b, g2h, g2n, g2d, s1b, s1h, s1n, s1d, s2b, s2h, s2n, s2d,
+        BH1, H1, H2, N1, N2, OFF2, D, BLOCK_N, BLOCK_D, EVEN_D, I64)
     norm = tl.load(NORMS + row0 + rows, mask=ok, other=0.0)
     factor = tl.load(FACTOR + row0 + rows, mask=ok, other=0.0).to(X1.dtype.element_ty).to(tl.float32)
     through = norm > 0
