@@ -16,6 +16,7 @@ import functools
 import torch
 
 from .common import cdiv, next_power_of_2
+from .ops import _max_offset
 from .normalize import peak_grad_kernel, row_norms_kernel, scale_grad_kernel, scale_rows_kernel
 from .settings import current_settings
 
@@ -38,11 +39,7 @@ def _mask_args(valid, x):
 
 def _big(*tensors) -> bool:
     """Whether an offset into one of ``tensors`` (or their contiguous copies) can pass 2^31."""
-    for t in tensors:
-        reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
-        if max(reach, t.numel()) >= 2**31 - 1:
-            return True
-    return False
+    return any(max(_max_offset(t), t.numel()) >= 2**31 - 1 for t in tensors)
 
 
 class _TritonScaleByPeak(torch.autograd.Function):

@@ -65,8 +65,8 @@ class KernelSettings:
     # without a causal mask, where one total state per head is kept)
     linear_keep_states: bool | None = None
     # normalize's scaling of q and k (``fastmax(..., normalize=True)`` on the kernels): True on
-    # the kernels of kernels/normalize.py (four launches a tensor per forward+backward instead of
-    # about twenty PyTorch operations); False or None (the default until it is timed on a GPU):
+    # the kernels of kernels/normalize.py (four launches for q and k together per forward+backward
+    # instead of about forty PyTorch operations); False or None (the default until it is timed on a GPU):
     # the PyTorch form (fastmax_hf.stages._ScaleByPeak). torch.compile always traces the latter.
     fused_normalize: bool | None = None
     # scratch of the linear kernels (per-chunk states): past scratch_min_bytes, key/value heads

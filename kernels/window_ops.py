@@ -427,7 +427,8 @@ def _window_op_backward(ctx, grad_out, *_grads_of_the_rest):
     return (dq, dk, dv, None, dgain if gain_grad else None) + (None,) * 9
 
 
-torch.library.register_autograd("fastmax_hf::window_forward", _window_op_backward, setup_context=_window_setup_context)
+torch.library.register_autograd("fastmax_hf::window_forward", _window_op_backward,
+                                setup_context=_window_setup_context)
 
 
 @functools.lru_cache(maxsize=64)
@@ -461,7 +462,8 @@ def triton_window_attention(q, k, v, options, *, key_padding_mask=None, window: 
     if isinstance(gain, torch.Tensor):
         gain = gain.to(device=q.device, dtype=torch.float32).expand(Hq).contiguous()  # (Hq,); the gradient flows back
     elif compiling or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)  # traced, or not from a graph's pool
+        # traced, or kept out of a CUDA graph's memory pool: made per call, not cached
+        gain = torch.full((Hq,), float(gain), dtype=torch.float32, device=q.device)
     else:
         gain = _constant_gain(float(gain), Hq, str(q.device))
     coefficients = (float(options.scale), int(options.p), float(options.a0), float(options.a1), float(options.a2))

@@ -404,8 +404,8 @@ def section_p1(args):
                 if "ms" in entry.get(name, {}) and "ms" in entry["fastmax_fused_normalize"]:
                     entry[f"fused_normalize_over_{name}"] = entry["fastmax_fused_normalize"]["ms"] / entry[name]["ms"]
             entry.update(N=N, D=D, p=1)
-            print(json.dumps({k: entry[k] for k in entry if k.startswith("fused_normalize_over")} | {"label": entry["label"]}),
-                  flush=True)
+            ratios = {key: entry[key] for key in entry if key.startswith("fused_normalize_over")}
+            print(json.dumps({"label": entry["label"], **ratios}), flush=True)
             rows.append(entry)
     RESULTS["p1"] = rows
 

@@ -15,7 +15,7 @@ Sections (``--sections``):
             --variants' settings (a JSON list of kernel-settings dicts, without "_shape")
   hoststub  (CPU, no GPU needed) the host time of one quadratic forward+backward call with every
             kernel launch replaced by a no-op: what the package's own Python costs, apart from
-            Triton's launcher and the GPU
+            Triton's launcher and the GPU; and the call's count of top-level ATen operations
 
 Every timing is a median of triton.testing.do_bench after a float64 check of the same
 configuration. Results are JSON lines on stdout and in ``--out``.
@@ -290,8 +290,13 @@ def section_hostprof(args):
 def section_hoststub(args):
     """Host time of triton_attention forward+backward (quadratic, causal, 64 tokens, CPU tensors)
     with the kernels replaced by no-op stubs: the launchers, autograd and allocations only; with
-    --hoststub_window W also the hybrid window's fused quadratic call (W < 64: with a rest)."""
-    from fastmax_hf.kernels import ops, window_ops
+    --hoststub_window W also the hybrid window's fused quadratic call (W < 64: with a rest); with
+    --hoststub_normalize p = 1 with normalize=True, its scaling in PyTorch and on its kernels
+    (setting fused_normalize). Each record also counts the call's top-level ATen operations
+    (torch.profiler; on a GPU most of them are a launch and some microseconds of host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastmax_hf.kernels import normalize_ops, ops, window_ops
 
     class _NoLaunch:
         n_regs, n_spills = 0, 0
@@ -303,6 +308,8 @@ def section_hoststub(args):
                                         "quadratic_bwd_dkdv_kernel", "backward_rows_kernel")]
     stubbed += [(window_ops, name) for name in ("hybrid_quadratic_fwd_kernel", "hybrid_quadratic_bwd_dq_kernel",
                                                 "hybrid_quadratic_bwd_dkdv_kernel")]
+    stubbed += [(normalize_ops, name) for name in ("row_norms_kernel", "scale_rows_kernel", "peak_grad_kernel",
+                                                   "scale_grad_kernel")]
     saved = {(module, name): getattr(module, name) for module, name in stubbed}
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors pass the launchers' device checks
     try:
@@ -310,20 +317,30 @@ def section_hoststub(args):
             setattr(module, name, _NoLaunch())
         q, k, v = (torch.randn(1, 16, 64, 64, requires_grad=True) for _ in range(3))
         do = torch.randn(1, 16, 64, 64)
-        calls = {"fastmax": lambda: run_fastmax(q, k, v, True, "quadratic")}
+        calls = {"fastmax": (lambda: run_fastmax(q, k, v, True, "quadratic"), {})}
         if args.hoststub_window:  # both through the public function, for a like-for-like pair
-            calls["fastmax_hf.fastmax"] = lambda: fastmax(q, k, v, causal=True, backend="triton")
-            calls[f"fastmax_hf.fastmax window={args.hoststub_window}"] = lambda: fastmax(
-                q, k, v, causal=True, backend="triton", window=args.hoststub_window)
-        for label, call in calls.items():
+            calls["fastmax_hf.fastmax"] = (lambda: fastmax(q, k, v, causal=True, backend="triton"), {})
+            calls[f"fastmax_hf.fastmax window={args.hoststub_window}"] = (lambda: fastmax(
+                q, k, v, causal=True, backend="triton", window=args.hoststub_window), {})
+        if args.hoststub_normalize:
+            p1 = lambda: fastmax(q, k, v, causal=True, backend="triton", p=1, normalize=True)  # noqa: E731
+            calls["fastmax_hf.fastmax p=1 normalize"] = (p1, {})
+            calls["fastmax_hf.fastmax p=1 normalize fused_normalize"] = (p1, {"fused_normalize": True})
+        for label, (call, chosen) in calls.items():
             run = _fwd_bwd(call, (q, k, v), do)
-            for _ in range(20):
-                run()
-            t0 = time.perf_counter()
-            for _ in range(200):
-                run()
-            emit({"section": "hoststub", "call": label, "host_ms_per_call": (time.perf_counter() - t0) / 200 * 1e3,
-                  "threads": torch.get_num_threads()})
+            with kernels.settings(**chosen):
+                for _ in range(20):
+                    run()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    run()
+                elapsed = (time.perf_counter() - t0) / 200 * 1e3
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    run()
+            aten = [e for e in prof.events() if e.name.startswith("aten::")]
+            top = [e for e in aten if not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+            emit({"section": "hoststub", "call": label, "settings": chosen, "host_ms_per_call": elapsed,
+                  "aten_ops": len(top), "threads": torch.get_num_threads()})
     finally:
         for (module, name), kernel in saved.items():
             setattr(module, name, kernel)
@@ -380,6 +397,8 @@ def main():
     parser.add_argument("--lin_p", type=int, default=2, choices=(1, 2), help="order p of the linkernels section")
     parser.add_argument("--check_dtypes", default="bfloat16,float16,float32", help="dtypes of the check section")
     parser.add_argument("--check_regimes", default="quadratic,linear", help="regimes of the check section")
+    parser.add_argument("--hoststub_normalize", action="store_true",
+                        help="hoststub: also p = 1 with normalize, its scaling in PyTorch and on its kernels")
     parser.add_argument("--hoststub_window", type=int, default=0,
                         help="hoststub: also time the hybrid window with this W (0: plain fastmax only)")
     parser.add_argument("--out", default=None)
